@@ -1,0 +1,40 @@
+"""`hfemb train CONFIG.json [section.key=value ...]` (also `python run_train.py ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "fine-tune an embedding model from a JSON config (= run_train.py)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="JSON config with sections model, data, mining, lora, loss, training (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override config values, e.g. training.learning_rate=2e-5 data.num_negatives=7 "
+                        "(values are parsed as JSON when possible)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="resume from CHECKPOINT, or with no value from the last checkpoint-* in training.output_dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (defaults filled in) and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from hfemb.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from hfemb.train import run_training
+
+    summary = run_training(cfg, resume=args.resume)
+    outs = ", ".join(f"{k}: {v}" for k, v in summary["outputs"].items())
+    print(f"done in {summary['seconds']:.0f}s, {summary['global_step']} steps; {outs}")
+    if summary.get("final_eval"):
+        ev = summary["final_eval"]
+        print("eval: " + ", ".join(f"{k.removeprefix('eval_')}={v:.4f}" for k, v in ev.items()
+                                   if isinstance(v, float) and not k.endswith(("runtime", "per_second"))))
+    return 0

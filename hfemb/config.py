@@ -1,0 +1,240 @@
+"""Training configuration: one JSON file with sections, plus ``section.key=value`` overrides.
+
+Sections: ``model``, ``data``, ``mining`` (optional: mine raw data on the fly), ``lora``, ``loss`` and
+``training`` (``transformers.TrainingArguments`` fields, passed through). Unknown keys stop with an error
+listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hfemb.errors import ConfigError
+
+QWEN3_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FINETUNE_TYPES = ("lora", "qlora", "full")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "Qwen/Qwen3-Embedding-0.6B"
+    finetune_type: str = "lora"  # lora | qlora | full
+    pooling: str | None = None  # None: from the model's sentence-transformers config, else last/mean by architecture
+    query_instruction: str | None = None  # None: the model's own prompt; "": no instruction; else the task text
+    symmetric: bool = False  # instruction on documents too (pair classification, STS)
+    torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: see hfemb.train.resolve_dtype)
+    attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2
+    trust_remote_code: bool = False
+    append_eos: bool | None = None  # None: append the end-of-text token only if the tokenizer does not
+    truncate_dim: int | None = None  # Matryoshka: truncate, then normalise
+    quantization_bits: int = 4  # qlora only: 4 or 8 (bitsandbytes, needs a CUDA GPU)
+
+
+@dataclass
+class DataConfig:
+    train_file: str = ""
+    eval_file: str | None = None
+    eval_ratio: float = 0.0  # held-out share of training queries when there is no eval_file
+    format: str = "auto"
+    query_columns: list[str] | None = None  # QA tables: columns joined into the query
+    positive_column: str | None = None
+    label_threshold: int = 1  # labelled pools: label >= threshold is relevant
+    skip_bad_rows: bool = False
+    query_max_len: int = 128
+    passage_max_len: int = 512
+    num_negatives: int = 3
+    mine: bool | None = None  # None: mine when rows lack num_negatives negatives; needs no `mining` section
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None  # None: Qwen's q,k,v,o,gate,up,down if present, else all-linear
+    bias: str = "none"
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.05
+    in_batch_negatives: bool = True
+    mask_false_negatives: bool = False
+    false_negative_margin: float = 0.1
+
+
+# hfemb's defaults for TrainingArguments (the reference recipe), under the user's `training` section.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "output_dir": "output/run",
+    "learning_rate": 1e-4,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "num_train_epochs": 3,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.1,
+    "weight_decay": 0.01,
+    "logging_steps": 10,
+    "save_total_limit": 2,
+    "seed": 42,
+    "report_to": "auto",  # tensorboard when installed
+    "dataloader_drop_last": False,
+}
+# Keys hfemb accepts in `training` although this transformers version spells them differently.
+TRAINING_ALIASES = {"warmup_ratio", "gradient_checkpointing", "gradient_checkpointing_kwargs", "group_by_length"}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mining: dict[str, Any] | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # the JSON file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "loss": LossConfig}
+
+
+def _training_argument_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init} | TRAINING_ALIASES
+
+
+def _mining_field_names() -> set[str]:
+    from hfemb.mining import MiningConfig
+
+    return {f.name for f in dataclasses.fields(MiningConfig)}
+
+
+def _check_keys(section: str, given: dict, valid: set[str], where: str) -> None:
+    unknown = sorted(set(given) - valid)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)} in section '{section}'; "
+            f"valid keys: {', '.join(sorted(valid))}"
+        )
+
+
+def _coerce(section: str, key: str, value: Any, default: Any, where: str) -> Any:
+    """Light type checking against the dataclass default (JSON has no tuples or None-typed hints)."""
+    if value is None or default is None:
+        return value
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: '{section}.{key}' must be true or false, got {value!r}")
+    if expected in (int, float, str) and not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: '{section}.{key}' must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the config must be a JSON object with sections {sorted(SECTION_TYPES) + ['mining', 'training']}")
+    _check_keys("<top level>", raw, set(SECTION_TYPES) | {"mining", "training"}, where)
+    cfg = TrainConfig(source=where)
+    for name, cls in SECTION_TYPES.items():
+        given = raw.get(name) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"{where}: section '{name}' must be an object")
+        defaults = cls()
+        _check_keys(name, given, {f.name for f in dataclasses.fields(cls)}, where)
+        values = {k: _coerce(name, k, v, getattr(defaults, k), where) for k, v in given.items()}
+        setattr(cfg, name, cls(**values))
+    if raw.get("mining") is not None:
+        if not isinstance(raw["mining"], dict):
+            raise ConfigError(f"{where}: section 'mining' must be an object")
+        _check_keys("mining", raw["mining"], _mining_field_names(), where)
+        cfg.mining = dict(raw["mining"])
+    training = raw.get("training") or {}
+    if not isinstance(training, dict):
+        raise ConfigError(f"{where}: section 'training' must be an object")
+    _check_keys("training", training, _training_argument_names(), where)
+    cfg.training = {**TRAINING_DEFAULTS, **training}
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: TrainConfig, where: str = "config") -> None:
+    m, d, t = cfg.model, cfg.data, cfg.training
+    if not m.name_or_path:
+        raise ConfigError(f"{where}: 'model.name_or_path' is required (a Hub id or a local folder)")
+    if m.finetune_type not in FINETUNE_TYPES:
+        raise ConfigError(f"{where}: 'model.finetune_type' must be one of {', '.join(FINETUNE_TYPES)}, got {m.finetune_type!r}")
+    if m.pooling not in (None, "last", "mean", "cls"):
+        raise ConfigError(f"{where}: 'model.pooling' must be last, mean or cls, got {m.pooling!r}")
+    if m.quantization_bits not in (4, 8):
+        raise ConfigError(f"{where}: 'model.quantization_bits' must be 4 or 8, got {m.quantization_bits!r}")
+    if m.torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"{where}: 'model.torch_dtype' must be auto, float32, bfloat16 or float16")
+    if not d.train_file:
+        raise ConfigError(f"{where}: 'data.train_file' is required")
+    if not 0.0 <= d.eval_ratio < 1.0:
+        raise ConfigError(f"{where}: 'data.eval_ratio' must be in [0, 1), got {d.eval_ratio}")
+    if d.eval_file and d.eval_ratio:
+        raise ConfigError(f"{where}: give 'data.eval_file' or 'data.eval_ratio', not both")
+    for key in ("query_max_len", "passage_max_len"):
+        if getattr(d, key) < 4:
+            raise ConfigError(f"{where}: 'data.{key}' must be at least 4, got {getattr(d, key)}")
+    if d.num_negatives < 0:
+        raise ConfigError(f"{where}: 'data.num_negatives' must be >= 0")
+    if (d.query_columns is None) != (d.positive_column is None):
+        raise ConfigError(f"{where}: give both 'data.query_columns' and 'data.positive_column', or neither")
+    if cfg.loss.temperature <= 0:
+        raise ConfigError(f"{where}: 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
+    if cfg.lora.r <= 0:
+        raise ConfigError(f"{where}: 'lora.r' must be > 0")
+    if t.get("remove_unused_columns"):
+        raise ConfigError(f"{where}: 'training.remove_unused_columns' must stay false (the collator needs every field)")
+    if t.get("bf16") and t.get("fp16"):
+        raise ConfigError(f"{where}: 'training.bf16' and 'training.fp16' are exclusive")
+    if not t.get("output_dir"):
+        raise ConfigError(f"{where}: 'training.output_dir' is required")
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value``; the value is JSON when it parses (numbers, true/false, null, lists), else a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"bad override {text!r}: expected section.key=value, e.g. training.learning_rate=2e-5")
+    path, value = text.split("=", 1)
+    section, key = path.split(".", 1)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return section.strip(), key.strip(), parsed
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    for item in overrides or []:
+        section, key, value = parse_override(item)
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"override {item!r}: section '{section}' is not an object")
+        raw.setdefault(section, {})[key] = value
+    cfg = config_from_dict(raw, where=str(path))
+    # Relative data paths are relative to the working directory, like every other CLI path.
+    return cfg

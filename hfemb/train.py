@@ -1,0 +1,322 @@
+"""`run_train.py CONFIG.json`: data → (mining) → model (+LoRA/QLoRA) → MultiNegEmbeddingTrainer → outputs.
+
+The output folder gets ``adapter/`` (LoRA/QLoRA), ``merged/`` (a plain full model in the
+sentence-transformers layout, no adapter files), checkpoints, ``train_log.jsonl`` (one line per logging
+step), ``train_summary.json`` and TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from hfemb.config import QWEN3_LORA_TARGETS, TrainConfig
+from hfemb.data import Record
+from hfemb.errors import ConfigError, HfembError
+from hfemb.io_utils import write_json
+
+log = logging.getLogger("hfemb.train")
+
+
+# ---- data ------------------------------------------------------------------------------------
+def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> tuple[list[dict], dict]:
+    """Training rows ``{"query","positive","negatives"}``: one per (query, positive), ``num_negatives``
+    of the record's own negatives (in file order, i.e. the mined order; a seeded sample when it has more
+    than needed is *not* taken: mined files are already selected). Rows short of negatives are dropped."""
+    rows, short = [], 0
+    for rec in records:
+        if len(rec.negatives) < num_negatives:
+            short += len(rec.positives)
+            continue
+        for pos in rec.positives:
+            rows.append({"query": rec.query, "positive": pos, "negatives": list(rec.negatives[:num_negatives])})
+    return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
+
+
+def needs_mining(records: list[Record], num_negatives: int) -> bool:
+    return num_negatives > 0 and any(len(r.negatives) < num_negatives for r in records)
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def mine_cached(records: list[Record], source_file: str, mining: dict, num_negatives: int, cache_dir: Path) -> tuple[list[Record], dict]:
+    """Mine ``records`` with `hfemb.mining.mine`, cached on disk by (file content, mining settings)."""
+    from hfemb.data import read_records
+    from hfemb.io_utils import write_jsonl
+    from hfemb.mining import MiningConfig, mine
+
+    settings = {**(mining or {}), "num_negatives": num_negatives}
+    try:
+        config = MiningConfig(**settings)
+    except TypeError as exc:
+        raise ConfigError(f"mining section: {exc}") from None
+    key = hashlib.sha1(json.dumps([_file_digest(source_file), dataclasses.asdict(config)], sort_keys=True).encode()).hexdigest()[:16]
+    cached = cache_dir / f"mined-{key}.jsonl"
+    report_file = cache_dir / f"mined-{key}.report.json"
+    if cached.exists() and report_file.exists():
+        report = json.loads(report_file.read_text())
+        report["cache"] = str(cached)
+        return read_records(str(cached)).records, report
+    result = mine(records, config)
+    write_jsonl(cached, result.rows)
+    write_json(report_file, result.report)
+    return read_records(str(cached)).records, {**result.report, "cache": str(cached)}
+
+
+def split_by_query(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out ``ratio`` of the distinct queries (all their rows), seeded."""
+    queries = sorted({r["query"] for r in rows})
+    random.Random(seed).shuffle(queries)
+    n_eval = max(1, round(len(queries) * ratio)) if ratio > 0 else 0
+    held = set(queries[:n_eval])
+    return [r for r in rows if r["query"] not in held], [r for r in rows if r["query"] in held]
+
+
+def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str) -> list[dict]:
+    from hfemb.data import ColumnMap, read_records
+
+    d = cfg.data
+    columns = ColumnMap(query=list(d.query_columns), positive=d.positive_column) if d.query_columns else None
+    result = read_records(path, fmt=d.format, columns=columns, on_error="skip" if d.skip_bad_rows else "raise",
+                          label_threshold=d.label_threshold)
+    records = result.records
+    part: dict[str, Any] = {"file": path, "format": result.format, "records": len(records), "skipped_bad_rows": len(result.skipped)}
+    mine_it = d.mine if d.mine is not None else needs_mining(records, d.num_negatives)
+    if mine_it:
+        records, part["mining"] = mine_cached(records, path, cfg.mining or {}, d.num_negatives, cache_dir)
+    rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)))
+    part.update(counts)
+    report[name] = part
+    if not rows:
+        raise HfembError(f"{path}: no usable {name} rows (each needs a query, a positive and {d.num_negatives} negatives)")
+    return rows
+
+
+# ---- model ------------------------------------------------------------------------------------
+def resolve_dtype(cfg: TrainConfig) -> str:
+    """Weights dtype to load. Full fine-tuning keeps fp32 master weights (AMP does the bf16/fp16 math);
+    LoRA loads the frozen base in bf16/fp16 when training in that precision (adapters stay fp32);
+    CPU always fp32."""
+    import torch
+
+    if cfg.model.torch_dtype != "auto":
+        return cfg.model.torch_dtype
+    if not torch.cuda.is_available() or cfg.model.finetune_type == "full":
+        return "float32"
+    if cfg.training.get("bf16"):
+        return "bfloat16"
+    if cfg.training.get("fp16"):
+        return "float16"
+    return "float32"
+
+
+def check_hardware(cfg: TrainConfig) -> None:
+    """Stop at once, before loading anything, when the config needs what this machine lacks."""
+    import torch
+
+    if cfg.model.finetune_type == "qlora":
+        if not torch.cuda.is_available():
+            raise HfembError(
+                "finetune_type 'qlora' needs a CUDA GPU (bitsandbytes 4/8-bit kernels); this machine has none. "
+                "Use finetune_type 'lora' or 'full' here, or run this config on a GPU machine."
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise HfembError("finetune_type 'qlora' needs bitsandbytes: pip install 'hfemb[qlora]'") from None
+    if (cfg.training.get("bf16") or cfg.training.get("fp16")) and not torch.cuda.is_available() and not cfg.training.get("use_cpu"):
+        if cfg.training.get("fp16"):
+            raise HfembError("training.fp16 needs a CUDA GPU; on CPU set training.fp16=false (or use bf16)")
+    if cfg.training.get("fp16") and "8b" in cfg.model.name_or_path.lower():
+        log.warning("fp16 overflows on Qwen3-Embedding-8B activations; prefer training.bf16=true")
+
+
+def lora_targets(backbone, requested) -> list[str] | str:
+    if requested:
+        return requested
+    names = {n.rsplit(".", 1)[-1] for n, _ in backbone.named_modules()}
+    found = [t for t in QWEN3_LORA_TARGETS if t in names]
+    return found if len(found) == len(QWEN3_LORA_TARGETS) else "all-linear"
+
+
+def build_model(cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    from hfemb.modeling import load_embedding_model
+
+    m = cfg.model
+    model = load_embedding_model(
+        m.name_or_path, pooling=m.pooling, query_instruction=m.query_instruction, symmetric=m.symmetric,
+        torch_dtype=resolve_dtype(cfg), attn_implementation=m.attn_implementation,
+        trust_remote_code=m.trust_remote_code, append_eos=m.append_eos, truncate_dim=m.truncate_dim,
+        quantization=f"{m.quantization_bits}bit" if m.finetune_type == "qlora" else None,
+    )
+    if m.finetune_type in ("lora", "qlora"):
+        if m.finetune_type == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model.backbone = prepare_model_for_kbit_training(
+                model.backbone, use_gradient_checkpointing=bool(cfg.training.get("gradient_checkpointing")),
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        lc = cfg.lora
+        peft_config = LoraConfig(
+            r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
+            target_modules=lora_targets(model.backbone, lc.target_modules), task_type="FEATURE_EXTRACTION",
+        )
+        model.backbone = get_peft_model(model.backbone, peft_config)
+    return model
+
+
+def training_arguments(cfg: TrainConfig, has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = dict(cfg.training)
+    if "warmup_ratio" in t:  # transformers 5: a float < 1 in warmup_steps is a ratio
+        ratio = t.pop("warmup_ratio")
+        t.setdefault("warmup_steps", float(ratio) if ratio else 0)
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in t:
+            t[new] = t.pop(old)
+    if t.pop("group_by_length", False):
+        t["train_sampling_strategy"] = "group_by_length"
+    if t.get("activation_checkpointing"):
+        t["activation_checkpointing_kwargs"] = {"use_reentrant": False, **(t.get("activation_checkpointing_kwargs") or {})}
+    if t.get("report_to") == "auto":
+        try:
+            import tensorboard  # noqa: F401
+
+            t["report_to"] = ["tensorboard"]
+        except ImportError:
+            t["report_to"] = "none"
+    t["remove_unused_columns"] = False
+    if has_eval:
+        t.setdefault("eval_strategy", "epoch")
+        t.setdefault("save_strategy", t["eval_strategy"])
+        if t["eval_strategy"] == "steps":
+            t.setdefault("eval_steps", t.get("save_steps", 500))
+            t.setdefault("save_steps", t["eval_steps"])
+        t.setdefault("load_best_model_at_end", True)
+        t.setdefault("metric_for_best_model", "eval_loss")
+    else:
+        t.setdefault("save_strategy", "epoch")
+        if t.get("load_best_model_at_end"):
+            raise ConfigError("training.load_best_model_at_end needs evaluation data (data.eval_file or data.eval_ratio)")
+    try:
+        return TrainingArguments(**t)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"training section: {exc}") from None
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]:
+    """Train as configured; returns the summary also written to ``train_summary.json``."""
+    import torch
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from hfemb.collator import MultiNegCollator
+    from hfemb.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
+
+    check_hardware(cfg)
+    out = Path(cfg.training["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    seed = int(cfg.training.get("seed", 42))
+    set_seed(seed)
+
+    data_report: dict[str, Any] = {}
+    cache_dir = out / ".hfemb_cache"
+    rows = load_rows(cfg, cfg.data.train_file, cache_dir, data_report, "train")
+    if cfg.data.eval_file:
+        eval_rows = load_rows(cfg, cfg.data.eval_file, cache_dir, data_report, "eval")
+    else:
+        rows, eval_rows = split_by_query(rows, cfg.data.eval_ratio, seed)
+        data_report["train"]["rows_after_eval_split"] = len(rows)
+        data_report["eval"] = {"from": "eval_ratio", "ratio": cfg.data.eval_ratio, "rows": len(eval_rows)}
+
+    resume_from = None
+    if resume:
+        resume_from = resume if isinstance(resume, str) else get_last_checkpoint(str(out))
+        if resume_from is None:
+            raise HfembError(f"--resume: no checkpoint-* folder in {out} to resume from")
+
+    model = build_model(cfg)
+    args = training_arguments(cfg, has_eval=bool(eval_rows))
+    collator = MultiNegCollator(model=model, query_max_len=cfg.data.query_max_len,
+                                passage_max_len=cfg.data.passage_max_len, num_negatives=cfg.data.num_negatives)
+    log_file = out / "train_log.jsonl"
+    if not resume_from and log_file.exists():
+        log_file.unlink()
+    lengths = [len(r["query"]) + len(r["positive"]) + sum(map(len, r["negatives"])) for r in rows]
+    trainer = MultiNegEmbeddingTrainer(
+        model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None, data_collator=collator,
+        loss_config=cfg.loss, train_lengths=lengths, callbacks=[JsonlLogCallback(str(log_file))],
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    final_eval = trainer.evaluate() if eval_rows else {}
+
+    if trainer.is_world_process_zero():
+        save_outputs(trainer.model, cfg, out)
+    summary = {
+        "config": cfg.to_dict(),
+        "config_file": cfg.source,
+        "data": data_report,
+        "parameters": {"trainable": trainable, "total": total},
+        "train": {k: v for k, v in result.metrics.items()},
+        "global_step": trainer.state.global_step,
+        "best_metric": trainer.state.best_metric,
+        "best_model_checkpoint": trainer.state.best_model_checkpoint,
+        "final_eval": final_eval,
+        "resumed_from": resume_from,
+        "seconds": round(time.time() - started, 2),
+        "device": str(args.device),
+        "versions": _versions(),
+        "outputs": {k: str(out / k) for k in (("adapter", "merged") if cfg.model.finetune_type != "full" else ("merged",))},
+    }
+    if trainer.is_world_process_zero():
+        write_json(out / "train_summary.json", summary)
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return summary
+
+
+def save_outputs(model, cfg: TrainConfig, out: Path) -> None:
+    """``adapter/`` (LoRA) and ``merged/`` (full weights, no adapter files), each written atomically."""
+    from hfemb.export import merge_adapter_folder, save_atomically
+
+    if cfg.model.finetune_type == "full":
+        save_atomically(lambda d: model.save_pretrained(d), out / "merged")
+        return
+    save_atomically(lambda d: model.save_pretrained(d), out / "adapter")
+    if cfg.model.finetune_type == "qlora":  # never merge into 4/8-bit weights: reload the base in bf16
+        merge_adapter_folder(out / "adapter", out / "merged", torch_dtype="bfloat16")
+    else:
+        save_atomically(lambda d: model.save_pretrained(d, merged=True), out / "merged")
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    import hfemb
+
+    return {"hfemb": hfemb.__version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
