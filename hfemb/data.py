@@ -1,11 +1,51 @@
 """Training and evaluation data: every format people already have, read into one ``Record``.
 
-(Interface fixed; readers/writers are being implemented — see issue 3.)
+Readable formats (``fmt=``; ``"auto"`` detects them from the keys of the first valid row):
+
+* ``hfemb``          ``{"query", "positive": str|list, "negative": [...]}`` (hfemb's mined output)
+* ``flagembedding``  ``{"query", "pos": [...], "neg": [...]}`` (FlagEmbedding / EmbedRAG; ``neg`` optional)
+* ``swift``          ``{"query", "response", "rejected_response": [...]}`` (ms-swift InfoNCE)
+* ``swift_messages`` ``{"messages", "positive_messages", "negative_messages"}`` (ms-swift >= 3.6; read only:
+  each text is the last ``user`` message of its conversation)
+* ``pos_doc``        ``{"query", "pos_doc": str|list}`` (positives only)
+* ``pool``           ``{"query", "documents": [{"content", "label"}]}`` or the vertical-retrieval layout
+  ``{"query", "content_private": [{"content", "is_relevant"}], "content_public": [...]}``. Unlabelled
+  ``content_public`` items are *not* candidates (their relevance is unknown; calling them negatives would add
+  false negatives): their texts are kept in ``extra["content_public"]``. Labelled public items join the pool.
+* ``qa_table``       CSV/TSV/JSONL rows mapped by a ``ColumnMap``; the header ``department,title,ask,answer``
+  is detected and read as query = title + "\\n" + ask, positive = answer (``department`` goes to ``extra``).
+* ``qa_blocks``      text blocks separated by blank lines: question line, answer line (the line is kept
+  verbatim; ``internal_medicine_qa_short.txt`` joins title and ask with ",").
+* ``pairs``          ``{"text1"|"query"|"query1"|"sentence1", "text2"|"document"|"query2"|"sentence2", "label"}``;
+  a headerless 3-column TSV/CSV (LCQMC) is read as text1, text2, label. Grouped by the first text.
+* ``wikiqa``         WikiQA TSV (``QuestionID, Question, ..., Sentence, Label``), grouped by QuestionID.
+
+Containers: JSONL, a JSON array, ``.csv`` / ``.tsv`` (TSV read with ``QUOTE_NONE``), ``.txt`` (QA blocks), each
+optionally ``.gz``. Labels are ints, bools, integral floats or integer strings; a pool's ``positives`` are the
+candidates with ``label >= label_threshold``, its ``negatives`` the rest, ``candidates`` keeps the raw labels.
+Texts are stripped of surrounding whitespace and of a leading U+FEFF.
+
+Bad rows raise ``DataError`` naming file, line (1-based; a JSON array element's first line) and field; with
+``on_error="skip"`` they are collected in ``ReadResult.skipped`` (each has a short ``kind``). A syntax error inside
+a JSON array is always fatal (the parser cannot resume after it).
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
+import json
+import os
+import re
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from hfemb.errors import ConfigError, DataError
+from hfemb.io_utils import atomic_open
+
+FORMATS = ("hfemb", "flagembedding", "swift")  # writable formats 1, 2, 3
+READ_FORMATS = FORMATS + ("swift_messages", "pos_doc", "pool", "qa_table", "qa_blocks", "pairs", "wikiqa")
 
 
 @dataclass
@@ -27,3 +67,540 @@ class Record:
     candidates: list[tuple[str, int]] = field(default_factory=list)
     source: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ColumnMap:
+    """QA-table mapping: ``query`` columns joined by ``sep`` (empty parts skipped), ``positive`` column."""
+
+    query: list[str]
+    positive: str
+    sep: str = "\n"
+
+
+MEDICAL_QA_COLUMNS = ColumnMap(query=["title", "ask"], positive="answer")
+
+
+@dataclass
+class ReadResult:
+    records: list[Record]
+    format: str
+    path: str
+    skipped: list[DataError] = field(default_factory=list)
+    rows: int = 0  # rows (or blocks) read, good and bad
+
+
+# --------------------------------------------------------------------------- errors and field values
+
+def _bad(kind: str, path: str, line: int | None, field: str | None = None, detail: str = "") -> DataError:
+    err = DataError(f"{kind}: {detail}" if detail else kind, path, line, field)
+    err.kind = kind
+    return err
+
+
+def _clean(text: str) -> str:
+    text = text.strip()
+    if text[:1] == "\ufeff":
+        text = text.lstrip("\ufeff").strip()
+    return text
+
+
+def _text(row: dict, key: str, where: tuple[str, int], name: str | None = None) -> str:
+    """The non-empty string ``row[key]``; errors name the field ``name`` (default ``key``)."""
+    value, name = row.get(key), name or key
+    if value is None:
+        raise _bad("missing field", *where, name)
+    if not isinstance(value, str):
+        raise _bad("wrong type", *where, name, f"expected a string, got {type(value).__name__}")
+    value = _clean(value)
+    if not value:
+        raise _bad("empty field", *where, name)
+    return value
+
+
+def _texts(row: dict, key: str, where: tuple[str, int], required: bool) -> list[str]:
+    """A string or a list of strings; an optional field may be absent, null or ""."""
+    value = row.get(key)
+    if value is None or (not required and value == ""):
+        if required:
+            raise _bad("missing field", *where, key)
+        return []
+    if isinstance(value, str):
+        value = [value]
+    elif not isinstance(value, list):
+        raise _bad("wrong type", *where, key, f"expected a list of strings, got {type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _bad("wrong type", *where, f"{key}[{i}]", f"expected a string, got {type(item).__name__}")
+        item = _clean(item)
+        if not item:
+            raise _bad("empty field", *where, f"{key}[{i}]")
+        out.append(item)
+    if required and not out:
+        raise _bad("empty field", *where, key, "empty list")
+    return out
+
+
+def _label(value, where: tuple[str, int], key: str) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise _bad("bad label", *where, key, f"expected an integer label, got {value!r}")
+
+
+def _rest(row: dict, used: tuple[str, ...]) -> dict:
+    return {k: v for k, v in row.items() if k not in used}
+
+
+# --------------------------------------------------------------------------- one row -> Record
+
+def _row_hfemb(row, where, ctx):
+    return Record(_text(row, "query", where), _texts(row, "positive", where, True),
+                  _texts(row, "negative", where, False), extra=_rest(row, ("query", "positive", "negative")))
+
+
+def _row_flagembedding(row, where, ctx):
+    return Record(_text(row, "query", where), _texts(row, "pos", where, True), _texts(row, "neg", where, False),
+                  extra=_rest(row, ("query", "pos", "neg")))
+
+
+def _row_swift(row, where, ctx):
+    return Record(_text(row, "query", where), _texts(row, "response", where, True),
+                  _texts(row, "rejected_response", where, False),
+                  extra=_rest(row, ("query", "response", "rejected_response")))
+
+
+def _message_text(messages, where, key: str) -> str:
+    """Content of the last user message of an ms-swift conversation."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise _bad("wrong type", *where, key, "expected a list of {role, content} messages")
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        raise _bad("missing field", *where, key, "no user message")
+    return _text(users[-1], "content", where, f"{key}.content")
+
+
+def _row_swift_messages(row, where, ctx):
+    conversations = {}
+    for key in ("positive_messages", "negative_messages"):
+        value = row.get(key) or []
+        if not isinstance(value, list):
+            raise _bad("wrong type", *where, key, "expected a list of message lists")
+        conversations[key] = [_message_text(m, where, f"{key}[{i}]") for i, m in enumerate(value)]
+    if not conversations["positive_messages"]:
+        raise _bad("missing field", *where, "positive_messages")
+    return Record(_message_text(row.get("messages"), where, "messages"), conversations["positive_messages"],
+                  conversations["negative_messages"],
+                  extra=_rest(row, ("messages", "positive_messages", "negative_messages")))
+
+
+def _row_pos_doc(row, where, ctx):
+    return Record(_text(row, "query", where), _texts(row, "pos_doc", where, True),
+                  extra=_rest(row, ("query", "pos_doc")))
+
+
+def _pool_items(items, key: str, where, labelled: bool) -> tuple[list[tuple[str, int]], list[str]]:
+    """Pool items -> (labelled candidates, unlabelled texts). ``labelled``: a label is required."""
+    if not isinstance(items, list):
+        raise _bad("wrong type", *where, key, f"expected a list, got {type(items).__name__}")
+    candidates, unlabelled = [], []
+    for i, item in enumerate(items):
+        name = f"{key}[{i}]"
+        if isinstance(item, str) and not labelled:
+            item = {"content": item}
+        if not isinstance(item, dict):
+            raise _bad("wrong type", *where, name, "expected an object {content, label}")
+        text = _text(item, "content", where, f"{name}.content")
+        label_key = "label" if "label" in item else "is_relevant" if "is_relevant" in item else None
+        if label_key is None:
+            if labelled:
+                raise _bad("missing field", *where, f"{name}.label")
+            unlabelled.append(text)
+        else:
+            candidates.append((text, _label(item[label_key], where, f"{name}.{label_key}")))
+    return candidates, unlabelled
+
+
+def _row_pool(row, where, ctx):
+    query = _text(row, "query", where)
+    extra = _rest(row, ("query", "documents", "content_private", "content_public"))
+    if "documents" in row:
+        candidates, _ = _pool_items(row["documents"], "documents", where, labelled=True)
+    elif "content_private" in row:
+        candidates, _ = _pool_items(row["content_private"], "content_private", where, labelled=True)
+        public, unlabelled = _pool_items(row.get("content_public") or [], "content_public", where, labelled=False)
+        candidates += public
+        if unlabelled:
+            extra["content_public"] = unlabelled
+    else:
+        raise _bad("missing field", *where, "documents")
+    return _pool_record(query, candidates, ctx["label_threshold"], extra)
+
+
+def _pool_record(query, candidates, threshold, extra, source=None) -> Record:
+    return Record(query, [t for t, lab in candidates if lab >= threshold],
+                  [t for t, lab in candidates if lab < threshold], list(candidates), source, extra)
+
+
+def _row_qa_table(row, where, ctx):
+    columns: ColumnMap = ctx["columns"]
+    parts = []
+    for name in columns.query:
+        value = row.get(name)
+        if value is None:
+            raise _bad("missing field", *where, name)
+        if not isinstance(value, str):
+            raise _bad("wrong type", *where, name, f"expected a string, got {type(value).__name__}")
+        value = _clean(value)
+        if value:
+            parts.append(value)
+    if not parts:
+        raise _bad("empty field", *where, "+".join(columns.query))
+    return Record(columns.sep.join(parts), [_text(row, columns.positive, where)],
+                  extra=_rest(row, (*columns.query, columns.positive)))
+
+
+def _row_qa_blocks(row, where, ctx):
+    return Record(_text(row, "question", where), [_text(row, "answer", where)])
+
+
+PAIR_FIRST = ("text1", "query", "query1", "sentence1")
+PAIR_SECOND = ("text2", "document", "query2", "sentence2")
+
+
+def _row_pairs(row, where, ctx):
+    """-> (group key, query, candidate text, label, extra of the group)."""
+    first = next((k for k in PAIR_FIRST if k in row), PAIR_FIRST[0])
+    second = next((k for k in PAIR_SECOND if k in row), PAIR_SECOND[0])
+    query, text = _text(row, first, where), _text(row, second, where)
+    if "label" not in row:
+        raise _bad("missing field", *where, "label")
+    return query, query, text, _label(row["label"], where, "label"), {}
+
+
+def _row_wikiqa(row, where, ctx):
+    qid = _text(row, "QuestionID", where)
+    query, text = _text(row, "Question", where), _text(row, "Sentence", where)
+    if "Label" not in row:
+        raise _bad("missing field", *where, "Label")
+    return qid, query, text, _label(row["Label"], where, "Label"), {"question_id": qid}
+
+
+_CONVERTERS = {
+    "hfemb": _row_hfemb, "flagembedding": _row_flagembedding, "swift": _row_swift,
+    "swift_messages": _row_swift_messages, "pos_doc": _row_pos_doc, "pool": _row_pool,
+    "qa_table": _row_qa_table, "qa_blocks": _row_qa_blocks, "pairs": _row_pairs, "wikiqa": _row_wikiqa,
+}
+_GROUPED = ("pairs", "wikiqa")
+
+
+def detect_format(keys: Iterable[str]) -> str | None:
+    """The format a row with these keys belongs to, or None."""
+    keys = set(keys)
+    if {"department", "title", "ask", "answer"} <= keys:
+        return "qa_table"
+    if {"QuestionID", "Question", "Sentence", "Label"} <= keys:
+        return "wikiqa"
+    if "messages" in keys and "positive_messages" in keys:
+        return "swift_messages"
+    if "query" in keys and ("documents" in keys or "content_private" in keys):
+        return "pool"
+    if "label" in keys and not keys.isdisjoint(PAIR_FIRST) and not keys.isdisjoint(PAIR_SECOND):
+        return "pairs"
+    if "query" in keys:
+        for key, fmt in (("positive", "hfemb"), ("pos", "flagembedding"), ("response", "swift"),
+                         ("pos_doc", "pos_doc")):
+            if key in keys:
+                return fmt
+    return None
+
+
+# --------------------------------------------------------------------------- files -> raw rows
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+_HEADER_NAMES = frozenset(
+    "query positive negative pos neg response rejected_response pos_doc text1 text2 query1 query2 sentence1 "
+    "sentence2 document label id department title ask answer questionid question sentence documents".split())
+
+
+def _read_text(path: str) -> str:
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise DataError("no such file", path) from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read file: {exc}", path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"not valid UTF-8 (byte {exc.start}); save the file as UTF-8", path, line) from None
+    return text[1:] if text[:1] == "\ufeff" else text
+
+
+def _jsonl_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
+    loads = json.loads
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        if not raw or raw.isspace():
+            continue
+        try:
+            yield lineno, loads(raw)
+        except json.JSONDecodeError as exc:
+            yield lineno, _bad("invalid JSON", path, lineno, None, f"{exc.msg} (column {exc.colno})")
+
+
+def _json_array_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
+    """Elements of a top-level JSON array with the line each starts on."""
+    pos = _WS.match(text, text.index("[") + 1).end()
+    line, counted = 1, 0
+    if text.startswith("]", pos):
+        pos = len(text)
+    while pos < len(text):
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            obj, pos = _DECODER.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", path, exc.lineno) from None
+        yield line, obj
+        pos = _WS.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _WS.match(text, pos + 1).end()
+            continue
+        if text.startswith("]", pos) and not text[pos + 1:].strip():
+            return
+        raise DataError("invalid JSON: expected ',' or ']' after an array element", path,
+                        1 + text.count("\n", 0, pos))
+    raise DataError("invalid JSON: the array is not closed", path, 1 + text.count("\n"))
+
+
+def _table_rows(text: str, path: str, delimiter: str, extra_names: Iterable[str]) -> Iterator[tuple[int, object]]:
+    """CSV/TSV rows as dicts. A first row without any known column name is data: text1, text2, label."""
+    csv.field_size_limit(1 << 30)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    header, known = None, _HEADER_NAMES | {n.lower() for n in extra_names}
+    end = 0
+    while True:
+        start = end + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"bad CSV: {exc}", path, reader.line_num) from None
+        end = reader.line_num
+        if not cells or (len(cells) == 1 and not cells[0].strip()):
+            continue
+        if header is None:
+            if any(c.strip().lower() in known for c in cells):
+                header = [c.strip() for c in cells]
+                continue
+            if len(cells) != 3:
+                raise DataError(f"no header row (expected column names such as query, text1, label; "
+                                f"or 3 headerless columns text1, text2, label; got {len(cells)} columns)", path, start)
+            header = ["text1", "text2", "label"]
+        if len(cells) != len(header):
+            yield start, _bad("wrong column count", path, start, None,
+                              f"expected {len(header)} columns, got {len(cells)}")
+            continue
+        yield start, dict(zip(header, cells))
+
+
+def _block_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
+    block, start = [], 0
+    for lineno, raw in enumerate(text.split("\n") + [""], 1):
+        if raw.strip():
+            if not block:
+                start = lineno
+            block.append(raw)
+            continue
+        if block:
+            if len(block) == 2:
+                yield start, {"question": block[0], "answer": block[1]}
+            else:
+                yield start, _bad("bad block", path, start, None,
+                                  f"expected 2 lines (question, answer), got {len(block)}")
+            block = []
+
+
+def _raw_rows(text: str, path: str, fmt: str, columns: ColumnMap | None):
+    """-> (rows iterator, format forced by the container or None)."""
+    name = path.lower().removesuffix(".gz")
+    if fmt == "qa_blocks":
+        return _block_rows(text, path), "qa_blocks"
+    extra_names = [*columns.query, columns.positive] if columns else []
+    if name.endswith(".csv"):
+        return _table_rows(text, path, ",", extra_names), None
+    if name.endswith(".tsv"):
+        return _table_rows(text, path, "\t", extra_names), None
+    head = text.lstrip()[:1]
+    if head == "[":
+        return _json_array_rows(text, path), None
+    if head and head != "{" and fmt == "auto" and name.endswith(".txt"):
+        return _block_rows(text, path), "qa_blocks"
+    return _jsonl_rows(text, path), None
+
+
+# --------------------------------------------------------------------------- public readers
+
+def read_records(path, *, fmt: str = "auto", columns: ColumnMap | None = None, on_error: str = "raise",
+                 label_threshold: int = 1, bad_label: str = "error") -> ReadResult:
+    """Read a data file of any supported format (see the module docstring) into ``Record``s.
+
+    ``on_error``: "raise" (first bad row raises ``DataError``) or "skip" (bad rows go to ``skipped``).
+    ``bad_label``: "error" (a label such as "NA" is a bad row, handled by ``on_error``) or "skip" (such rows are
+    always skipped and listed in ``skipped``). ``columns`` maps a QA table (implies ``fmt="qa_table"``).
+    """
+    if fmt != "auto" and fmt not in READ_FORMATS:
+        raise ConfigError(f"unknown data format {fmt!r}; choose from auto, {', '.join(READ_FORMATS)}")
+    if on_error not in ("raise", "skip"):
+        raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if bad_label not in ("error", "skip"):
+        raise ConfigError(f"bad_label must be 'error' or 'skip', got {bad_label!r}")
+    if columns is not None and fmt not in ("auto", "qa_table"):
+        raise ConfigError(f"columns= is for QA tables, not for fmt={fmt!r}")
+    path = os.fspath(path)
+    rows, forced = _raw_rows(_read_text(path), path, fmt, columns)
+    detected = forced or ("qa_table" if columns is not None else None if fmt == "auto" else fmt)
+    ctx = {"columns": columns or MEDICAL_QA_COLUMNS, "label_threshold": label_threshold}
+    records: list[Record] = []
+    groups: dict[str, Record] = {}
+    skipped: list[DataError] = []
+    n_rows = 0
+    for line, row in rows:
+        n_rows += 1
+        where = (path, line)
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if not isinstance(row, dict):
+                raise _bad("not an object", path, line, None, f"expected a JSON object, got {type(row).__name__}")
+            if detected is None:
+                detected = detect_format(row)
+                if detected is None:
+                    raise _bad("unknown format", path, line, None,
+                               f"keys {sorted(row)} match no known format; pass fmt= or columns=")
+            converted = _CONVERTERS[detected](row, where, ctx)
+        except DataError as exc:
+            if on_error == "skip" or (bad_label == "skip" and getattr(exc, "kind", None) == "bad label"):
+                skipped.append(exc)
+                continue
+            raise
+        if detected in _GROUPED:
+            key, query, text, label, extra = converted
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = Record(query, [], source=f"{path}:{line}", extra=extra)
+            group.candidates.append((text, label))
+            (group.positives if label >= label_threshold else group.negatives).append(text)
+        else:
+            converted.source = f"{path}:{line}"
+            records.append(converted)
+    if n_rows == 0:
+        raise DataError("no rows (empty file)", path)
+    if groups:
+        records = list(groups.values())
+    if not records:
+        raise DataError(f"no valid rows: all {len(skipped)} rows are bad; first: {skipped[0]}", path)
+    return ReadResult(records, detected, path, skipped, n_rows)
+
+
+def read_corpus(path) -> list[str]:
+    """Mining corpus: JSONL rows ``{"text": ...}`` (or a JSON array of them / of strings), else plain text with
+    one document a line. Blank lines are skipped; texts are stripped."""
+    path = os.fspath(path)
+    text = _read_text(path)
+    head = text.lstrip()[:1]
+    if head == "[":
+        rows = _json_array_rows(text, path)
+    elif head == "{":
+        rows = _jsonl_rows(text, path)
+    else:
+        docs = [_clean(line) for line in text.split("\n")]
+        docs = [d for d in docs if d]
+        if not docs:
+            raise DataError("no documents (empty file)", path)
+        return docs
+    docs = []
+    for line, row in rows:
+        if isinstance(row, DataError):
+            raise row
+        if isinstance(row, str):
+            row = {"text": row}
+        if not isinstance(row, dict):
+            raise _bad("not an object", path, line, None, f"expected {{\"text\": ...}}, got {type(row).__name__}")
+        docs.append(_text(row, "text", (path, line)))
+    if not docs:
+        raise DataError("no documents (empty file)", path)
+    return docs
+
+
+# --------------------------------------------------------------------------- writers
+
+_CORE_KEYS = {"hfemb": ("query", "positive", "negative"), "flagembedding": ("query", "pos", "neg"),
+              "swift": ("query", "response", "rejected_response")}
+
+
+def _check_record(record: Record) -> None:
+    texts = [record.query, *record.positives, *record.negatives]
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise DataError("record has an empty or non-string text", record.source)
+    if not record.positives:
+        raise DataError("record has no positive; a training row needs one", record.source)
+
+
+def record_to_row(record: Record, fmt: str = "hfemb", *, with_extra: bool = True) -> dict | list[dict]:
+    """The row(s) of ``record`` in a writable format: ``hfemb`` and ``swift`` give one row per positive (negatives
+    shared), ``flagembedding`` one row. ``extra`` keys (e.g. ``mining``) follow the format's own keys."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"cannot write format {fmt!r}; choose from {', '.join(FORMATS)}")
+    _check_record(record)
+    core = _CORE_KEYS[fmt]
+    extra = {k: v for k, v in record.extra.items() if k not in core} if with_extra else {}
+    if fmt == "flagembedding":
+        return {"query": record.query, "pos": list(record.positives), "neg": list(record.negatives), **extra}
+    return [{core[0]: record.query, core[1]: pos, core[2]: list(record.negatives), **extra}
+            for pos in record.positives]
+
+
+def write_records(records: Iterable[Record], path, fmt: str = "hfemb", *, with_extra: bool = True) -> int:
+    """Write records atomically (JSONL; a JSON array if ``path`` ends in .json; gzip if .gz); returns rows
+    written. Records without a positive are not written (count them first if you need to report them)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"cannot write format {fmt!r}; choose from {', '.join(FORMATS)}")
+    path = os.fspath(path)
+    as_array = path.lower().removesuffix(".gz").endswith(".json")
+    n = 0
+    with atomic_open(path, "wb") as raw:
+        fh = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.endswith(".gz") else raw
+        out = io.TextIOWrapper(fh, encoding="utf-8", newline="\n")
+        out.write("[\n" if as_array else "")
+        for record in records:
+            if not record.positives:
+                continue
+            rows = record_to_row(record, fmt, with_extra=with_extra)
+            for row in rows if isinstance(rows, list) else (rows,):
+                try:
+                    line = json.dumps(row, ensure_ascii=False)
+                except (TypeError, ValueError) as exc:
+                    raise DataError(f"cannot write record: {exc}", record.source) from None
+                out.write((",\n" if n else "") + line if as_array else line + "\n")
+                n += 1
+        out.write("\n]\n" if as_array and n else "]\n" if as_array else "")
+        out.flush()
+        out.detach()
+        if fh is not raw:
+            fh.close()
+    return n
