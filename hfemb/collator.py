@@ -1,0 +1,67 @@
+"""`MultiNegCollator`: training rows -> one query batch and one document batch, padded to their longest text.
+
+A row is ``{"query": str, "positive": str, "negatives": [str] * num_negatives}``. Documents are ordered
+``[pos_0, neg_0_1 .. neg_0_N, pos_1, ...]`` (B*(1+N) rows), matching `hfemb.loss.info_nce_loss`.
+Batches never carry a ``labels`` key: with one, HF Trainer would not divide the loss by the
+gradient-accumulation steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hfemb.errors import DataError
+
+
+def length_of(feature: dict[str, Any]) -> int:
+    """Cheap length proxy of a training row for length-grouped sampling: characters of its longest
+    document (the document batch dominates the cost; ~1 token per Chinese character, ~4 English
+    characters per token -- only the order matters)."""
+    return max(len(feature["positive"]), *(len(n) for n in feature.get("negatives") or [""]))
+
+
+def _where(feature: dict[str, Any], position: int) -> str:
+    for key in ("source", "id", "line"):
+        if feature.get(key) is not None:
+            return f"training row {feature[key]}"
+    return f"training row {position} of the batch"
+
+
+@dataclass
+class MultiNegCollator:
+    model: Any  # hfemb.modeling.EmbeddingModel: its `tokenize` adds prompts and the end token, pads per pooling
+    query_max_len: int = 64
+    passage_max_len: int = 512
+    num_negatives: int = 3
+
+    def _check(self, feature: dict[str, Any], position: int) -> None:
+        where = _where(feature, position)
+        for key in ("query", "positive"):
+            if not isinstance(feature.get(key), str):
+                raise DataError(f"{where}: expected a string, got {type(feature.get(key)).__name__}", field=key)
+        negatives = feature.get("negatives")
+        if not isinstance(negatives, (list, tuple)) or not all(isinstance(n, str) for n in negatives):
+            raise DataError(f"{where}: expected a list of strings", field="negatives")
+        if len(negatives) != self.num_negatives:
+            raise DataError(f"{where}: has {len(negatives)} negatives, expected num_negatives={self.num_negatives}",
+                            field="negatives")
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("empty batch")
+        for position, feature in enumerate(features):
+            self._check(feature, position)
+        queries = [f["query"] for f in features]
+        docs = [text for f in features for text in (f["positive"], *f["negatives"])]  # B*(1+N)
+        text_ids: dict[str, int] = {}
+        doc_text_ids = torch.tensor([text_ids.setdefault(t, len(text_ids)) for t in docs], dtype=torch.long)
+        q = self.model.tokenize(queries, is_query=True, max_length=self.query_max_len)
+        d = self.model.tokenize(docs, is_query=False, max_length=self.passage_max_len)
+        return {
+            "query_input_ids": q["input_ids"], "query_attention_mask": q["attention_mask"],  # [B, Tq]
+            "doc_input_ids": d["input_ids"], "doc_attention_mask": d["attention_mask"],  # [B*(1+N), Td]
+            "doc_text_ids": doc_text_ids,  # [B*(1+N)] equal id <=> identical text
+        }

@@ -1,0 +1,550 @@
+"""`EmbeddingModel`: a Hugging Face backbone + pooling + prompts, loaded and saved in the
+sentence-transformers layout.
+
+`load_embedding_model` accepts a Hub id (e.g. ``Qwen/Qwen3-Embedding-0.6B``; from the local cache when
+offline), a local folder, or a LoRA adapter folder (loaded on its ``base_model_name_or_path``). Pooling,
+prompts and the maximum length come from the folder's sentence-transformers files when it has them.
+
+Numerics: the backbone runs in the dtype it was loaded in; pooling, Matryoshka truncation and
+L2-normalisation run in fp32, so embeddings are always fp32. fp16 overflows on Qwen3-Embedding-8B: use
+bf16 there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import BatchEncoding
+
+from hfemb.errors import ConfigError, HfembError
+
+logger = logging.getLogger(__name__)
+
+QWEN3_WEB_SEARCH_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+POOLINGS = ("last", "mean", "cls")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DECODER_MODEL_TYPES = {
+    "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text",
+    "phi", "phi3", "gpt2", "gpt_neox", "falcon", "olmo", "olmo2", "granite", "internlm2", "deepseek_v3",
+}
+_ST_POOLING = {"lasttoken": "last", "mean": "mean", "cls": "cls"}
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def format_instruction(task: str, text: str) -> str:
+    """Qwen3-Embedding's query format (no space after ``Query:``)."""
+    return f"Instruct: {task}\nQuery:{text}"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, T, H] hidden states, [B, T] mask -> [B, H] fp32. Works for left and right padding: the first
+    and last real tokens are found from the mask (never from pad ids)."""
+    mask = attention_mask.to(torch.bool)
+    if pooling == "mean":
+        summed = (hidden * mask.unsqueeze(-1).to(hidden.dtype)).sum(dim=1, dtype=torch.float32)  # [B, H]
+        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # [B, T]
+    if pooling == "last":
+        index = torch.where(mask, positions, -1).max(dim=1).values.clamp(min=0)  # [B]
+    elif pooling == "cls":
+        index = mask.to(torch.int8).argmax(dim=1)  # first real token (argmax returns the first maximum)
+    else:
+        raise ConfigError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index].to(torch.float32)
+
+
+class EmbeddingModel(torch.nn.Module):
+    """Backbone -> pooling -> optional Matryoshka truncation -> L2 normalisation (fp32).
+
+    ``query_prompt`` / ``document_prompt`` are full prefixes ("" = none). ``append_eos`` appends
+    ``eos_token_id_to_append`` after truncation (the tokenizer does not add it itself).
+    ``max_length`` caps every ``max_length`` passed to `tokenize` / `encode`.
+    """
+
+    def __init__(self, backbone, tokenizer, *, pooling: str, query_prompt: str = "", document_prompt: str = "",
+                 append_eos: bool = False, eos_token_id_to_append: int | None = None, normalize: bool = True,
+                 truncate_dim: int | None = None, max_length: int | None = None, name_or_path: str | None = None):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        if append_eos and eos_token_id_to_append is None:
+            raise ConfigError("append_eos needs eos_token_id_to_append")
+        self.backbone, self.tokenizer, self.pooling = backbone, tokenizer, pooling
+        self.query_prompt, self.document_prompt = query_prompt or "", document_prompt or ""
+        self.append_eos, self.eos_token_id_to_append = bool(append_eos), eos_token_id_to_append
+        self.normalize, self.truncate_dim, self.name_or_path = normalize, truncate_dim, name_or_path
+        self.max_length = max_length or _model_max_length(backbone.config, tokenizer)
+        if getattr(backbone, "hf_device_map", None) is not None:
+            self.hf_device_map = backbone.hf_device_map  # lets Trainer see a model-parallel placement
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.backbone.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.get_input_embeddings().weight.dtype
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.truncate_dim or _text_config(self.config).hidden_size
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.backbone, "peft_config")
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] ids and mask -> [B, D] fp32 embeddings (unit length when ``normalize``)."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        emb = pool(out[0], attention_mask, self.pooling)  # [B, H] fp32
+        if self.truncate_dim:
+            emb = emb[:, : self.truncate_dim]
+        return torch.nn.functional.normalize(emb, p=2, dim=-1) if self.normalize else emb
+
+    # ---- tokenisation ----------------------------------------------------------------------
+    def _effective_max_length(self, max_length: int | None) -> int:
+        limit = min(max_length, self.max_length) if max_length else self.max_length
+        if limit < 1 + int(self.append_eos):
+            raise ConfigError(f"max_length must be at least {1 + int(self.append_eos)}, got {max_length}")
+        return limit
+
+    def token_ids(self, texts: list[str], *, is_query: bool, max_length: int | None) -> list[list[int]]:
+        """Unpadded ids: prompt + text, truncated, end token appended when ``append_eos``."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is {type(text).__name__}, expected str")
+        prompt = self.query_prompt if is_query else self.document_prompt
+        texts = [prompt + t for t in texts] if prompt else list(texts)
+        limit = self._effective_max_length(max_length)
+        if not self.append_eos:
+            return self.tokenizer(texts, truncation=True, max_length=limit, return_attention_mask=False,
+                                  return_token_type_ids=False)["input_ids"]
+        rows = self.tokenizer(texts, truncation=True, max_length=limit - 1, return_attention_mask=False,
+                              return_token_type_ids=False)["input_ids"]
+        return [row + [self.eos_token_id_to_append] for row in rows]
+
+    def pad(self, rows: list[list[int]]) -> BatchEncoding:
+        """Pad to the longest row on ``tokenizer.padding_side``; returns input_ids and attention_mask."""
+        side = self.tokenizer.padding_side
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)  # [B]
+        input_ids = torch.nn.utils.rnn.pad_sequence(
+            [torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True,
+            padding_value=_pad_id(self.tokenizer), padding_side=side)  # [B, T]
+        positions = torch.arange(input_ids.shape[1]).unsqueeze(0)  # [1, T]
+        if side == "left":
+            attention_mask = positions >= (input_ids.shape[1] - lengths).unsqueeze(1)
+        else:
+            attention_mask = positions < lengths.unsqueeze(1)
+        return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask.to(torch.long)})
+
+    def tokenize(self, texts: list[str], *, is_query: bool, max_length: int) -> BatchEncoding:
+        """Prompt, truncation (the appended end token survives it) and padding to the longest text."""
+        return self.pad(self.token_ids(texts, is_query=is_query, max_length=max_length))
+
+    # ---- inference -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, texts: list[str], *, is_query: bool, batch_size: int = 32, max_length: int | None = 512,
+               max_tokens_per_batch: int | None = None, show_progress: bool = False,
+               convert_to_numpy: bool = True) -> np.ndarray | torch.Tensor:
+        """[N, D] fp32 embeddings in input order. Texts are tokenised once, sorted longest first and
+        batched by ``batch_size`` rows and, if given, ``max_tokens_per_batch`` padded tokens."""
+        if isinstance(texts, str):
+            raise TypeError("encode expects a list of texts, not one string")
+        rows = self.token_ids(list(texts), is_query=is_query, max_length=max_length)
+        out = torch.empty(len(rows), self.embedding_dim, dtype=torch.float32)
+        batches = _length_batches([len(r) for r in rows], batch_size, max_tokens_per_batch)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="encode", unit="batch")
+        was_training, device = self.training, self.device
+        self.eval()
+        try:
+            for batch in batches:
+                enc = self.pad([rows[i] for i in batch])
+                emb = self(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+                out[torch.tensor(batch)] = emb.float().cpu()
+        finally:
+            self.train(was_training)
+        return out.numpy() if convert_to_numpy else out
+
+    # ---- training helpers ------------------------------------------------------------------
+    def _hf_model(self):
+        return self.backbone.get_base_model() if self.is_peft else self.backbone
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Checkpoint the backbone's layers (``use_reentrant=False`` unless given); with peft the input
+        embeddings are made to require grads so gradients reach the LoRA weights."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        model = self._hf_model()
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                                  every_n_layers=every_n_layers, offload=offload)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if self.is_peft:
+            model.disable_input_require_grads()
+            model.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        model = self._hf_model()
+        getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+    # ---- saving ----------------------------------------------------------------------------
+    def save_pretrained(self, output_dir: str | os.PathLike, *, safe_serialization: bool = True,
+                        merged: bool = False) -> None:
+        """Write the sentence-transformers layout: backbone (a peft backbone: the adapter only, or with
+        ``merged=True`` a merged copy without adapter files -- needs memory for a second copy), tokenizer,
+        modules.json, 1_Pooling/config.json, config_sentence_transformers.json, sentence_bert_config.json.
+        Written to a temporary folder first; each finished file then replaces its namesake in
+        ``output_dir`` (other files there are kept, stale weight/adapter files removed)."""
+        output_dir = Path(output_dir)
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+        try:
+            backbone = self.backbone
+            if merged and self.is_peft:
+                backbone = copy.deepcopy(self.backbone).merge_and_unload()
+            backbone.save_pretrained(str(tmp), safe_serialization=safe_serialization)
+            self.tokenizer.save_pretrained(str(tmp))
+            if self.append_eos:
+                _bake_eos_into_tokenizer_json(tmp, self.eos_token_id_to_append, self.tokenizer)
+            self._write_sentence_transformers_files(tmp)
+            _move_into(tmp, output_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_sentence_transformers_files(self, folder: Path) -> None:
+        from hfemb.io_utils import write_json
+
+        write_json(folder / "modules.json", [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ])
+        write_json(folder / "1_Pooling" / "config.json", {
+            "word_embedding_dimension": _text_config(self.config).hidden_size,
+            "pooling_mode_cls_token": self.pooling == "cls", "pooling_mode_mean_tokens": self.pooling == "mean",
+            "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": self.pooling == "last",
+            "include_prompt": True,
+        })
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+        write_json(folder / "config_sentence_transformers.json", {
+            "model_type": "SentenceTransformer",
+            "prompts": {"query": self.query_prompt, "document": self.document_prompt},
+            "default_prompt_name": None, "similarity_fn_name": "cosine",
+        })
+        write_json(folder / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _model_max_length(config, tokenizer) -> int:
+    limits = [getattr(_text_config(config), "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(x) for x in limits if isinstance(x, (int, float)) and 0 < x < 10**7]
+    return min(limits) if limits else 512
+
+
+def _pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _length_batches(lengths: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Indices grouped longest first: at most ``batch_size`` rows and ``max_tokens`` padded tokens each."""
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ConfigError(f"batch_size and max_tokens_per_batch must be >= 1, got {batch_size}, {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]  # the first row is the longest
+        if current and (len(current) >= batch_size or (max_tokens and (len(current) + 1) * width > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Move the finished files of ``src`` into ``dst`` (a rename when ``dst`` does not exist)."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    for name in _WEIGHT_FILES:
+        stale = dst / name
+        if stale.exists() and not (src / name).exists():
+            stale.unlink()
+    for stale in dst.glob("model-*-of-*.safetensors"):
+        if not (src / stale.name).exists():
+            stale.unlink()
+    for item in src.iterdir():
+        target = dst / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+
+
+def _bake_eos_into_tokenizer_json(folder: Path, eos_id: int, tokenizer) -> None:
+    """Make the saved fast tokenizer append ``eos_id`` itself, so sentence-transformers (and a reload)
+    see the same ids as `EmbeddingModel.tokenize`."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        logger.warning("%s: no tokenizer.json; loaders other than hfemb will not append the end token", folder)
+        return
+    from tokenizers import Tokenizer, processors
+
+    backend = Tokenizer.from_file(str(path))
+    token = tokenizer.convert_ids_to_tokens(eos_id)
+    append = processors.TemplateProcessing(single=f"$A:0 {token}:0", pair=f"$A:0 {token}:0 $B:1 {token}:1",
+                                           special_tokens=[(token, eos_id)])
+    old = backend.post_processor
+    backend.post_processor = append if old is None else processors.Sequence([old, append])
+    backend.save(str(path))
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def _read_json(name_or_path: str, filename: str, revision: str | None = None) -> dict | list | None:
+    """A JSON file of a local folder or a (cached) Hub repository; None when absent."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, filename)
+    else:
+        from transformers.utils import cached_file
+
+        try:
+            path = cached_file(name_or_path, filename, revision=revision, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except OSError:
+            path = None
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _st_pooling(name_or_path: str) -> str | None:
+    modules = _read_json(name_or_path, "modules.json")
+    if not modules:
+        return None
+    for module in modules:
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        if kind not in _ST_MODULES:
+            raise HfembError(f"{name_or_path}: sentence-transformers module {module.get('type')!r} is not supported "
+                             f"by hfemb (only {', '.join(_ST_MODULES)})")
+        if kind != "Pooling":
+            continue
+        cfg = _read_json(name_or_path, f"{module.get('path', '1_Pooling')}/config.json") or {}
+        modes = cfg.get("pooling_mode") or [key for key, on in (
+            ("lasttoken", cfg.get("pooling_mode_lasttoken")), ("mean", cfg.get("pooling_mode_mean_tokens")),
+            ("cls", cfg.get("pooling_mode_cls_token")), ("max", cfg.get("pooling_mode_max_tokens")),
+            ("mean_sqrt_len_tokens", cfg.get("pooling_mode_mean_sqrt_len_tokens")),
+            ("weightedmean", cfg.get("pooling_mode_weightedmean_tokens"))) if on] or ["mean"]
+        modes = [modes] if isinstance(modes, str) else list(modes)
+        if len(modes) != 1 or modes[0] not in _ST_POOLING:
+            raise HfembError(f"{name_or_path}: pooling {modes} is not supported by hfemb (last, mean or cls)")
+        return _ST_POOLING[modes[0]]
+    return None
+
+
+def _is_decoder(config) -> bool:
+    config = _text_config(config)
+    archs = getattr(config, "architectures", None) or []
+    return bool(getattr(config, "is_decoder", False) or any(a.endswith("ForCausalLM") for a in archs)
+                or getattr(config, "model_type", None) in DECODER_MODEL_TYPES)
+
+
+def _resolve_prompts(sources: list[str], query_instruction, symmetric: bool) -> tuple[str, str]:
+    st_config: dict[str, Any] = {}
+    for source in sources:  # the adapter folder first, then its base
+        st_config = _read_json(source, "config_sentence_transformers.json") or {}
+        if st_config.get("prompts"):
+            break
+    prompts = st_config.get("prompts") or {}
+    default = prompts.get(st_config.get("default_prompt_name") or "", "")
+    document = prompts.get("document", prompts.get("passage", default))
+    if query_instruction is None:
+        if "query" in prompts or default:
+            query = prompts.get("query", default)
+        elif any("qwen3-embedding" in s.lower() for s in sources):
+            query = format_instruction(QWEN3_WEB_SEARCH_TASK, "")
+        else:
+            query = ""
+    elif query_instruction is False or query_instruction == "":
+        query = ""
+    elif isinstance(query_instruction, str):
+        query = format_instruction(query_instruction, "")
+    else:
+        raise ConfigError(f"query_instruction must be None, a task string or False, got {query_instruction!r}")
+    return query, (query if symmetric else document)
+
+
+def _torch_dtype(name: str):
+
+    if name not in DTYPES:
+        raise ConfigError(f"torch_dtype must be one of {DTYPES}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def _quantization_config(quantization: str | None, dtype):
+    if quantization is None:
+        return None
+    if quantization not in ("4bit", "8bit"):
+        raise ConfigError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
+
+    if not torch.cuda.is_available():
+        raise HfembError(f"{quantization} quantization (bitsandbytes, QLoRA) needs a CUDA GPU; none is available")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise HfembError("quantization needs bitsandbytes: pip install 'hfemb[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def _not_found(name_or_path: str, exc: Exception) -> HfembError:
+    if os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path):
+        return HfembError(f"{name_or_path}: not a model folder (no config.json / adapter_config.json): {exc}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    return HfembError(
+        f"cannot load model {name_or_path!r}: not a local folder and not in the Hugging Face cache"
+        + (" (HF_HUB_OFFLINE is set)" if offline else " and the Hub could not be reached")
+        + "; download it first (`huggingface-cli download ...`) or pass a local folder")
+
+
+def load_embedding_model(name_or_path: str, *, pooling: str | None = None, query_instruction: str | bool | None = None,
+                         symmetric: bool = False, torch_dtype: str = "float32", attn_implementation: str | None = "sdpa",
+                         trust_remote_code: bool = False, append_eos: bool | None = None, truncate_dim: int | None = None,
+                         device: str | None = None, device_map=None, quantization: str | None = None,
+                         max_length: int | None = None):
+    """Load a Hub id, a local folder or a LoRA adapter folder as an `EmbeddingModel`.
+
+    * ``pooling``: "last" | "mean" | "cls"; default from the sentence-transformers files, else "last" for
+      decoder-only models and "mean" for encoders. "last" pads on the left.
+    * ``query_instruction``: None = the model's own query prompt, else Qwen3-Embedding's web-search
+      instruction for Qwen3-Embedding models, else none; a task string = ``Instruct: {task}\\nQuery:``;
+      False = no prompt. ``symmetric`` gives documents the query prompt too.
+    * ``torch_dtype``: float32 | bfloat16 | float16 | auto (bf16 on a CUDA GPU that supports it, else fp32).
+      fp16 overflows on Qwen3-Embedding-8B: use bf16.
+    * ``append_eos``: None = append the end-of-text token (``<|endoftext|>`` if the vocabulary has it, else
+      ``eos_token``) for last-token pooling when the tokenizer does not add one itself; True = also for other
+      poolings; False = never. Qwen3-Embedding's tokenizer appends ``<|endoftext|>`` itself.
+    * ``quantization``: "4bit" | "8bit" via bitsandbytes (CUDA only).
+    * ``max_length``: the model's maximum sequence length (default: sentence_bert_config.json, else the
+      tokenizer / position limit).
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if pooling is not None and pooling not in POOLINGS:
+        raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if truncate_dim is not None and truncate_dim < 1:
+        raise ConfigError(f"truncate_dim must be >= 1, got {truncate_dim}")
+    dtype = _torch_dtype(torch_dtype)
+    quantization_config = _quantization_config(quantization, dtype)
+
+    adapter_config = _read_json(name_or_path, "adapter_config.json")
+    base_path = name_or_path
+    if adapter_config is not None:
+        base_path = adapter_config.get("base_model_name_or_path")
+        if not base_path:
+            raise HfembError(f"{name_or_path}/adapter_config.json: no 'base_model_name_or_path'")
+    sources = [name_or_path, base_path] if adapter_config is not None else [name_or_path]
+    try:
+        config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _not_found(base_path, exc) from None
+    config.use_cache = False  # no KV cache for embedding
+
+    tokenizer_source = next((s for s in sources if _read_json(s, "tokenizer_config.json") is not None), base_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+    model_kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        model_kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        model_kwargs["quantization_config"] = quantization_config
+        device_map = device_map or {"": device or torch.cuda.current_device()}
+    if device_map is not None:
+        model_kwargs["device_map"] = device_map
+    try:
+        backbone = AutoModel.from_pretrained(base_path, **model_kwargs)
+    except OSError as exc:
+        raise _not_found(base_path, exc) from None
+    if adapter_config is not None:
+        from peft import PeftModel
+
+        backbone = PeftModel.from_pretrained(backbone, name_or_path)
+    if device_map is None:
+        backbone.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone.eval()
+
+    if pooling is None:
+        pooling = next((p for p in map(_st_pooling, sources) if p), None) or ("last" if _is_decoder(config) else "mean")
+    tokenizer.padding_side = "left" if pooling == "last" else "right"
+    query_prompt, document_prompt = _resolve_prompts(sources, query_instruction, symmetric)
+    eos_id = _end_token_id(tokenizer)
+    appends_itself = _tokenizer_appends(tokenizer, eos_id)
+    do_append = (pooling == "last" if append_eos is None else bool(append_eos)) and not appends_itself
+    if do_append and eos_id is None:
+        raise HfembError(f"{name_or_path}: append_eos needs an end token, but the tokenizer has none")
+    if max_length is None:
+        st = next((c for c in (_read_json(s, "sentence_bert_config.json") for s in sources) if c), {})
+        max_length = st.get("max_seq_length")
+    return EmbeddingModel(backbone, tokenizer, pooling=pooling, query_prompt=query_prompt, document_prompt=document_prompt,
+                     append_eos=do_append, eos_token_id_to_append=eos_id if do_append else None,
+                     truncate_dim=truncate_dim, max_length=max_length, name_or_path=name_or_path)
+
+
+def _end_token_id(tokenizer) -> int | None:
+    vocab_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if vocab_id is not None and vocab_id != tokenizer.unk_token_id:
+        return int(vocab_id)
+    return tokenizer.eos_token_id
+
+
+def _tokenizer_appends(tokenizer, eos_id: int | None) -> bool:
+    """Whether the tokenizer itself ends every text with a special token (probed on a short string)."""
+    probe = "hfemb probe"
+    with_special = tokenizer(probe)["input_ids"]
+    without = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    if len(with_special) <= len(without) or with_special[-1] == without[-1]:
+        return False
+    return eos_id is None or with_special[-1] in (eos_id, tokenizer.eos_token_id, tokenizer.sep_token_id)
