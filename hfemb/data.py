@@ -364,8 +364,8 @@ def _json_array_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
     """Elements of a top-level JSON array with the line each starts on."""
     pos = _WS.match(text, text.index("[") + 1).end()
     line, counted = 1, 0
-    if text.startswith("]", pos):
-        pos = len(text)
+    if text.startswith("]", pos) and not text[pos + 1:].strip():
+        return
     while pos < len(text):
         line += text.count("\n", counted, pos)
         counted = pos
