@@ -1,0 +1,394 @@
+"""BM25 hard/easy negative mining.
+
+Each query's irrelevant candidates are ranked by BM25 (:mod:`hfemb.bm25`); every (query, positive) pair
+becomes one row with ``num_negatives`` negatives: ``num_hard`` sampled from the ``hard_top_k`` best-ranked
+(after skipping ``skip_top`` ranks) and the rest from the ``easy_bottom_k`` worst-ranked, topping up with
+more hard ones, then with random irrelevant ones, when a pool runs short (:func:`select_negatives`).
+
+* ``pool`` mode ranks each query's own labelled negatives (``Record.negatives``, derived from a
+  labelled pool). idf and average length come from all documents of all pools together: a pool of ~10
+  documents is too small for a meaningful idf.
+* ``corpus`` mode ranks a corpus (default: every positive of the dataset, deduplicated). Excluded for
+  each query: its own positives, their exact or normalised (:func:`normalize_text`) duplicates, positives
+  of other records with the same normalised query, and documents equal to the query itself.
+
+Sharding splits the queries into ``num_shards`` contiguous blocks (shard i gets queries
+``[i*n//k, (i+1)*n//k)``); BM25 statistics always come from the whole input and each query's random
+generator is seeded with ``(seed, query index)``, so a row is the same whether mined in a shard or in
+one run, and :func:`merge_shards` restores the original order by concatenating shards in index order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from hfemb.bm25 import BM25, IDF_KINDS, TokenizeStats, check_tokenizer, tokenize
+from hfemb.data import Record
+from hfemb.errors import ConfigError, HfembError
+
+MODES = ("pool", "corpus")
+DROP_REASONS = ("too_few_negatives", "max_relative_score")
+_SCORE_BLOCK = 4_000_000  # floats per dense (batch x docs) score block, ~32 MB
+
+
+@dataclass
+class MiningConfig:
+    mode: str = "corpus"  # "pool" | "corpus"
+    tokenizer: str = "jieba"
+    k1: float = 1.5
+    b: float = 0.75
+    epsilon: float = 0.25
+    idf: str = "okapi"  # or "lucene" (never zero or negative; see hfemb.bm25.BM25)
+    hard_top_k: int = 10
+    easy_bottom_k: int = 10
+    num_negatives: int = 3
+    num_hard: int = 1  # 1 hard + 2 easy by default
+    skip_top: int = 0
+    max_relative_score: float | None = None  # drop candidates scoring above this fraction of the positive
+    seed: int = 42
+    num_shards: int = 1
+    shard_index: int = 0
+    cache_dir: str | None = None  # token cache; None: $HFEMB_CACHE/tokens or ~/.cache/hfemb/tokens
+    workers: int | None = None  # jieba processes for large inputs; None: CPU count
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_tokenizer(self.tokenizer)
+        if self.idf not in IDF_KINDS:
+            raise ConfigError(f"idf must be one of {', '.join(IDF_KINDS)}, got {self.idf!r}")
+        for name in ("hard_top_k", "easy_bottom_k", "num_hard", "skip_top", "seed", "shard_index"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_negatives < 1:
+            raise ConfigError(f"num_negatives must be >= 1, got {self.num_negatives}")
+        if self.num_hard > self.num_negatives:
+            raise ConfigError(f"num_hard ({self.num_hard}) exceeds num_negatives ({self.num_negatives})")
+        if self.max_relative_score is not None and not self.max_relative_score > 0:
+            raise ConfigError(f"max_relative_score must be > 0, got {self.max_relative_score}")
+        if self.num_shards < 1 or self.shard_index >= self.num_shards:
+            raise ConfigError(f"shard_index must be in [0, num_shards), got {self.shard_index}/{self.num_shards}")
+
+
+@dataclass
+class MiningResult:
+    rows: list[dict]
+    report: dict
+
+
+@dataclass
+class Selection:
+    """Negatives chosen from one ranked list (``ids`` are elements of it), or why there are none."""
+
+    ids: list = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # "hard" | "easy" | "random", one per id
+    score_filtered: int = 0  # candidates dropped by max_score (beyond the skipped ranks)
+    drop_reason: str | None = None  # one of DROP_REASONS when the row cannot be filled
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, case-folded, letters and digits only: finds answers that differ by spaces or punctuation."""
+    return "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold() if ch.isalnum())
+
+
+def select_negatives(ranked_ids: Sequence, ranked_scores: Sequence[float], rng: np.random.Generator, *,
+                     num_negatives: int, num_hard: int, hard_top_k: int, easy_bottom_k: int,
+                     skip_top: int = 0, max_score: float | None = None) -> Selection:
+    """Choose negatives from irrelevant candidates ranked best first.
+
+    Candidates scoring above ``max_score`` (likely false negatives; they form a prefix of the ranking) and
+    the first ``skip_top`` ranks are never used. Hard pool: the next ``hard_top_k``; easy pool: the last
+    ``easy_bottom_k`` of the rest (so the pools never overlap); the middle is the random pool. Takes
+    ``num_hard`` hard + the rest easy; short of easy ones, more hard ones, then random ones. Only the
+    ranking of the first ``max(skip_top, #above max_score) + hard_top_k`` and last ``easy_bottom_k``
+    entries matters. Each pool is sampled without replacement and kept in rank order.
+    """
+    scores = np.asarray(ranked_scores, dtype=np.float64)
+    n = len(scores)
+    n_over = int(np.count_nonzero(scores > max_score)) if max_score is not None else 0
+    cut = min(n, max(skip_top, n_over))
+    hard = np.arange(cut, min(n, cut + hard_top_k))
+    rest = cut + len(hard)
+    easy = np.arange(max(rest, n - easy_bottom_k), n)
+    middle = np.arange(rest, n - len(easy))
+    n_hard = min(num_hard, len(hard))
+    n_easy = min(num_negatives - n_hard, len(easy))
+    n_hard += min(num_negatives - n_hard - n_easy, len(hard) - n_hard)
+    n_random = num_negatives - n_hard - n_easy
+    selection = Selection(score_filtered=max(0, min(n, n_over) - skip_top))
+    if n_random > len(middle):
+        short_anyway = n - min(n, skip_top) < num_negatives
+        selection.drop_reason = "too_few_negatives" if short_anyway else "max_relative_score"
+        return selection
+    for kind, pool, k in (("hard", hard, n_hard), ("easy", easy, n_easy), ("random", middle, n_random)):
+        picked = np.sort(rng.choice(len(pool), size=k, replace=False)) if k else []
+        for pos in pool[picked]:
+            selection.ids.append(ranked_ids[pos])
+            selection.scores.append(float(scores[pos]))
+            selection.kinds.append(kind)
+    return selection
+
+
+def rank_candidates(scores: np.ndarray, rng: np.random.Generator, head: int | None = None, tail: int = 0
+                    ) -> np.ndarray:
+    """Order of ``scores`` best first, ties in random order; positions into ``scores``.
+
+    With ``head``, only the first ``head`` and last ``tail`` positions are ranked (the middle is left in
+    index order), in O(n): this is what :func:`select_negatives` reads, on corpora of any size.
+    """
+    n = len(scores)
+    if head is None or head + tail >= n:
+        return np.lexsort((rng.random(n), -scores))
+    remaining = np.ones(n, dtype=bool)
+    head_ids = _extreme(scores, np.arange(n), head, rng, best=True)
+    remaining[head_ids] = False
+    rest = np.flatnonzero(remaining)
+    tail_ids = _extreme(scores, rest, tail, rng, best=False)
+    remaining[tail_ids] = False
+    return np.concatenate([head_ids, np.flatnonzero(remaining), tail_ids])
+
+
+def _extreme(scores: np.ndarray, ids: np.ndarray, k: int, rng: np.random.Generator, best: bool) -> np.ndarray:
+    """The ``k`` best (or worst) of ``ids``, ties at the boundary chosen at random, sorted best first."""
+    if k <= 0:
+        return ids[:0]
+    sub = scores[ids] if best else -scores[ids]
+    boundary = sub[np.argpartition(-sub, k - 1)[k - 1]]  # k-th best value
+    inside = ids[sub > boundary]
+    tied = ids[sub == boundary]
+    chosen = np.concatenate([inside, tied[rng.permutation(len(tied))[: k - len(inside)]]])
+    return chosen[np.lexsort((rng.random(len(chosen)), -scores[chosen]))]
+
+
+def shard_bounds(n: int, num_shards: int, shard_index: int) -> tuple[int, int]:
+    """Query range ``[start, end)`` of one contiguous shard."""
+    return n * shard_index // num_shards, n * (shard_index + 1) // num_shards
+
+
+def records_fingerprint(records: Sequence[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.query, r.positives, r.negatives], ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _tokenize_timed(texts: list[str], config: MiningConfig, totals: dict) -> list[list[str]]:
+    stats = TokenizeStats()
+    tokens = tokenize(texts, config.tokenizer, cache_dir=config.cache_dir, use_cache=config.use_cache,
+                      workers=config.workers, stats=stats)
+    totals["texts"] += stats.texts
+    totals["seconds"] += stats.seconds
+    totals["cache_hits" if stats.cache_hit else "cache_misses"] += 1
+    totals["workers"] = max(totals["workers"], stats.workers)
+    return tokens
+
+
+def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None = None) -> MiningResult:
+    """Mine negatives for the shard ``config.shard_index`` of ``records`` (see the module docstring)."""
+    start_time = time.perf_counter()
+    if config.mode == "pool" and corpus is not None:
+        raise ConfigError("a corpus is only used in corpus mode")
+    q_start, q_end = shard_bounds(len(records), config.num_shards, config.shard_index)
+    tok = {"texts": 0, "seconds": 0.0, "cache_hits": 0, "cache_misses": 0, "workers": 1}
+    if config.mode == "pool":
+        if not any(r.negatives for r in records):
+            raise ConfigError("pool mode needs records with labelled candidates (or negatives); use corpus mode")
+        doc_texts = list(dict.fromkeys(t for r in records for t in (*r.positives, *r.negatives)))
+    else:
+        doc_texts = list(corpus) if corpus is not None else list(dict.fromkeys(p for r in records for p in r.positives))
+        if not doc_texts:
+            raise ConfigError("corpus mode needs a non-empty corpus (or records with positives)")
+    doc_tokens = _tokenize_timed(doc_texts, config, tok)
+    shard = records[q_start:q_end]
+    query_tokens = _tokenize_timed([r.query for r in shard], config, tok)
+    doc_index = {t: i for i, t in reversed(list(enumerate(doc_texts)))}  # first occurrence wins
+    outside = list(dict.fromkeys(p for r in shard for p in r.positives if p not in doc_index))
+    outside_tokens = dict(zip(outside, _tokenize_timed(outside, config, tok))) if outside else {}
+
+    t0 = time.perf_counter()
+    index = BM25(doc_tokens, k1=config.k1, b=config.b, epsilon=config.epsilon, idf_kind=config.idf)
+    build_seconds = time.perf_counter() - t0
+    norm_docs: dict[str, list[int]] = {}
+    for i, text in enumerate(doc_texts):
+        norm_docs.setdefault(normalize_text(text), []).append(i)
+    same_query: dict[str, list[str]] = {}  # normalised query -> positives of every record asking it
+    for r in records:
+        same_query.setdefault(normalize_text(r.query), []).extend(r.positives)
+
+    rows: list[dict] = []
+    dropped, kinds, excluded = Counter(), Counter(), Counter()
+    score_filtered = queries_without_positive = 0
+    scoring_seconds = selection_seconds = 0.0
+    batch = max(1, min(256, _SCORE_BLOCK // index.num_docs))
+    for b_start in range(0, len(shard), batch):
+        t0 = time.perf_counter()
+        block = index.score_batch(query_tokens[b_start:b_start + batch])  # (batch x docs)
+        scoring_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for j, record in enumerate(shard[b_start:b_start + batch]):
+            qi = q_start + b_start + j
+            positives = list(dict.fromkeys(record.positives))
+            if not positives:
+                queries_without_positive += 1
+                continue
+            rng = np.random.default_rng([config.seed, qi])
+            ids = _candidate_ids(record, config.mode, index.num_docs, doc_index, doc_texts, norm_docs,
+                                 same_query, excluded)
+            scores = block[j, ids]
+            pos_scores = [float(block[j, doc_index[p]]) if p in doc_index
+                          else float(index.score_documents(query_tokens[b_start + j], [outside_tokens[p]])[0])
+                          for p in positives]
+            limits = [config.max_relative_score * s if config.max_relative_score is not None and s > 0
+                      else None for s in pos_scores]  # no signal when the positive itself scores <= 0
+            n_over = max([int(np.count_nonzero(scores > m)) for m in limits if m is not None], default=0)
+            order = rank_candidates(scores, rng, max(config.skip_top, n_over) + config.hard_top_k,
+                                    config.easy_bottom_k)
+            ranked_ids, ranked_scores = ids[order], scores[order]
+            for positive, pos_score, limit in zip(positives, pos_scores, limits):
+                sel = select_negatives(ranked_ids, ranked_scores, rng, num_negatives=config.num_negatives,
+                                       num_hard=config.num_hard, hard_top_k=config.hard_top_k,
+                                       easy_bottom_k=config.easy_bottom_k, skip_top=config.skip_top,
+                                       max_score=limit)
+                score_filtered += sel.score_filtered
+                if sel.drop_reason:
+                    dropped[sel.drop_reason] += 1
+                    continue
+                kinds.update(sel.kinds)
+                rows.append({"query": record.query, "positive": positive,
+                             "negative": [doc_texts[i] for i in sel.ids],
+                             "mining": {"kinds": sel.kinds, "bm25": sel.scores, "positive_bm25": pos_score}})
+        selection_seconds += time.perf_counter() - t0
+
+    total = time.perf_counter() - start_time
+    report = {
+        "mode": config.mode,
+        "queries": len(shard),
+        "queries_total": len(records),
+        "queries_without_positive": queries_without_positive,
+        "rows_written": len(rows),
+        "rows_dropped": {reason: dropped[reason] for reason in DROP_REASONS},
+        "negatives": {kind: kinds[kind] for kind in ("hard", "easy", "random")},
+        "score_filtered_candidates": score_filtered,
+        "excluded": {k: excluded[k] for k in ("own_positive", "normalized_duplicate", "same_query_positive",
+                                               "query_text")},
+        "documents": index.num_docs,
+        "corpus": "pools" if config.mode == "pool" else ("file" if corpus is not None else "positives"),
+        "vocabulary": len(index.vocab),
+        "tokenization": {**tok, "seconds": round(tok["seconds"], 3)},
+        "index_seconds": round(build_seconds, 3),
+        "scoring_seconds": round(scoring_seconds, 3),
+        "selection_seconds": round(selection_seconds, 3),
+        "total_seconds": round(total, 3),
+        "queries_per_second": round(len(shard) / total, 1) if total > 0 else None,
+        "shard": {"num_shards": config.num_shards, "shard_index": config.shard_index,
+                  "query_start": q_start, "query_end": q_end},
+        "input_fingerprint": records_fingerprint(records),
+        "config": dataclasses.asdict(config),
+    }
+    return MiningResult(rows=rows, report=report)
+
+
+def _candidate_ids(record: Record, mode: str, num_docs: int, doc_index: dict[str, int], doc_texts: list[str],
+                   norm_docs: dict[str, list[int]], same_query: dict[str, list[str]], excluded: Counter
+                   ) -> np.ndarray:
+    """Document ids a query may take negatives from (pool: its own negatives), minus its positives and
+    their duplicates; counts what was excluded and why into ``excluded``."""
+    own = set(record.positives)
+    own_norm = {normalize_text(p) for p in own}
+    reasons: dict[int, str] = {}
+    for norm in own_norm:
+        for i in norm_docs.get(norm, ()):
+            reasons[i] = "own_positive" if doc_texts[i] in own else "normalized_duplicate"
+    if mode == "corpus":
+        for p in same_query.get(normalize_text(record.query), ()):
+            for i in norm_docs.get(normalize_text(p), ()):
+                reasons.setdefault(i, "same_query_positive")
+        for i in norm_docs.get(normalize_text(record.query), ()):
+            reasons.setdefault(i, "query_text")
+        ids = np.arange(num_docs)
+    else:
+        ids = np.fromiter(dict.fromkeys(doc_index[t] for t in record.negatives), dtype=np.int64)
+        pool = set(ids.tolist())
+        reasons = {i: r for i, r in reasons.items() if i in pool}
+    if not reasons:
+        return ids
+    excluded.update(reasons.values())
+    return ids[~np.isin(ids, np.fromiter(reasons, dtype=np.int64))]
+
+
+def report_path(output: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(output)}.report.json")
+
+
+def write_output(result: MiningResult, output: str | os.PathLike) -> None:
+    """Rows as JSONL at ``output`` and the report beside it, both atomically."""
+    from hfemb.io_utils import write_json, write_jsonl
+
+    write_jsonl(output, result.rows)
+    write_json(report_path(output), result.report)
+
+
+_SUMMED = ("queries", "queries_without_positive", "rows_written", "score_filtered_candidates",
+           "index_seconds", "scoring_seconds", "selection_seconds", "total_seconds")
+
+
+def merge_shards(paths: Sequence[str | os.PathLike], output: str | os.PathLike) -> dict:
+    """Join shard outputs (each with its ``.report.json``) into ``output`` in the original query order.
+
+    Refuses a set that is not exactly shards 0..k-1 of one run (same input, same settings).
+    """
+    if not paths:
+        raise HfembError("no shard files to merge")
+    reports = []
+    for path in paths:
+        try:
+            with open(report_path(path), encoding="utf-8") as fh:
+                reports.append(json.load(fh))
+        except (OSError, ValueError) as exc:
+            raise HfembError(f"{path}: cannot read its shard report {report_path(path)}: {exc}") from None
+    first = reports[0]
+    settings = {k: v for k, v in first["config"].items() if k != "shard_index"}
+    for path, rep in zip(paths, reports):
+        if rep.get("input_fingerprint") != first.get("input_fingerprint"):
+            raise HfembError(f"{path}: mined from a different input than {paths[0]}")
+        if {k: v for k, v in rep["config"].items() if k != "shard_index"} != settings:
+            raise HfembError(f"{path}: mined with different settings than {paths[0]}")
+    indices = sorted(rep["shard"]["shard_index"] for rep in reports)
+    num_shards = first["shard"]["num_shards"]
+    if indices != list(range(num_shards)):
+        raise HfembError(f"shards {indices} given, expected each of 0..{num_shards - 1} exactly once")
+    ordered = sorted(zip(reports, paths), key=lambda rp: rp[0]["shard"]["shard_index"])
+    rows = []
+    for rep, path in ordered:
+        with open(path, encoding="utf-8") as fh:
+            shard_rows = [json.loads(line) for line in fh if line.strip()]
+        if len(shard_rows) != rep["rows_written"]:
+            raise HfembError(f"{path}: {len(shard_rows)} rows but its report says {rep['rows_written']}")
+        rows.extend(shard_rows)
+    merged = dict(first)
+    for key in _SUMMED:
+        merged[key] = round(sum(rep[key] for rep in reports), 3) if isinstance(first[key], float) else \
+            sum(rep[key] for rep in reports)
+    for key in ("rows_dropped", "negatives", "excluded"):
+        merged[key] = {k: sum(rep[key][k] for rep in reports) for k in first[key]}
+    merged["tokenization"] = {k: (max if k == "workers" else sum)(rep["tokenization"][k] for rep in reports)
+                              for k in first["tokenization"]}
+    merged["queries_per_second"] = round(merged["queries"] / merged["total_seconds"], 1) \
+        if merged["total_seconds"] else None
+    merged["shard"] = {"num_shards": num_shards, "merged_from": [os.fspath(p) for _, p in ordered]}
+    merged["config"] = {**first["config"], "shard_index": None}
+    write_output(MiningResult(rows, merged), output)
+    return merged
