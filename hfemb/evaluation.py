@@ -118,18 +118,43 @@ def pairs_from_records(records, *, label_threshold: int = 1) -> EvalPairs:
     return EvalPairs(list(q_ids), list(d_ids), keys[:, 0], keys[:, 1], labels, stats)
 
 
-def load_pairs(path, settings: EvalSettings) -> EvalPairs:
+def read_eval_records(path, settings: EvalSettings):
+    """``read_records`` with the settings' format, bad-row policy and label threshold."""
     from hfemb.data import read_records
 
-    result = read_records(path, fmt=settings.data_format, on_error=settings.on_error,
-                          label_threshold=settings.label_threshold, bad_label=settings.bad_label)
-    pairs = pairs_from_records(result.records, label_threshold=settings.label_threshold)
-    pairs.stats = {"path": str(path), "format": result.format, "rows": result.rows,
-                   "skipped_rows": len(result.skipped), "first_skipped": str(result.skipped[0]) if result.skipped else None,
-                   **pairs.stats}
+    return read_records(path, fmt=settings.data_format, on_error=settings.on_error,
+                        label_threshold=settings.label_threshold, bad_label=settings.bad_label)
+
+
+def make_pairs(records, settings: EvalSettings, *, path, read_result=None, part: str | None = None) -> EvalPairs:
+    pairs = pairs_from_records(records, label_threshold=settings.label_threshold)
+    meta = {"path": str(path) + (f" ({part})" if part else "")}
+    if read_result is not None:
+        meta.update({"format": read_result.format, "rows": read_result.rows, "skipped_rows": len(read_result.skipped),
+                     "first_skipped": str(read_result.skipped[0]) if read_result.skipped else None})
+    pairs.stats = {**meta, **pairs.stats}
     if pairs.stats["positive_pairs"] == 0:
-        raise HfembError(f"{path}: no relevant pair (label >= {settings.label_threshold}); check --label-threshold")
+        raise HfembError(f"{meta['path']}: no relevant pair (label >= {settings.label_threshold}); "
+                         "check --label-threshold")
     return pairs
+
+
+def load_pairs(path, settings: EvalSettings) -> EvalPairs:
+    result = read_eval_records(path, settings)
+    return make_pairs(result.records, settings, path=path, read_result=result)
+
+
+def split_by_query(records, dev_fraction: float, seed: int = 0) -> tuple[list, list]:
+    """Split records into (dev, test) by query text, seeded; records of one query stay together, in file order."""
+    if not 0 < dev_fraction < 1:
+        raise ConfigError(f"dev fraction must be between 0 and 1 (exclusive), got {dev_fraction}")
+    queries = list(dict.fromkeys(r.query for r in records))
+    if len(queries) < 2:
+        raise HfembError(f"cannot split {len(queries)} query into dev and test")
+    n_dev = min(max(int(round(dev_fraction * len(queries))), 1), len(queries) - 1)
+    order = np.random.default_rng(seed).permutation(len(queries))
+    dev_queries = {queries[i] for i in order[:n_dev]}
+    return [r for r in records if r.query in dev_queries], [r for r in records if r.query not in dev_queries]
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -394,22 +419,31 @@ def choose_thresholds(results: dict, eval_pairs: EvalPairs, eval_scores: dict, d
 
 
 # --------------------------------------------------------------------------------------- entry point
-def evaluate(models: dict[str, str], data_path, *, dev_path=None, thresholds="0.4:0.7",
-             output_dir="eval_output", settings: EvalSettings | None = None, print_table: bool = True,
-             **options) -> dict:
+def evaluate(models: dict[str, str], data_path, *, dev_path=None, split_dev: float | None = None,
+             thresholds="0.4:0.7", output_dir="eval_output", settings: EvalSettings | None = None,
+             print_table: bool = True, **options) -> dict:
     """Evaluate ``models`` ({name: Hub id | folder | adapter folder | openai:MODEL@URL}); write the report.
 
-    ``options`` are ``EvalSettings`` fields. Returns the ``results.json`` content. The first model is
-    the reference for the paired F1 differences.
+    ``dev_path``: choose each model's threshold there; or ``split_dev=F``: hold out a fraction F of the
+    eval file's queries (seeded) as dev. ``options`` are ``EvalSettings`` fields. Returns the
+    ``results.json`` content. The first model is the reference for the paired F1 differences.
     """
     from hfemb.eval_report import write_report
 
     if not models:
         raise ConfigError("no model to evaluate")
+    if dev_path and split_dev:
+        raise ConfigError("give either a dev file or a dev split fraction, not both")
     settings = settings or EvalSettings(thresholds=thresholds, **options)
     started = time.perf_counter()
-    eval_pairs = load_pairs(data_path, settings)
-    dev_pairs = load_pairs(dev_path, settings) if dev_path else None
+    if split_dev:
+        result = read_eval_records(data_path, settings)
+        dev_records, test_records = split_by_query(result.records, split_dev, settings.seed)
+        eval_pairs = make_pairs(test_records, settings, path=data_path, read_result=result, part="test split")
+        dev_pairs = make_pairs(dev_records, settings, path=data_path, part=f"dev split {split_dev:g}")
+    else:
+        eval_pairs = load_pairs(data_path, settings)
+        dev_pairs = load_pairs(dev_path, settings) if dev_path else None
     query_texts = list(dict.fromkeys(eval_pairs.queries + (dev_pairs.queries if dev_pairs else [])))
     doc_texts = list(dict.fromkeys(eval_pairs.documents + (dev_pairs.documents if dev_pairs else [])))
     q_pos = {t: i for i, t in enumerate(query_texts)}
@@ -445,7 +479,7 @@ def evaluate(models: dict[str, str], data_path, *, dev_path=None, thresholds="0.
         "data": {"eval": eval_pairs.stats, "dev": dev_pairs.stats if dev_pairs else None},
         "settings": {**{k: v for k, v in asdict(settings).items() if k not in ("show_progress", "plots")},
                      "rule": "score >= threshold is predicted positive; score = cosine similarity",
-                     "relevant": f"label >= {settings.label_threshold}"},
+                     "relevant": f"label >= {settings.label_threshold}", "dev_split": split_dev},
         "seconds": round(time.perf_counter() - started, 3),
     }
     markdown = write_report(report, output_dir, eval_scores=eval_scores, eval_labels=eval_pairs.labels,

@@ -1,0 +1,140 @@
+"""`hfemb eval` (= `python run_eval.py`): threshold-sweep F1 of several models, e.g.
+
+    python run_eval.py --data test.jsonl --dev dev.jsonl --thresholds 0.4:0.7
+
+Values come from the command line, else from the JSON config (``--config``, default ``configs/eval.json``
+when it exists), else from the built-in defaults. Config keys are the long option names with ``_``
+(``batch_size``, ``label_threshold``, ...) plus ``models`` ({name: spec}; the spec ``"latest"`` is the
+newest training output under ``train_output_root``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+HELP = "threshold-sweep F1 evaluation of several models (= run_eval.py)"
+DEFAULT_CONFIG = Path("configs") / "eval.json"
+RUN_KEYS = {"data": None, "dev": None, "split_dev": None, "models": None, "output_dir": "eval_output",
+            "train_output_root": "output", "thresholds": "0.4:0.7"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--config", default=None, metavar="JSON", help=f"settings file (default: {DEFAULT_CONFIG} if it exists)")
+    a("--data", metavar="FILE", help="labelled eval file: {query, documents:[{content,label}]} JSON/JSONL, pair rows "
+      "{text1|query, text2|document, label} (JSON/JSONL/TSV, LCQMC, KUAKE-QQR), WikiQA TSV, or mined training rows "
+      "(positive = 1, negatives = 0)")
+    a("--dev", metavar="FILE", help="labelled dev file: each model's threshold is chosen there (best F1) and F1 is "
+      "reported on --data at that threshold (without it the threshold is tuned on --data itself: optimistic)")
+    a("--split-dev", type=float, metavar="F", help="hold out a fraction F of --data's queries as dev (seeded)")
+    a("--model", action="append", metavar="NAME=SPEC", help="model to evaluate (repeatable): a Hub id, a local "
+      "folder, a LoRA adapter folder, a training output folder, or openai:MODEL@BASE_URL. Default: base "
+      "Qwen3-Embedding-0.6B and 8B and the latest training output. The first model is the reference for ΔF1")
+    a("--thresholds", metavar="SPEC", help="START:STOP[:STEP] (step 0.1 by default; STOP included) or a list "
+      "0.4,0.45,0.5 (default 0.4:0.7)")
+    a("--output-dir", metavar="DIR", help="folder for results.json/.csv/.md and the plots (default eval_output)")
+    a("--train-output-root", metavar="DIR", help="where to look for the latest training output (default output)")
+    a("--label-threshold", type=int, metavar="N", help="a pair is relevant when label >= N (default 1; KUAKE-QQR: 2)")
+    a("--format", dest="data_format", metavar="FMT", help="data format (default auto-detect)")
+    a("--skip-bad", dest="on_error", action="store_const", const="skip", help="skip bad data rows (counted)")
+    a("--bad-label", choices=("error", "skip"), help="rows with a non-integer label such as 'NA' (default error)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--instruction", metavar="TASK",
+                       help="query instruction for ALL models: 'Instruct: TASK\\nQuery:' (default: each model's own)")
+    group.add_argument("--no-instruction", dest="instruction", action="store_const", const=False,
+                       help="no query prompt for any model")
+    a("--symmetric", action="store_const", const=True, help="documents get the query prompt too (all models)")
+    a("--pooling", choices=("last", "mean", "cls"), help="override pooling (default: each model's own)")
+    a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="default auto: bf16 on a bf16 GPU, else fp32")
+    a("--quantization", choices=("4bit", "8bit"), help="load local models in 4/8 bit (bitsandbytes, CUDA)")
+    a("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    a("--batch-size", type=int, help="texts per forward pass (default 32)")
+    a("--max-tokens-per-batch", type=int, help="padded tokens per forward pass (default 16384); texts are sorted by length")
+    a("--max-length", type=int, help="tokens per text (default 512)")
+    a("--truncate-dim", type=int, help="Matryoshka: keep the first N dimensions (re-normalised)")
+    a("--trust-remote-code", action="store_const", const=True, help="allow custom model code")
+    a("--cache-dir", help="embedding cache (default $HFEMB_CACHE/embeddings or ~/.cache/hfemb/embeddings)")
+    a("--no-cache", dest="use_cache", action="store_const", const=False, help="neither read nor write the cache")
+    a("--bootstrap", dest="n_bootstrap", type=int, metavar="N", help="bootstrap resamples of queries (default 1000; 0 = off)")
+    a("--seed", type=int, help="seed of the bootstrap and of --split-dev (default 0)")
+    a("--api-key-env", metavar="VAR", help="environment variable holding the key for openai: models "
+      "(default OPENAI_API_KEY); the key is never printed or written")
+    a("--request-batch-size", type=int, help="texts per request to an openai: endpoint (default 64)")
+    a("--skip-failed", action="store_const", const=True, help="report and skip a model that fails to load")
+    a("--no-plots", dest="plots", action="store_const", const=False, help="do not draw the PNG plots")
+    a("--quiet", dest="show_progress", action="store_const", const=False, help="no progress bars")
+
+
+def load_config(path: str | Path | None) -> dict:
+    """The JSON config as a dict; unknown keys are an error naming them."""
+    from hfemb.errors import ConfigError
+    from hfemb.evaluation import EvalSettings
+
+    if path is None:
+        if not DEFAULT_CONFIG.is_file():
+            return {}
+        path = DEFAULT_CONFIG
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    known = set(RUN_KEYS) | {f.name for f in fields(EvalSettings)}
+    unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    models = config.get("models")
+    if models is not None and (not isinstance(models, dict) or not all(isinstance(v, str) for v in models.values())):
+        raise ConfigError(f"{path}: 'models' must be an object {{name: spec}}")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def resolve_models(cli_models: list[str] | None, config_models: dict | None, train_output_root: str) -> dict[str, str]:
+    from hfemb.evaluation import default_models, latest_training_output, parse_model_args
+
+    if cli_models:
+        return parse_model_args(cli_models)
+    if not config_models:
+        models = default_models(train_output_root)
+        if not any(name.startswith("tuned") for name in models):
+            print(f"hfemb eval: no training output with merged/ under {train_output_root!r}; evaluating the base "
+                  "models only", file=sys.stderr)
+        return models
+    models = {}
+    for name, spec in config_models.items():
+        if spec == "latest":
+            run = latest_training_output(train_output_root)
+            if run is None:
+                print(f"hfemb eval: {name}: no training output with merged/ under {train_output_root!r}; skipped",
+                      file=sys.stderr)
+                continue
+            spec = str(run / "merged")
+        models[name] = spec
+    return models
+
+
+def run(args) -> int:
+    from hfemb.errors import ConfigError
+    from hfemb.evaluation import EvalSettings, evaluate
+
+    config = load_config(args.config)
+    cli = {k: v for k, v in vars(args).items() if v is not None and not k.startswith("_")
+           and k not in ("config", "command", "model")}
+    values = {**RUN_KEYS, **{k: v for k, v in config.items() if k != "models"}, **cli}
+    if not values["data"]:
+        raise ConfigError("no eval data: pass --data FILE (or set 'data' in the config)")
+    setting_names = {f.name for f in fields(EvalSettings)}
+    settings = EvalSettings(**{k: v for k, v in values.items() if k in setting_names})
+    models = resolve_models(args.model, config.get("models"), values["train_output_root"])
+    evaluate(models, values["data"], dev_path=values["dev"], split_dev=values["split_dev"],
+             output_dir=values["output_dir"], settings=settings)
+    print(f"\nwritten to {values['output_dir']}/: results.json, results.csv, results.md"
+          + (", f1_vs_threshold.png, pr_curves.png" if settings.plots else ""))
+    return 0
