@@ -39,6 +39,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Iterable, Iterator
 
 from hfemb.errors import ConfigError, DataError
@@ -98,11 +99,12 @@ def _bad(kind: str, path: str, line: int | None, field: str | None = None, detai
     return err
 
 
+# every character str.isspace() accepts (all are below U+3001), plus the byte-order mark
+_STRIP = "".join(chr(c) for c in range(0x3001) if chr(c).isspace()) + "\ufeff"
+
+
 def _clean(text: str) -> str:
-    text = text.strip()
-    if text[:1] == "\ufeff":
-        text = text.lstrip("\ufeff").strip()
-    return text
+    return text.strip(_STRIP)
 
 
 def _text(row: dict, key: str, where: tuple[str, int], name: str | None = None) -> str:
@@ -121,25 +123,24 @@ def _text(row: dict, key: str, where: tuple[str, int], name: str | None = None) 
 def _texts(row: dict, key: str, where: tuple[str, int], required: bool) -> list[str]:
     """A string or a list of strings; an optional field may be absent, null or ""."""
     value = row.get(key)
-    if value is None or (not required and value == ""):
+    if type(value) is list:  # fast path: a list of non-empty strings
+        try:
+            out = list(map(str.strip, value, repeat(_STRIP, len(value))))
+        except TypeError:
+            i, item = next((i, t) for i, t in enumerate(value) if not isinstance(t, str))
+            raise _bad("wrong type", *where, f"{key}[{i}]", f"expected a string, got {type(item).__name__}") from None
+        if all(out) and (out or not required):
+            return out
+        if not out:
+            raise _bad("empty field", *where, key, "empty list")
+        raise _bad("empty field", *where, f"{key}[{out.index('')}]")
+    if isinstance(value, str) and (value or required):
+        return [_text(row, key, where)]
+    if value is None or value == "":
         if required:
             raise _bad("missing field", *where, key)
         return []
-    if isinstance(value, str):
-        value = [value]
-    elif not isinstance(value, list):
-        raise _bad("wrong type", *where, key, f"expected a list of strings, got {type(value).__name__}")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _bad("wrong type", *where, f"{key}[{i}]", f"expected a string, got {type(item).__name__}")
-        item = _clean(item)
-        if not item:
-            raise _bad("empty field", *where, f"{key}[{i}]")
-        out.append(item)
-    if required and not out:
-        raise _bad("empty field", *where, key, "empty list")
-    return out
+    raise _bad("wrong type", *where, key, f"expected a list of strings, got {type(value).__name__}")
 
 
 def _label(value, where: tuple[str, int], key: str) -> int:
@@ -158,6 +159,9 @@ def _label(value, where: tuple[str, int], key: str) -> int:
 
 
 def _rest(row: dict, used: tuple[str, ...]) -> dict:
+    """The row's other keys (for ``Record.extra``)."""
+    if len(row) <= len(used) and all(k in used for k in row):
+        return {}
     return {k: v for k, v in row.items() if k not in used}
 
 
@@ -561,25 +565,37 @@ def _check_record(record: Record) -> None:
         raise DataError("record has no positive; a training row needs one", record.source)
 
 
-def record_to_row(record: Record, fmt: str = "hfemb", *, with_extra: bool = True) -> dict | list[dict]:
+# extra keys each target tool reads; other extra keys are written only with ``extra="all"``
+_TOOL_KEYS = {"hfemb": None, "flagembedding": ("prompt", "type", "pos_scores", "neg_scores"), "swift": ()}
+
+
+def record_to_row(record: Record, fmt: str = "hfemb", *, extra: str = "auto") -> dict | list[dict]:
     """The row(s) of ``record`` in a writable format: ``hfemb`` and ``swift`` give one row per positive (negatives
-    shared), ``flagembedding`` one row. ``extra`` keys (e.g. ``mining``) follow the format's own keys."""
+    shared), ``flagembedding`` one row. ``extra`` says which ``Record.extra`` keys follow the format's own keys:
+    "auto" (hfemb: all, e.g. ``mining``; flagembedding: the optional keys FlagEmbedding reads; swift: none),
+    "all" or "none"."""
     if fmt not in FORMATS:
         raise ConfigError(f"cannot write format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if extra not in ("auto", "all", "none"):
+        raise ConfigError(f"extra must be 'auto', 'all' or 'none', got {extra!r}")
     _check_record(record)
-    core = _CORE_KEYS[fmt]
-    extra = {k: v for k, v in record.extra.items() if k not in core} if with_extra else {}
+    core, wanted = _CORE_KEYS[fmt], _TOOL_KEYS[fmt]
+    kept = {k: v for k, v in record.extra.items() if k not in core
+            and (extra == "all" or (extra == "auto" and (wanted is None or k in wanted)))}
     if fmt == "flagembedding":
-        return {"query": record.query, "pos": list(record.positives), "neg": list(record.negatives), **extra}
-    return [{core[0]: record.query, core[1]: pos, core[2]: list(record.negatives), **extra}
+        return {"query": record.query, "pos": list(record.positives), "neg": list(record.negatives), **kept}
+    return [{core[0]: record.query, core[1]: pos, core[2]: list(record.negatives), **kept}
             for pos in record.positives]
 
 
-def write_records(records: Iterable[Record], path, fmt: str = "hfemb", *, with_extra: bool = True) -> int:
+def write_records(records: Iterable[Record], path, fmt: str = "hfemb", *, extra: str = "auto") -> int:
     """Write records atomically (JSONL; a JSON array if ``path`` ends in .json; gzip if .gz); returns rows
-    written. Records without a positive are not written (count them first if you need to report them)."""
+    written. Records without a positive are not written (count them first if you need to report them).
+    ``extra``: see ``record_to_row``."""
     if fmt not in FORMATS:
         raise ConfigError(f"cannot write format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if extra not in ("auto", "all", "none"):
+        raise ConfigError(f"extra must be 'auto', 'all' or 'none', got {extra!r}")
     path = os.fspath(path)
     as_array = path.lower().removesuffix(".gz").endswith(".json")
     n = 0
@@ -590,7 +606,7 @@ def write_records(records: Iterable[Record], path, fmt: str = "hfemb", *, with_e
         for record in records:
             if not record.positives:
                 continue
-            rows = record_to_row(record, fmt, with_extra=with_extra)
+            rows = record_to_row(record, fmt, extra=extra)
             for row in rows if isinstance(rows, list) else (rows,):
                 try:
                     line = json.dumps(row, ensure_ascii=False)

@@ -23,7 +23,7 @@ def test_help_documents_every_option():
     proc = subprocess.run([sys.executable, "-m", "hfemb", "convert", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     for option in ("--input", "--output", "--from", "--to", "--query-columns", "--positive-column", "--query-sep",
-                   "--label-threshold", "--skip-bad", "--bad-label", "--drop-extra"):
+                   "--label-threshold", "--skip-bad", "--bad-label", "--extra"):
         assert option in proc.stdout
 
 
@@ -38,19 +38,21 @@ def test_flagembedding_to_swift(tmp_path, capsys):
          "response": "A glacier cave is a cave formed within the ice of a glacier.",
          "rejected_response": ["Ice formations in the Titlis glacier cave.", "The ice facade is 60 m high."]},
         {"query": "what is a tissue?", "response": "Tissue is a cellular organizational level.",
-         "rejected_response": [], "prompt": "Represent this question"},
+         "rejected_response": []},
         {"query": "多个正例", "response": "正例一", "rejected_response": ["负例"]},
         {"query": "多个正例", "response": "正例二", "rejected_response": ["负例"]},
     ]
 
 
-def test_drop_extra_and_from(tmp_path, capsys):
+def test_extra_none_and_from(tmp_path, capsys):
     out = tmp_path / "flag.jsonl"
     args = ["convert", "--input", str(DATA / "hfemb_mined.jsonl"), "--output", str(out), "--from", "hfemb",
-            "--to", "flagembedding", "--drop-extra"]
+            "--to", "flagembedding", "--extra", "none"]
     assert main(args) == 0
     assert rows(out)[0] == {"query": "高血压能吃党参吗", "pos": ["可以适量服用党参。"], "neg": ["胃胀多吃软食。", "感冒多喝水。"]}
     assert all(set(r) == {"query", "pos", "neg"} for r in rows(out))
+    assert main(args[:-1] + ["all"]) == 0
+    assert rows(out)[0]["mining"] == {"method": "bm25", "hard": 1, "easy": 1} and rows(out)[1]["id"] == 7
 
 
 def test_qa_table_columns(tmp_path, capsys):
@@ -121,7 +123,9 @@ def test_converted_output_reads_back(tmp_path, capsys):
     (record,) = read_records(out).records
     assert (record.query, record.positives, record.negatives) == (
         "保险理赔流程", ["提交理赔申请表。", "理赔时效说明。"], ["公司年会通知。"])
-    assert record.extra == {"qid": "p1", "content_public": ["保险法第二十二条。"]}
+    assert record.extra == {}  # FlagEmbedding rows carry only the keys FlagEmbedding reads
+    assert main(["convert", "--input", str(DATA / "pool_private.json"), "--output", str(out), "--to", "hfemb"]) == 0
+    assert read_records(out).records[0].extra == {"qid": "p1", "content_public": ["保险法第二十二条。"]}
 
 
 @pytest.mark.parametrize("fixture", ["medical_qa.csv", "qa_blocks.txt", "lcqmc_mini.tsv", "wikiqa_mini.tsv.gz",

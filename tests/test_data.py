@@ -348,28 +348,44 @@ def test_read_corpus(tmp_path):
 # --------------------------------------------------------------------------- writers and round trips
 
 RECORDS = [
-    Record("q1", ["p1", "p2"], ["n1", "n2"], extra={"mining": {"method": "bm25"}}),
+    Record("q1", ["p1", "p2"], ["n1", "n2"], extra={"mining": {"method": "bm25"}, "prompt": "Represent"}),
     Record("问题二", ["答案"], []),
     Record("q3", ["p3"], ["n3"], extra={"id": 3}),
 ]
+KEPT_EXTRA = {  # what extra="auto" writes: hfemb all, flagembedding the keys FlagEmbedding reads, swift none
+    "hfemb": lambda extra: extra,
+    "flagembedding": lambda extra: {k: v for k, v in extra.items() if k == "prompt"},
+    "swift": lambda extra: {},
+}
 
 
-def split(records):
+def split(records, keep=lambda extra: extra):
     """One record per positive: what the one-row-per-positive formats give back."""
-    return [(r.query, [p], r.negatives, [], r.extra) for r in records for p in r.positives]
+    return [(r.query, [p], r.negatives, [], keep(r.extra)) for r in records for p in r.positives]
 
 
 def test_record_to_row():
     assert record_to_row(RECORDS[0]) == [
-        {"query": "q1", "positive": "p1", "negative": ["n1", "n2"], "mining": {"method": "bm25"}},
-        {"query": "q1", "positive": "p2", "negative": ["n1", "n2"], "mining": {"method": "bm25"}}]
-    assert record_to_row(RECORDS[0], "flagembedding", with_extra=False) == {
+        {"query": "q1", "positive": "p1", "negative": ["n1", "n2"], "mining": {"method": "bm25"}, "prompt": "Represent"},
+        {"query": "q1", "positive": "p2", "negative": ["n1", "n2"], "mining": {"method": "bm25"}, "prompt": "Represent"}]
+    assert record_to_row(RECORDS[0], "flagembedding") == {
+        "query": "q1", "pos": ["p1", "p2"], "neg": ["n1", "n2"], "prompt": "Represent"}
+    assert record_to_row(RECORDS[0], "flagembedding", extra="none") == {
         "query": "q1", "pos": ["p1", "p2"], "neg": ["n1", "n2"]}
+    assert record_to_row(RECORDS[0], "swift") == [
+        {"query": "q1", "response": "p1", "rejected_response": ["n1", "n2"]},
+        {"query": "q1", "response": "p2", "rejected_response": ["n1", "n2"]}]
+    assert record_to_row(RECORDS[2], "swift", extra="all") == [
+        {"query": "q3", "response": "p3", "rejected_response": ["n3"], "id": 3}]
     assert record_to_row(RECORDS[1], "swift") == [{"query": "问题二", "response": "答案", "rejected_response": []}]
+    clash = Record("q", ["p"], extra={"pos": "ignored", "k": 1})  # extra never overrides the format's keys
+    assert record_to_row(clash, "flagembedding", extra="all") == {"query": "q", "pos": ["p"], "neg": [], "k": 1}
     with pytest.raises(DataError, match="no positive"):
         record_to_row(Record("q", [], ["n"]))
     with pytest.raises(ConfigError):
         record_to_row(RECORDS[0], "pool")
+    with pytest.raises(ConfigError):
+        record_to_row(RECORDS[0], "hfemb", extra="some")
 
 
 @pytest.mark.parametrize("first, second", list(itertools.product(FORMATS, repeat=2)))
@@ -381,10 +397,22 @@ def test_round_trip_every_pair_of_formats(tmp_path, first, second):
     write_records(once.records, b, second)
     twice = read_records(b)
     assert twice.format == second
+
+    def keep(extra):
+        return KEPT_EXTRA[second](KEPT_EXTRA[first](extra))
+
     # only flagembedding keeps several positives in one row; the others split a record per positive
-    expected = core(RECORDS) if first == second == "flagembedding" else split(RECORDS)
+    if first == second == "flagembedding":
+        expected = [(r.query, r.positives, r.negatives, [], keep(r.extra)) for r in RECORDS]
+    else:
+        expected = split(RECORDS, keep)
     assert core(twice.records) == expected
-    # and back again gives the same records
+    # with extra="all" every key survives every pair of formats
+    write_records(RECORDS, a, first, extra="all")
+    write_records(read_records(a).records, b, second, extra="all")
+    full = [(r.query, r.positives, r.negatives, [], r.extra) for r in RECORDS]
+    assert core(read_records(b).records) == (full if first == second == "flagembedding" else split(RECORDS))
+    # and writing the result again in the first format reads back the same
     c = tmp_path / "c.jsonl.gz"
     write_records(twice.records, c, first)
     assert core(read_records(c).records) == expected

@@ -35,9 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bad-label", default="error", choices=("error", "skip"),
                         help="rows whose label is not an integer (e.g. 'NA'): 'error' treats them as bad rows, "
                              "'skip' always skips them (counted)")
-    parser.add_argument("--drop-extra", action="store_true",
-                        help="write only the format's own keys, not extra keys carried from the input "
-                             "(e.g. mining info, ids)")
+    parser.add_argument("--extra", default="auto", choices=("auto", "all", "none"),
+                        help="input keys beyond the format's own (mining info, ids, ...) to write: 'auto' = all "
+                             "for hfemb, FlagEmbedding's optional keys (prompt, type, pos_scores, neg_scores) for "
+                             "flagembedding, none for swift; 'all'; 'none'")
 
 
 def _column_map(args) -> ColumnMap | None:
@@ -70,6 +71,6 @@ def run(args) -> int:
     if not records or not any(r.positives for r in records):
         raise DataError("no record has a positive: nothing to write (for labelled pools/pairs check "
                         "--label-threshold)", result.path)
-    written = write_records(records, args.output, args.to_format, with_extra=not args.drop_extra)
+    written = write_records(records, args.output, args.to_format, extra=args.extra)
     print(f"wrote {args.output}: {written} rows ({args.to_format})")
     return 0
