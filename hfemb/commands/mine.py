@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections import Counter
 
@@ -95,18 +96,19 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--query-columns and --positive-column go together")
         columns = ColumnMap(query=[c.strip() for c in args.query_columns.split(",") if c.strip()],
                             positive=args.positive_column)
+    config = MiningConfig(  # validated before reading anything; the mode may depend on the data
+        mode=args.mode or "corpus", tokenizer=args.tokenizer, k1=args.k1, b=args.b, epsilon=args.epsilon,
+        idf=args.idf, hard_top_k=args.hard_top_k, easy_bottom_k=args.easy_bottom_k,
+        num_negatives=args.num_negatives, num_hard=args.num_hard, skip_top=args.skip_top,
+        max_relative_score=args.max_relative_score, seed=args.seed, num_shards=args.num_shards,
+        shard_index=args.shard_index, cache_dir=args.cache_dir, workers=args.workers, use_cache=not args.no_cache)
     data = read_records(args.input, fmt=args.format, columns=columns, label_threshold=args.label_threshold,
                         on_error="skip" if args.skip_bad else "raise")
-    mode = args.mode or ("pool" if any(r.candidates for r in data.records) else "corpus")
-    if args.corpus and mode == "pool":
+    if args.mode is None and any(r.candidates for r in data.records):
+        config = dataclasses.replace(config, mode="pool")
+    if args.corpus and config.mode == "pool":
         raise ConfigError("--corpus is for corpus mode; this input is mined in pool mode (pass --mode corpus)")
     corpus = read_corpus(args.corpus) if args.corpus else None
-    config = MiningConfig(
-        mode=mode, tokenizer=args.tokenizer, k1=args.k1, b=args.b, epsilon=args.epsilon, idf=args.idf,
-        hard_top_k=args.hard_top_k, easy_bottom_k=args.easy_bottom_k, num_negatives=args.num_negatives,
-        num_hard=args.num_hard, skip_top=args.skip_top, max_relative_score=args.max_relative_score,
-        seed=args.seed, num_shards=args.num_shards, shard_index=args.shard_index, cache_dir=args.cache_dir,
-        workers=args.workers, use_cache=not args.no_cache)
     result = mine(data.records, config, corpus=corpus)
     result.report["input"] = {
         "path": args.input, "format": data.format, "rows": data.rows, "records": len(data.records),
