@@ -152,9 +152,14 @@ def _label(value, where: tuple[str, int], key: str) -> int:
         return int(value)
     if isinstance(value, str):
         try:
-            return int(value.strip())
+            return int(value)
         except ValueError:
-            pass
+            try:
+                number = float(value)  # "1.0" as written by pandas
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
     raise _bad("bad label", *where, key, f"expected an integer label, got {value!r}")
 
 

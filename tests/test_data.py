@@ -279,9 +279,15 @@ def test_bad_pool_items(tmp_path, item, field, message):
 
 def test_labels_int_bool_string_float(tmp_path):
     row = {"query": "q", "documents": [{"content": "a", "label": True}, {"content": "b", "label": " 2 "},
-                                       {"content": "c", "label": 1.0}, {"content": "d", "label": False}]}
+                                       {"content": "c", "label": 1.0}, {"content": "d", "label": False},
+                                       {"content": "e", "label": "1.0"}, {"content": "f", "label": -1}]}
     path = write(tmp_path, "pool.jsonl", json.dumps(row) + "\n")
-    assert read_records(path).records[0].candidates == [("a", 1), ("b", 2), ("c", 1), ("d", 0)]
+    assert read_records(path).records[0].candidates == [("a", 1), ("b", 2), ("c", 1), ("d", 0), ("e", 1), ("f", -1)]
+    for bad in ("NA", "1.5", "nan", "", None, [1]):
+        row = {"query": "q", "documents": [{"content": "a", "label": bad}]}
+        path = write(tmp_path, "pool.jsonl", json.dumps(row) + "\n")
+        assert str(error_of(path)) == (f"{path}:1, field 'documents[0].label': bad label: "
+                                       f"expected an integer label, got {bad!r}")
 
 
 def test_not_an_object_empty_file_and_all_bad(tmp_path):
@@ -442,6 +448,17 @@ def test_write_row_counts_and_atomic_failure(tmp_path):
 
 
 # --------------------------------------------------------------------------- real files (../shared/data)
+
+def test_embedded_sample(zh_sample_csv):
+    import pandas as pd
+
+    frame = pd.read_csv(zh_sample_csv, dtype=str, keep_default_na=False)
+    result = read_records(zh_sample_csv)
+    assert result.format == "qa_table" and len(result.records) == len(frame) == 600 and not result.skipped
+    assert [r.extra["department"] for r in result.records] == list(frame.department)
+    blocks = read_records(zh_sample_csv.parent / "internal_medicine_qa_short_sample.txt")
+    assert blocks.format == "qa_blocks" and len(blocks.records) == 60 and not blocks.skipped
+
 
 def test_real_medical_qa(shared_data):
     import pandas as pd
