@@ -5,8 +5,8 @@ Readable formats (``fmt=``; ``"auto"`` detects them from the keys of the first v
 * ``hfemb``          ``{"query", "positive": str|list, "negative": [...]}`` (hfemb's mined output)
 * ``flagembedding``  ``{"query", "pos": [...], "neg": [...]}`` (FlagEmbedding / EmbedRAG; ``neg`` optional)
 * ``swift``          ``{"query", "response", "rejected_response": [...]}`` (ms-swift InfoNCE)
-* ``swift_messages`` ``{"messages", "positive_messages", "negative_messages"}`` (ms-swift >= 3.6; read only:
-  each text is the last ``user`` message of its conversation)
+* ``swift_messages`` ``{"messages", "positive_messages", "negative_messages"}`` (newer ms-swift embedding
+  docs; read only: each text is the last ``user`` message of its conversation)
 * ``pos_doc``        ``{"query", "pos_doc": str|list}`` (positives only)
 * ``pool``           ``{"query", "documents": [{"content", "label"}]}`` or the vertical-retrieval layout
   ``{"query", "content_private": [{"content", "is_relevant"}], "content_public": [...]}``. Unlabelled
@@ -21,9 +21,11 @@ Readable formats (``fmt=``; ``"auto"`` detects them from the keys of the first v
 * ``wikiqa``         WikiQA TSV (``QuestionID, Question, ..., Sentence, Label``), grouped by QuestionID.
 
 Containers: JSONL, a JSON array, ``.csv`` / ``.tsv`` (TSV read with ``QUOTE_NONE``), ``.txt`` (QA blocks), each
-optionally ``.gz``. Labels are ints, bools, integral floats or integer strings; a pool's ``positives`` are the
-candidates with ``label >= label_threshold``, its ``negatives`` the rest, ``candidates`` keeps the raw labels.
-Texts are stripped of surrounding whitespace and of a leading U+FEFF.
+optionally ``.gz``; the whole file is read into memory. Labels are ints, bools, integral floats or integer
+strings ("2", "1.0"); anything else (e.g. KUAKE-QQR's "NA") is a bad row, or always skipped with
+``bad_label="skip"``. A pool's ``positives`` are the candidates with ``label >= label_threshold``, its
+``negatives`` the rest; ``candidates`` keeps the raw labels. Texts are stripped of surrounding whitespace and
+byte-order marks (LCQMC has a stray U+FEFF at the start of some texts).
 
 Bad rows raise ``DataError`` naming file, line (1-based; a JSON array element's first line) and field; with
 ``on_error="skip"`` they are collected in ``ReadResult.skipped`` (each has a short ``kind``). A syntax error inside
@@ -255,9 +257,9 @@ def _row_pool(row, where, ctx):
     return _pool_record(query, candidates, ctx["label_threshold"], extra)
 
 
-def _pool_record(query, candidates, threshold, extra, source=None) -> Record:
+def _pool_record(query, candidates, threshold, extra) -> Record:
     return Record(query, [t for t, lab in candidates if lab >= threshold],
-                  [t for t, lab in candidates if lab < threshold], list(candidates), source, extra)
+                  [t for t, lab in candidates if lab < threshold], list(candidates), extra=extra)
 
 
 def _row_qa_table(row, where, ctx):
