@@ -133,6 +133,8 @@ class EmbeddingModel(torch.nn.Module):
         prompt = self.query_prompt if is_query else self.document_prompt
         texts = [prompt + t for t in texts] if prompt else list(texts)
         limit = self._effective_max_length(max_length)
+        if not texts:
+            return []
         if not self.append_eos:
             return self.tokenizer(texts, truncation=True, max_length=limit, return_attention_mask=False,
                                   return_token_type_ids=False)["input_ids"]
@@ -399,6 +401,8 @@ def _resolve_prompts(sources: list[str], query_instruction, symmetric: bool) -> 
             query = format_instruction(QWEN3_WEB_SEARCH_TASK, "")
         else:
             query = ""
+    elif query_instruction is True:  # "use an instruction": the model's default
+        return _resolve_prompts(sources, None, symmetric)
     elif query_instruction is False or query_instruction == "":
         query = ""
     elif isinstance(query_instruction, str):
@@ -442,10 +446,10 @@ def _not_found(name_or_path: str, exc: Exception) -> HfembError:
     if os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path):
         return HfembError(f"{name_or_path}: not a model folder (no config.json / adapter_config.json): {exc}")
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    reason = "HF_HUB_OFFLINE is set" if offline else str(exc).strip().splitlines()[0][:200]
     return HfembError(
-        f"cannot load model {name_or_path!r}: not a local folder and not in the Hugging Face cache"
-        + (" (HF_HUB_OFFLINE is set)" if offline else " and the Hub could not be reached")
-        + "; download it first (`huggingface-cli download ...`) or pass a local folder")
+        f"cannot load model {name_or_path!r}: not a local folder and not in the Hugging Face cache ({reason}); "
+        "download it first (`hf download REPO_ID`) or pass a local folder")
 
 
 def load_embedding_model(name_or_path: str, *, pooling: str | None = None, query_instruction: str | bool | None = None,
@@ -508,6 +512,13 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None, query
         backbone = AutoModel.from_pretrained(base_path, **model_kwargs)
     except OSError as exc:
         raise _not_found(base_path, exc) from None
+    except ValueError as exc:  # an architecture without SDPA support: fall back to its default attention
+        if not attn_implementation or attn_implementation not in str(exc):
+            raise
+        logger.warning("%s: attn_implementation=%r unavailable (%s); using the default", base_path,
+                       attn_implementation, exc)
+        model_kwargs.pop("attn_implementation")
+        backbone = AutoModel.from_pretrained(base_path, **model_kwargs)
     if adapter_config is not None:
         from peft import PeftModel
 
