@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 import unicodedata
 from collections import Counter
@@ -99,9 +100,12 @@ class Selection:
     drop_reason: str | None = None  # one of DROP_REASONS when the row cannot be filled
 
 
+_NOT_ALNUM = re.compile(r"[\W_]+")  # \w is str.isalnum() plus "_"
+
+
 def normalize_text(text: str) -> str:
     """NFKC, case-folded, letters and digits only: finds answers that differ by spaces or punctuation."""
-    return "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold() if ch.isalnum())
+    return _NOT_ALNUM.sub("", unicodedata.normalize("NFKC", text).casefold())
 
 
 def select_negatives(ranked_ids: Sequence, ranked_scores: Sequence[float], rng: np.random.Generator, *,
@@ -221,12 +225,14 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
     t0 = time.perf_counter()
     index = BM25(doc_tokens, k1=config.k1, b=config.b, epsilon=config.epsilon, idf_kind=config.idf)
     build_seconds = time.perf_counter() - t0
+    norm = _Normalizer()
     norm_docs: dict[str, list[int]] = {}
     for i, text in enumerate(doc_texts):
-        norm_docs.setdefault(normalize_text(text), []).append(i)
+        norm_docs.setdefault(norm(text), []).append(i)
     same_query: dict[str, list[str]] = {}  # normalised query -> positives of every record asking it
-    for r in records:
-        same_query.setdefault(normalize_text(r.query), []).extend(r.positives)
+    if config.mode == "corpus":
+        for r in records:
+            same_query.setdefault(norm(r.query), []).extend(r.positives)
 
     rows: list[dict] = []
     dropped, kinds, excluded = Counter(), Counter(), Counter()
@@ -245,7 +251,7 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
                 queries_without_positive += 1
                 continue
             rng = np.random.default_rng([config.seed, qi])
-            ids = _candidate_ids(record, config.mode, index.num_docs, doc_index, doc_texts, norm_docs,
+            ids = _candidate_ids(record, config.mode, index.num_docs, doc_index, doc_texts, norm, norm_docs,
                                  same_query, excluded)
             scores = block[j, ids]
             pos_scores = [float(block[j, doc_index[p]]) if p in doc_index
@@ -301,30 +307,42 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
     return MiningResult(rows=rows, report=report)
 
 
+class _Normalizer(dict):
+    """normalize_text, memoised for one mining run."""
+
+    def __missing__(self, text: str) -> str:
+        self[text] = value = normalize_text(text)
+        return value
+
+    __call__ = dict.__getitem__
+
+
 def _candidate_ids(record: Record, mode: str, num_docs: int, doc_index: dict[str, int], doc_texts: list[str],
-                   norm_docs: dict[str, list[int]], same_query: dict[str, list[str]], excluded: Counter
-                   ) -> np.ndarray:
+                   norm: _Normalizer, norm_docs: dict[str, list[int]], same_query: dict[str, list[str]],
+                   excluded: Counter) -> np.ndarray:
     """Document ids a query may take negatives from (pool: its own negatives), minus its positives and
     their duplicates; counts what was excluded and why into ``excluded``."""
     own = set(record.positives)
-    own_norm = {normalize_text(p) for p in own}
     reasons: dict[int, str] = {}
-    for norm in own_norm:
-        for i in norm_docs.get(norm, ()):
+    for p_norm in {norm(p) for p in own}:
+        for i in norm_docs.get(p_norm, ()):
             reasons[i] = "own_positive" if doc_texts[i] in own else "normalized_duplicate"
     if mode == "corpus":
-        for p in same_query.get(normalize_text(record.query), ()):
-            for i in norm_docs.get(normalize_text(p), ()):
+        q_norm = norm(record.query)
+        for p in same_query.get(q_norm, ()):
+            for i in norm_docs.get(norm(p), ()):
                 reasons.setdefault(i, "same_query_positive")
-        for i in norm_docs.get(normalize_text(record.query), ()):
+        for i in norm_docs.get(q_norm, ()):
             reasons.setdefault(i, "query_text")
-        ids = np.arange(num_docs)
-    else:
-        ids = np.fromiter(dict.fromkeys(doc_index[t] for t in record.negatives), dtype=np.int64)
-        pool = set(ids.tolist())
-        reasons = {i: r for i, r in reasons.items() if i in pool}
+        keep = np.ones(num_docs, dtype=bool)
+        keep[list(reasons)] = False
+        excluded.update(reasons.values())
+        return np.flatnonzero(keep)
+    ids = np.fromiter(dict.fromkeys(doc_index[t] for t in record.negatives), dtype=np.int64)
     if not reasons:
         return ids
+    pool = set(ids.tolist())
+    reasons = {i: r for i, r in reasons.items() if i in pool}
     excluded.update(reasons.values())
     return ids[~np.isin(ids, np.fromiter(reasons, dtype=np.int64))]
 
