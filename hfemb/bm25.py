@@ -288,7 +288,9 @@ class BM25:
         each row's top k, ordered by score then document index (which of several documents tied at the
         k-th place are kept is up to ``argpartition``).
         """
-        k = min(k, self.num_docs)
+        k = max(0, min(k, self.num_docs))
+        if k == 0:
+            return np.empty((len(queries_tokens), 0), dtype=np.int64), np.empty((len(queries_tokens), 0))
         ids = np.empty((len(queries_tokens), k), dtype=np.int64)
         scores = np.empty((len(queries_tokens), k))
         for start in range(0, len(queries_tokens), batch_size):

@@ -8,7 +8,7 @@ more hard ones, then with random irrelevant ones, when a pool runs short (:func:
 * ``pool`` mode ranks each query's own labelled negatives (``Record.negatives``, derived from a
   labelled pool). idf and average length come from all documents of all pools together: a pool of ~10
   documents is too small for a meaningful idf.
-* ``corpus`` mode ranks a corpus (default: every positive of the dataset, deduplicated). Excluded for
+* ``corpus`` mode ranks a corpus (default: every positive of the dataset; deduplicated). Excluded for
   each query: its own positives, their exact or normalised (:func:`normalize_text`) duplicates, positives
   of other records with the same normalised query, and documents equal to the query itself.
 
@@ -212,7 +212,8 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
             raise ConfigError("pool mode needs records with labelled candidates (or negatives); use corpus mode")
         doc_texts = list(dict.fromkeys(t for r in records for t in (*r.positives, *r.negatives)))
     else:
-        doc_texts = list(corpus) if corpus is not None else list(dict.fromkeys(p for r in records for p in r.positives))
+        texts = corpus if corpus is not None else (p for r in records for p in r.positives)
+        doc_texts = list(dict.fromkeys(texts))  # exact duplicates would be the same negative twice
         if not doc_texts:
             raise ConfigError("corpus mode needs a non-empty corpus (or records with positives)")
     doc_tokens = _tokenize_timed(doc_texts, config, tok)

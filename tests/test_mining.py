@@ -232,7 +232,9 @@ def test_corpus_mode_excludes_positives_duplicates_same_query_and_query_text():
                                          "same_query_positive": 3, "query_text": 0}
     assert mine(records, MiningConfig(tokenizer="char", num_negatives=8, use_cache=False)).report[
         "rows_dropped"]["too_few_negatives"] == 2
-    with_query = mine(records, cfg, corpus=FILLER + ["少吃盐", "糖尿病怎么办！"])
+    with_query = mine(records, cfg, corpus=FILLER + ["少吃盐", "糖尿病怎么办！"] + FILLER[:3])
+    assert with_query.report["documents"] == 9  # exact duplicates of the corpus are dropped
+    assert all(len(set(r["negative"])) == 7 for r in with_query.rows)
     assert "糖尿病怎么办！" not in with_query.rows[1]["negative"]
     assert with_query.report["excluded"]["query_text"] == 1 and with_query.report["corpus"] == "file"
     # a positive outside the given corpus is scored with the corpus statistics
