@@ -145,11 +145,13 @@ class OpenAIEmbeddingClient:
             except urllib.error.HTTPError as exc:
                 raw, status = exc.read(), exc.code
                 message = _error_message(raw)
-                if status in _RETRY_STATUS and attempt < self.max_retries:
-                    last = f"HTTP {status}: {message}"
+                if status not in _RETRY_STATUS:
+                    raise HfembError(f"{self.url}: HTTP {status}: {message}") from None
+                last = f"HTTP {status}: {message}"
+                if attempt < self.max_retries:
                     time.sleep(_retry_after(exc.headers, delay))
                     continue
-                raise HfembError(f"{self.url}: HTTP {status}: {message}") from None
+                break
             except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as exc:
                 reason = getattr(exc, "reason", exc)
                 last = f"cannot connect: {reason}"
