@@ -211,7 +211,6 @@ class EmbeddingModel(torch.nn.Module):
 
     def gradient_checkpointing_disable(self) -> None:
         model = self._hf_model()
-        getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
     # ---- saving ----------------------------------------------------------------------------
@@ -228,6 +227,9 @@ class EmbeddingModel(torch.nn.Module):
         try:
             backbone = self.backbone
             if merged and self.is_peft:
+                if getattr(self._hf_model(), "is_quantized", False):
+                    raise HfembError("cannot merge a LoRA adapter into 4/8-bit weights: save the adapter and merge "
+                                     "it onto the unquantized base (hfemb.export.merge_adapter_folder)")
                 backbone = copy.deepcopy(self.backbone).merge_and_unload()
             backbone.save_pretrained(str(tmp), safe_serialization=safe_serialization)
             self.tokenizer.save_pretrained(str(tmp))
@@ -302,6 +304,7 @@ def _move_into(src: Path, dst: Path) -> None:
     """Move the finished files of ``src`` into ``dst`` (a rename when ``dst`` does not exist)."""
     if not dst.exists():
         os.replace(src, dst)
+        os.chmod(dst, 0o755)  # mkdtemp made it 0700
         return
     for name in _WEIGHT_FILES:
         stale = dst / name

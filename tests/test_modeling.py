@@ -204,6 +204,21 @@ def test_prompt_options(tiny_qwen3):
         load_embedding_model(tiny_qwen3, query_instruction=3)
 
 
+def test_prompts_from_sentence_transformers_config(tmp_path):
+    from hfemb.modeling import _resolve_prompts
+
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": None}))
+    assert _resolve_prompts([str(tmp_path)], None, False) == ("query: ", "passage: ")
+    assert _resolve_prompts([str(tmp_path)], "Find it", False) == ("Instruct: Find it\nQuery:", "passage: ")
+    assert _resolve_prompts([str(tmp_path)], None, True) == ("query: ", "query: ")
+    # default_prompt_name: sentence-transformers applies that prompt whenever none is named
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"classification": "Classify: "}, "default_prompt_name": "classification"}))
+    assert _resolve_prompts([str(tmp_path)], None, False) == ("Classify: ", "Classify: ")
+    assert _resolve_prompts([str(tmp_path)], False, False) == ("", "Classify: ")
+
+
 def test_qwen_tokenizer_end_token_survives_truncation(tiny):
     long_text = "高血压患者需要长期服药并监测血压。" * 20
     enc = tiny.tokenize([long_text, "短"], is_query=False, max_length=8)
@@ -342,6 +357,16 @@ def test_lora_adapter_and_merged_folders(tiny_qwen3, tiny, tmp_path):
     merged_out = np.concatenate([merged.encode(QUERIES, is_query=True), merged.encode(DOCS, is_query=False)])
     np.testing.assert_allclose(merged_out, ours, atol=1e-5)
     np.testing.assert_allclose(_st_embeddings(str(merged_dir), QUERIES, DOCS), ours, atol=1e-5)
+    # a bare peft folder (adapter files only): tokenizer, pooling and prompts come from the base
+    bare = tmp_path / "bare-adapter"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapter_dir / name, bare / name)
+    loaded = load_embedding_model(str(bare), query_instruction="Find the answer")
+    assert loaded.pooling == "last" and loaded.tokenizer.padding_side == "left"
+    np.testing.assert_allclose(np.concatenate([loaded.encode(QUERIES, is_query=True),
+                                               loaded.encode(DOCS, is_query=False)]), ours, atol=1e-5)
+    assert load_embedding_model(str(bare)).query_prompt == tiny.query_prompt  # the base's own prompt
 
 
 def test_gradient_checkpointing_with_lora_gives_the_same_gradients(tiny_qwen3):
