@@ -63,6 +63,11 @@ def _tokenize_char(texts: Sequence[str]) -> list[list[str]]:
 _TOKENIZE = {"jieba": _tokenize_jieba, "regex": _tokenize_regex, "char": _tokenize_char}
 
 
+def _jieba_joined(texts: Sequence[str]) -> list[str]:
+    """Worker side: tokens joined by spaces (no token has one), much cheaper to send back than lists."""
+    return [" ".join(doc) for doc in _tokenize_jieba(texts)]
+
+
 def _init_jieba_worker() -> None:
     _jieba().initialize()  # no-op when inherited already initialised through fork
 
@@ -158,8 +163,8 @@ def _tokenize_parallel(texts: list[str], workers: int) -> list[list[str]]:
     _init_jieba_worker()  # forked workers inherit the loaded dictionary
     chunks = [texts[i:i + _PARALLEL_CHUNK] for i in range(0, len(texts), _PARALLEL_CHUNK)]
     with multiprocessing.get_context().Pool(min(workers, len(chunks)), initializer=_init_jieba_worker) as pool:
-        parts = pool.map(_tokenize_jieba, chunks, chunksize=1)
-    return [doc for part in parts for doc in part]
+        parts = pool.map(_jieba_joined, chunks, chunksize=1)
+    return [doc.split(" ") if doc else [] for part in parts for doc in part]
 
 
 def _load_cache(path: Path, n: int) -> list[list[str]] | None:

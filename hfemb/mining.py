@@ -56,7 +56,8 @@ class MiningConfig:
     num_negatives: int = 3
     num_hard: int = 1  # 1 hard + 2 easy by default
     skip_top: int = 0
-    max_relative_score: float | None = None  # drop candidates scoring above this fraction of the positive
+    max_relative_score: float | None = None  # drop candidates scoring above this fraction of the positive's
+    # own BM25 (likely false negatives); not applied to a positive scoring <= 0 (BM25 knows nothing then)
     seed: int = 42
     num_shards: int = 1
     shard_index: int = 0
