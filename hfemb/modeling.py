@@ -3,7 +3,12 @@ sentence-transformers layout.
 
 `load_embedding_model` accepts a Hub id (e.g. ``Qwen/Qwen3-Embedding-0.6B``; from the local cache when
 offline), a local folder, or a LoRA adapter folder (loaded on its ``base_model_name_or_path``). Pooling,
-prompts and the maximum length come from the folder's sentence-transformers files when it has them.
+prompts and the maximum length come from the folder's sentence-transformers files when it has them
+(a model's own ``document``/``passage`` prompt is kept; Qwen3-Embedding's is empty).
+
+`EmbeddingModel.save_pretrained` writes a folder that ``SentenceTransformer(folder)`` encodes identically
+(queries with ``prompt_name="query"``): when hfemb appends the end token itself, the saved tokenizer.json
+is made to append it too. ``truncate_dim`` is not saved (pass it again when loading).
 
 Numerics: the backbone runs in the dtype it was loaded in; pooling, Matryoshka truncation and
 L2-normalisation run in fp32, so embeddings are always fp32. fp16 overflows on Qwen3-Embedding-8B: use
@@ -39,7 +44,8 @@ DECODER_MODEL_TYPES = {
 _ST_POOLING = {"lasttoken": "last", "mean": "mean", "cls": "cls"}
 _ST_MODULES = ("Transformer", "Pooling", "Normalize")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+                 "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors",
+                 "adapter_model.bin")
 
 
 def format_instruction(task: str, text: str) -> str:
@@ -270,7 +276,8 @@ def _text_config(config):
 
 
 def _model_max_length(config, tokenizer) -> int:
-    limits = [getattr(_text_config(config), "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [getattr(_text_config(config), "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
     limits = [int(x) for x in limits if isinstance(x, (int, float)) and 0 < x < 10**7]
     return min(limits) if limits else 512
 
@@ -416,7 +423,6 @@ def _resolve_prompts(sources: list[str], query_instruction, symmetric: bool) -> 
 
 
 def _torch_dtype(name: str):
-
     if name not in DTYPES:
         raise ConfigError(f"torch_dtype must be one of {DTYPES}, got {name!r}")
     if name == "auto":
@@ -429,7 +435,6 @@ def _quantization_config(quantization: str | None, dtype):
         return None
     if quantization not in ("4bit", "8bit"):
         raise ConfigError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
-
     if not torch.cuda.is_available():
         raise HfembError(f"{quantization} quantization (bitsandbytes, QLoRA) needs a CUDA GPU; none is available")
     try:
@@ -455,11 +460,12 @@ def _not_found(name_or_path: str, exc: Exception) -> HfembError:
         "download it first (`hf download REPO_ID`) or pass a local folder")
 
 
-def load_embedding_model(name_or_path: str, *, pooling: str | None = None, query_instruction: str | bool | None = None,
-                         symmetric: bool = False, torch_dtype: str = "float32", attn_implementation: str | None = "sdpa",
-                         trust_remote_code: bool = False, append_eos: bool | None = None, truncate_dim: int | None = None,
-                         device: str | None = None, device_map=None, quantization: str | None = None,
-                         max_length: int | None = None):
+def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
+                         query_instruction: str | bool | None = None, symmetric: bool = False,
+                         torch_dtype: str = "float32", attn_implementation: str | None = "sdpa",
+                         trust_remote_code: bool = False, append_eos: bool | None = None,
+                         truncate_dim: int | None = None, device: str | None = None, device_map=None,
+                         quantization: str | None = None, max_length: int | None = None) -> EmbeddingModel:
     """Load a Hub id, a local folder or a LoRA adapter folder as an `EmbeddingModel`.
 
     * ``pooling``: "last" | "mean" | "cls"; default from the sentence-transformers files, else "last" for
@@ -516,7 +522,7 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None, query
     except OSError as exc:
         raise _not_found(base_path, exc) from None
     except ValueError as exc:  # an architecture without SDPA support: fall back to its default attention
-        if not attn_implementation or attn_implementation not in str(exc):
+        if not attn_implementation or "attention" not in str(exc).lower():
             raise
         logger.warning("%s: attn_implementation=%r unavailable (%s); using the default", base_path,
                        attn_implementation, exc)
@@ -542,9 +548,10 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None, query
     if max_length is None:
         st = next((c for c in (_read_json(s, "sentence_bert_config.json") for s in sources) if c), {})
         max_length = st.get("max_seq_length")
-    return EmbeddingModel(backbone, tokenizer, pooling=pooling, query_prompt=query_prompt, document_prompt=document_prompt,
-                     append_eos=do_append, eos_token_id_to_append=eos_id if do_append else None,
-                     truncate_dim=truncate_dim, max_length=max_length, name_or_path=name_or_path)
+    return EmbeddingModel(backbone, tokenizer, pooling=pooling, query_prompt=query_prompt,
+                          document_prompt=document_prompt, append_eos=do_append,
+                          eos_token_id_to_append=eos_id if do_append else None, truncate_dim=truncate_dim,
+                          max_length=max_length, name_or_path=name_or_path)
 
 
 def _end_token_id(tokenizer) -> int | None:
