@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -274,3 +275,16 @@ def test_pool_mode_ranks_own_candidates_with_global_statistics():
         mine([Record("q", ["p"])], MiningConfig(mode="pool", use_cache=False))
     with pytest.raises(ConfigError, match="only used in corpus mode"):
         mine(records, cfg, corpus=["x"])
+
+
+def test_real_short_qa_near_duplicate_answers_are_excluded(shared_data):
+    records = read_records(shared_data / "zh_medical_qa" / "internal_medicine_qa_short.txt", fmt="qa_blocks").records
+    result = mine(records, MiningConfig(tokenizer="char", use_cache=False))
+    corpus = list(dict.fromkeys(r.positives[0] for r in records))
+    per_norm = Counter(normalize_text(d) for d in corpus)
+    expected = sum(per_norm[normalize_text(r.positives[0])] - 1 for r in records)
+    assert len(records) == 4048 and len(result.rows) == 4048
+    assert expected > 0 and result.report["excluded"]["normalized_duplicate"] == expected
+    for row in result.rows:
+        assert normalize_text(row["positive"]) not in {normalize_text(n) for n in row["negative"]}
+        assert len(set(row["negative"])) == 3
