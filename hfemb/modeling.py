@@ -555,8 +555,10 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
 
 
 def _end_token_id(tokenizer) -> int | None:
+    """``<|endoftext|>`` when the vocabulary has it (checked by round trip: Qwen2Tokenizer's unk token *is*
+    ``<|endoftext|>``, other tokenizers map unknown tokens to unk), else ``eos_token_id``."""
     vocab_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if vocab_id is not None and vocab_id != tokenizer.unk_token_id:
+    if vocab_id is not None and tokenizer.convert_ids_to_tokens(vocab_id) == "<|endoftext|>":
         return int(vocab_id)
     return tokenizer.eos_token_id
 

@@ -229,7 +229,8 @@ def test_qwen_tokenizer_end_token_survives_truncation(tiny):
 
 @pytest.fixture(scope="module")
 def tiny_without_eos(tiny_qwen3, tmp_path_factory):
-    """The tiny Qwen3 with a tokenizer that appends nothing (like a base Qwen3 LLM's)."""
+    """The tiny Qwen3 with a tokenizer that appends nothing, loaded as ``Qwen2Tokenizer`` (whose unk token
+    is <|endoftext|>) -- like a base Qwen3 LLM's."""
     from tokenizers import Tokenizer, processors
 
     folder = tmp_path_factory.mktemp("no-eos") / "tiny-qwen3-no-eos"
@@ -237,11 +238,14 @@ def tiny_without_eos(tiny_qwen3, tmp_path_factory):
     backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     backend.save(str(folder / "tokenizer.json"))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "tokenizer_class": "Qwen2Tokenizer"}))
     return str(folder)
 
 
 def test_append_eos_for_a_tokenizer_that_appends_nothing(tiny, tiny_without_eos):
     m = load_embedding_model(tiny_without_eos)
+    assert type(m.tokenizer).__name__ == "Qwen2Tokenizer" and m.tokenizer.unk_token == "<|endoftext|>"
     assert m.append_eos and m.eos_token_id_to_append == ENDOFTEXT_ID  # <|endoftext|>, not eos_token <|im_end|>
     long_text = "高血压患者需要长期服药并监测血压。" * 20
     enc = m.tokenize([long_text, "短"], is_query=False, max_length=8)
