@@ -26,6 +26,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only when it says something and the help text does not already mention one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 def _available() -> dict[str, tuple[str, str]]:
     return {n: v for n, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
 
@@ -40,7 +50,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
     for name, (module_name, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         if name == wanted:  # import only the command that runs
             module = importlib.import_module(module_name)
             module.add_arguments(p)

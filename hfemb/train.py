@@ -184,7 +184,13 @@ def build_model(cfg: TrainConfig):
 def training_arguments(cfg: TrainConfig, has_eval: bool):
     from transformers import TrainingArguments
 
+    from hfemb.hub import PUSH_KEYS, check_can_push, push_settings
+
     t = dict(cfg.training)
+    if push_settings(t):  # hfemb pushes the final model itself (run_training); the Trainer never pushes
+        check_can_push()
+    for key in PUSH_KEYS:
+        t.pop(key, None)
     if "warmup_ratio" in t:  # transformers 5: a float < 1 in warmup_steps is a ratio
         ratio = t.pop("warmup_ratio")
         t.setdefault("warmup_steps", float(ratio) if ratio else 0)
@@ -204,6 +210,9 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
         except ImportError:
             t["report_to"] = "none"
     t["remove_unused_columns"] = False
+    import torch
+
+    t.setdefault("dataloader_pin_memory", torch.cuda.is_available())  # pinning without a GPU only warns
     if has_eval:
         t.setdefault("eval_strategy", "epoch")
         t.setdefault("save_strategy", t["eval_strategy"])
@@ -290,11 +299,24 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         "versions": _versions(),
         "outputs": {k: str(out / k) for k in (("adapter", "merged") if cfg.model.finetune_type != "full" else ("merged",))},
     }
-    if trainer.is_world_process_zero():
+    from hfemb.export import write_model_cards
+    from hfemb.hub import push_settings, push_training_output
+
+    main_process = trainer.is_world_process_zero()
+    if main_process:
         write_json(out / "train_summary.json", summary)
+        write_model_cards(out)
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    push = push_settings(cfg.training)
+    if push and main_process:
+        try:
+            summary["pushed_to"] = push_training_output(out, push)
+        except HfembError as exc:
+            raise HfembError(f"training finished and was saved to {out}, but the push failed: {exc}. Retry with "
+                             f"`hfemb push {out} --repo-id {push.repo_id}`") from None
+        write_json(out / "train_summary.json", summary)
     return summary
 
 
