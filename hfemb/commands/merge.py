@@ -1,0 +1,50 @@
+"""`hfemb merge ADAPTER --output DIR`: merge a LoRA adapter onto its (unquantized) base model.
+
+DIR gets a plain full model in the sentence-transformers layout with no adapter files, plus a model card.
+ADAPTER may be an adapter folder or a training output folder (its ``adapter/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "merge a LoRA adapter onto its base model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("adapter", metavar="ADAPTER", help="LoRA adapter folder (adapter_config.json) or training output folder")
+    a("--output", required=True, metavar="DIR", help="folder for the merged model")
+    a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+      help="dtype to merge and save in (auto: the base checkpoint's own dtype)")
+    a("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    a("--trust-remote-code", action="store_true", help="allow the base model's custom code")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hfemb.errors import HfembError
+    from hfemb.export import merge_adapter_folder
+    from hfemb.model_card import write_model_card
+
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file() and (adapter / "adapter" / "adapter_config.json").is_file():
+        adapter = adapter / "adapter"
+    output = Path(args.output)
+    if output.resolve() == adapter.resolve() or adapter.resolve() in output.resolve().parents:
+        raise HfembError(f"--output {output} must not be the adapter folder or inside it")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise HfembError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+    merge_adapter_folder(adapter, output, torch_dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    summary_dir = adapter.parent if (adapter.parent / "train_summary.json").is_file() else None
+    write_model_card(output, output_dir=summary_dir, eval_results=False,
+                     base_model=None if summary_dir else _base_of(adapter), finetune_type=None if summary_dir else "lora")
+    print(f"merged {adapter} onto its base -> {output}")
+    return 0
+
+
+def _base_of(adapter) -> str | None:
+    import json
+
+    return json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
