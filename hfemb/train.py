@@ -27,21 +27,27 @@ log = logging.getLogger("hfemb.train")
 
 # ---- data ------------------------------------------------------------------------------------
 def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> tuple[list[dict], dict]:
-    """Training rows ``{"query","positive","negatives"}``: one per (query, positive), ``num_negatives``
-    of the record's own negatives (in file order, i.e. the mined order; a seeded sample when it has more
-    than needed is *not* taken: mined files are already selected). Rows short of negatives are dropped."""
+    """Training rows ``{"query","positive","negatives"}``, one per (query, positive). A record with exactly
+    ``num_negatives`` negatives (a mined file) keeps them in order; one with more gets a seeded sample
+    (as FlagEmbedding samples its ``neg`` lists); rows short of negatives are dropped and counted."""
     rows, short = [], 0
-    for rec in records:
-        if len(rec.negatives) < num_negatives:
+    for i, rec in enumerate(records):
+        negs = rec.negatives
+        if len(negs) < num_negatives:
             short += len(rec.positives)
             continue
-        for pos in rec.positives:
-            rows.append({"query": rec.query, "positive": pos, "negatives": list(rec.negatives[:num_negatives])})
+        for j, pos in enumerate(rec.positives):
+            chosen = negs if len(negs) == num_negatives else random.Random(f"{seed}/{i}/{j}").sample(negs, num_negatives)
+            rows.append({"query": rec.query, "positive": pos, "negatives": list(chosen)})
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
 
 
-def needs_mining(records: list[Record], num_negatives: int) -> bool:
-    return num_negatives > 0 and any(len(r.negatives) < num_negatives for r in records)
+UNRANKED_FORMATS = ("pool", "pairs", "wikiqa")  # labelled pools: their negatives are not selected yet
+
+
+def needs_mining(records: list[Record], num_negatives: int, fmt: str = "") -> bool:
+    """Mine when some record lacks negatives, or when they are a labelled pool's unranked negatives."""
+    return num_negatives > 0 and (fmt in UNRANKED_FORMATS or any(len(r.negatives) < num_negatives for r in records))
 
 
 def _file_digest(path: str) -> str:
@@ -59,6 +65,7 @@ def mine_cached(records: list[Record], source_file: str, mining: dict, num_negat
     from hfemb.mining import MiningConfig, mine
 
     settings = {**(mining or {}), "num_negatives": num_negatives}
+    settings.setdefault("mode", "pool" if any(r.candidates for r in records) else "corpus")
     try:
         config = MiningConfig(**settings)
     except TypeError as exc:
@@ -94,7 +101,7 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
                           label_threshold=d.label_threshold)
     records = result.records
     part: dict[str, Any] = {"file": path, "format": result.format, "records": len(records), "skipped_bad_rows": len(result.skipped)}
-    mine_it = d.mine if d.mine is not None else needs_mining(records, d.num_negatives)
+    mine_it = d.mine if d.mine is not None else needs_mining(records, d.num_negatives, result.format)
     if mine_it:
         records, part["mining"] = mine_cached(records, path, cfg.mining or {}, d.num_negatives, cache_dir)
     rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)))

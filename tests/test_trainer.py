@@ -181,3 +181,26 @@ def test_per_query_stats_by_hand():
     torch.testing.assert_close(stats, torch.tensor([[1.0, 0.8, 0.6, 0.6], [0.0, 1.0, 0.0, 0.0]]))
     metrics = aggregate_eval_stats(type("P", (), {"predictions": stats.numpy()})())
     assert metrics == pytest.approx({"accuracy": 0.5, "positive_similarity": 0.9, "negative_similarity": 0.3, "margin": 0.6})
+
+
+def test_raw_data_is_mined_on_the_fly_and_cached(tiny_qwen3, zh_sample_csv, tmp_path):
+    from hfemb.train import load_rows
+
+    recs = read_records(str(zh_sample_csv)).records[:30]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"query": r.query, "pos_doc": r.positives[0]}, ensure_ascii=False) + "\n"
+                           for r in recs), encoding="utf-8")
+    cfg = make_config(tiny_qwen3, str(raw), tmp_path / "o", mining={"tokenizer": "jieba", "hard_top_k": 5,
+                                                                      "easy_bottom_k": 5, "num_hard": 1})
+    report: dict = {}
+    rows = load_rows(cfg, str(raw), tmp_path / "cache", report, "train")
+    mined = report["train"]["mining"]
+    assert report["train"]["format"] == "pos_doc" and mined["mode"] == "corpus"
+    assert mined["negatives"] == {"hard": 30, "easy": 30, "random": 0} and mined["rows_written"] == 30
+    assert len(rows) == 30 and all(len(r["negatives"]) == 2 and r["positive"] not in r["negatives"] for r in rows)
+    answers = {r.positives[0] for r in recs}
+    assert all(set(r["negatives"]) <= answers for r in rows)
+    again: dict = {}
+    assert load_rows(cfg, str(raw), tmp_path / "cache", again, "train") == rows
+    assert again["train"]["mining"]["cache"] == mined["cache"]
+    assert len(list((tmp_path / "cache").glob("mined-*.jsonl"))) == 1
