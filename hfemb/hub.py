@@ -84,8 +84,9 @@ def token_source() -> str | None:
     """Where the token would come from ("HF_TOKEN" / "the login cache"), or None; never the token itself."""
     from huggingface_hub import get_token
 
-    if os.environ.get("HF_TOKEN"):
-        return "HF_TOKEN"
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(name):
+            return name
     return "the login cache" if get_token() else None
 
 

@@ -152,9 +152,10 @@ def find_eval_entry(results_file: Path, model_dir: Path, output_dir: Path | None
 
 
 def discover_eval_results(model_dir: Path, output_dir: Path | None) -> tuple[Path, dict, str] | None:
-    """``OUTPUT/eval/results.json``, else the newest ``eval_output/results.json`` (or ``eval_output/*/``)
-    under the working directory that names this model."""
-    candidates = [output_dir / "eval" / "results.json"] if output_dir is not None else []
+    """The first results.json that names this model: ``OUTPUT/eval/``, ``OUTPUT/../eval/``, then the newest
+    ``eval_output/results.json`` or ``eval_output/*/results.json`` under the working directory."""
+    candidates = [output_dir / "eval" / "results.json", output_dir.parent / "eval" / "results.json"] \
+        if output_dir is not None else []
     found = [p for p in (Path("eval_output/results.json"), *Path("eval_output").glob("*/results.json")) if p.is_file()]
     candidates += sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates:
@@ -484,8 +485,9 @@ def build_model_card(model_dir: str | os.PathLike, *, output_dir: str | os.PathL
             lines += [f"Best checkpoint metric: {_fmt(summary['best_metric'])}"
                       + (f"; final eval loss {_fmt(final['eval_loss'])}." if "eval_loss" in final else "."), ""]
     lines += ["## Evaluation", ""]
-    lines += eval_lines or ["Not evaluated yet: run `python run_eval.py --model tuned=OUTPUT_DIR` and push again "
-                            "(or `hfemb push ... --eval-results eval_output/results.json`) to add the table."]
+    lines += eval_lines or ["Not evaluated yet. Run `python run_eval.py --model tuned=OUTPUT_DIR ...`, then "
+                            "`python -m hfemb.model_card OUTPUT_DIR` to add the table here (`hfemb push` "
+                            "regenerates the card and finds the results too; `--eval-results FILE` names them)."]
     lines += ["", "## Usage", "", *_usage_section(model_id, prompts, pooling, max_length,
                                                   threshold["threshold"] if threshold else None, example_language,
                                                   adapter), ""]
@@ -522,3 +524,36 @@ def read_threshold(model_dir: str | os.PathLike) -> float | None:
     """The recommended cosine threshold saved with a model folder, or None."""
     data = _read_json(Path(model_dir) / THRESHOLD_FILE)
     return float(data["threshold"]) if isinstance(data, dict) and data.get("threshold") is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hfemb.model_card OUTPUT_DIR [--eval-results FILE]``: (re)write the cards of a training output."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m hfemb.model_card", description=main.__doc__)
+    parser.add_argument("output_dir", help="training output folder (with train_summary.json, merged/, adapter/)")
+    parser.add_argument("--eval-results", default=None, help="results.json of run_eval.py (default: looked for)")
+    parser.add_argument("--eval-model", default=None, help="this model's name in the results (default: by path)")
+    args = parser.parse_args(argv)
+    if not Path(args.output_dir, "train_summary.json").is_file():
+        print(f"{args.output_dir}: no train_summary.json (not a training output folder)", file=sys.stderr)
+        return 2
+    try:
+        written = []
+        for sub in ("merged", "adapter"):
+            if Path(args.output_dir, sub).is_dir():
+                result = write_model_card(Path(args.output_dir, sub), output_dir=args.output_dir,
+                                          eval_results=args.eval_results, eval_model_name=args.eval_model)
+                written.append(f"{Path(args.output_dir, sub, 'README.md')}"
+                               + (f" (threshold {result.threshold['threshold']} from {result.eval_results_file})"
+                                  if result.threshold else " (no evaluation results found)"))
+    except HfembError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(f"wrote {w}" for w in written))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
