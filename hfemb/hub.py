@@ -116,8 +116,10 @@ def resolve_push_source(source: str | os.PathLike, adapter_only: bool = False) -
                                 " (merge the adapter first: `hfemb merge` or push with --adapter-only)"))
         return sub, source
     is_adapter = (source / "adapter_config.json").is_file()
-    if not is_adapter and not (source / "config.json").is_file():
-        raise HfembError(f"{source}: neither a training output (merged/, adapter/) nor a model folder (config.json)")
+    has_weights = any(source.glob("model*.safetensors*")) or any(source.glob("pytorch_model*.bin*"))
+    if not is_adapter and not ((source / "config.json").is_file() and has_weights):
+        raise HfembError(f"{source}: neither a training output (merged/, adapter/) nor a model folder "
+                         "(config.json + weights) nor a LoRA adapter folder (adapter_config.json)")
     if adapter_only and not is_adapter:
         raise HfembError(f"{source}: --adapter-only, but this folder has no adapter_config.json")
     if not adapter_only and is_adapter:
