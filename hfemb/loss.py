@@ -31,7 +31,8 @@ MASKED_LOGIT = torch.finfo(torch.float32).min  # finite: exp() is 0 and logsumex
 
 def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperature: float = 0.05,
                   in_batch_negatives: bool = True, mask_false_negatives: bool = False,
-                  false_negative_margin: float = 0.1, doc_text_ids: torch.Tensor | None = None) -> LossOutput:
+                  false_negative_margin: float = 0.1, doc_text_ids: torch.Tensor | None = None,
+                  doc_offset: int | None = None) -> LossOutput:
     """Cross-entropy of each query's positive against its candidates.
 
     * ``in_batch_negatives=True``: candidates are all B*G documents (logits [B, B*G], label i*G);
@@ -39,16 +40,26 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
     * ``mask_false_negatives``: a candidate other than the positive itself is dropped (logit set to
       ``MASKED_LOGIT``) when its text equals the positive's (``doc_text_ids`` [B*G], equal id = equal text),
       or when its similarity exceeds the positive's by more than ``false_negative_margin``.
+    * ``doc_offset`` (cross-device negatives, in-batch only): ``d`` [M, D] holds the documents of every
+      process and this process's B*G documents are rows ``doc_offset .. doc_offset+B*G-1`` of it; labels
+      are ``doc_offset + i*G`` and ``doc_text_ids`` covers all M rows. The rows of the logits equal those of
+      the single-process loss on the concatenated batch.
     """
     b, g = q.shape[0], group_size
-    if g < 1 or d.shape[0] != b * g:
+    if doc_offset is not None:
+        if not in_batch_negatives:
+            raise ValueError("doc_offset (gathered documents) needs in_batch_negatives=True")
+        if g < 1 or doc_offset < 0 or doc_offset + b * g > d.shape[0]:
+            raise ValueError(f"d has {d.shape[0]} rows; rows {doc_offset}..{doc_offset + b * g - 1} expected")
+    elif g < 1 or d.shape[0] != b * g:
         raise ValueError(f"d has {d.shape[0]} rows, expected B*group_size = {b}*{g}")
+    offset = doc_offset or 0
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     q, d = q.float(), d.float()
     if in_batch_negatives:
-        sims = q @ d.T  # [B, B*G]
-        labels = torch.arange(b, device=q.device) * g  # [B]
+        sims = q @ d.T  # [B, M] (M = B*G, or every process's documents with doc_offset)
+        labels = offset + torch.arange(b, device=q.device) * g  # [B]
     else:
         sims = torch.einsum("bd,bgd->bg", q, d.view(b, g, -1))  # [B, G]
         labels = torch.zeros(b, dtype=torch.long, device=q.device)  # [B]
@@ -60,9 +71,9 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
             positive_sim = sims.gather(1, labels[:, None])  # [B, 1]
             mask = sims > positive_sim + false_negative_margin  # [B, C]
             if doc_text_ids is not None:
-                ids = doc_text_ids.to(q.device).long()  # [B*G]
+                ids = doc_text_ids.to(q.device).long()  # [M] (B*G without doc_offset)
                 candidate_ids = ids.expand(b, -1) if in_batch_negatives else ids.view(b, g)  # [B, C]
-                positive_ids = ids[torch.arange(b, device=q.device) * g]  # [B]
+                positive_ids = ids[labels] if in_batch_negatives else ids.view(b, g)[:, 0]  # [B]
                 mask |= candidate_ids == positive_ids[:, None]
             mask &= ~is_positive
         logits = logits.masked_fill(mask, MASKED_LOGIT)
