@@ -33,7 +33,8 @@ _PATH_KEYS = {"train_file", "eval_file", "output_dir", "logging_dir", "cache_dir
 _LOWER_IS_BETTER = ("loss", "negative_similarity")
 _LOG_SKIP = ("runtime", "per_second", "total_flos", "epoch", "step", "grad_norm", "learning_rate")
 _EXAMPLES = {
-    "zh": (["高血压患者日常饮食需要注意什么？"], ["高血压患者应低盐饮食，每日食盐摄入不超过5克，多吃蔬菜水果，戒烟限酒。"]),
+    "zh": (["高血压患者日常饮食需要注意什么？"],
+           ["高血压患者应低盐饮食，每日食盐摄入不超过5克，多吃蔬菜水果，戒烟限酒。"]),
     "en": (["What should people with high blood pressure eat?"],
            ["People with hypertension should eat less salt and more vegetables and fruit, and limit alcohol."]),
 }
@@ -381,6 +382,115 @@ def _usage_section(model_id: str, prompts: dict, pooling: str, max_length: int, 
 
 
 # ---- the card ------------------------------------------------------------------------------------
+@dataclass
+class _Model:
+    """What the card says about the folder itself."""
+
+    folder: Path
+    output_dir: Path | None
+    summary: dict
+    adapter: bool
+    base: str | None
+    kind: str | None  # lora | qlora | full
+    prompts: dict
+    pooling: str
+    max_length: int
+
+
+def _describe(model_dir: Path, output_dir, base_model: str | None, finetune_type: str | None) -> _Model:
+    from hfemb.modeling import _st_pooling
+
+    if output_dir is None and (model_dir.parent / "train_summary.json").is_file():
+        output_dir = model_dir.parent
+    output_dir = Path(output_dir) if output_dir is not None else None
+    summary = (_read_json(output_dir / "train_summary.json") or {}) if output_dir else {}
+    model_cfg = (summary.get("config") or {}).get("model") or {}
+    adapter_cfg = _read_json(model_dir / "adapter_config.json")
+    return _Model(
+        folder=model_dir, output_dir=output_dir, summary=summary, adapter=adapter_cfg is not None,
+        base=base_model or model_cfg.get("name_or_path") or (adapter_cfg or {}).get("base_model_name_or_path"),
+        kind=finetune_type or model_cfg.get("finetune_type") or ("lora" if adapter_cfg is not None else None),
+        prompts=(_read_json(model_dir / "config_sentence_transformers.json") or {}).get("prompts") or {},
+        pooling=_st_pooling(str(model_dir)) or "mean",
+        max_length=(_read_json(model_dir / "sentence_bert_config.json") or {}).get("max_seq_length") or 512)
+
+
+def _evaluation(m: _Model, eval_results, eval_model_name: str | None) -> tuple[Path, dict, str] | None:
+    """(results.json, its content, this model's name there) or None."""
+    if eval_results is False:
+        return None
+    if eval_results is None:
+        return discover_eval_results(m.folder, m.output_dir)
+    hit = find_eval_entry(Path(eval_results), m.folder, m.output_dir, eval_model_name)
+    if hit is None:
+        names = ", ".join(_read_json(Path(eval_results))["models"])
+        raise HfembError(f"{eval_results}: none of its models ({names}) is {m.folder}; name the right one with "
+                         "--eval-model NAME")
+    return (Path(eval_results), *hit)
+
+
+def _card_data(m: _Model, title: str, languages: list[str], license_: str | None, found, threshold):
+    from huggingface_hub import EvalResult, ModelCardData
+
+    eval_index = []
+    if threshold is not None:
+        scores = found[1]["models"][found[2]]
+        for metric, key, label in (("f1", "f1_at_chosen", "F1 at the recommended threshold"),
+                                   ("precision", "precision_at_chosen", "precision at the threshold"),
+                                   ("recall", "recall_at_chosen", "recall at the threshold"),
+                                   ("roc_auc", "roc_auc", "ROC-AUC"),
+                                   ("average_precision", "average_precision", "average precision")):
+            value = scores.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                eval_index.append(EvalResult(
+                    task_type="sentence-similarity", dataset_type=threshold["eval_data"] or "custom",
+                    dataset_name=threshold["eval_data"] or "custom", metric_type=metric, metric_value=float(value),
+                    metric_name=label, metric_args={"threshold": threshold["threshold"], "similarity": "cosine"}))
+    tags = ["sentence-transformers", "feature-extraction", "sentence-similarity", "hfemb"]
+    tags += [t for t in (m.kind, "peft" if m.adapter else None) if t]
+    return ModelCardData(library_name="sentence-transformers", pipeline_tag="sentence-similarity",
+                         base_model=m.base if is_hub_id(m.base) else None, license=license_,
+                         language=languages or None, tags=tags, model_name=title if eval_index else None,
+                         eval_results=eval_index or None)
+
+
+def _overview(m: _Model, title: str, threshold: dict | None, mined: bool) -> list[str]:
+    kind = {"lora": "LoRA", "qlora": "QLoRA (4/8-bit base, LoRA adapters)", "full": "full fine-tuning"}.get(m.kind,
+                                                                                                          m.kind)
+    base = (f"[{m.base}](https://huggingface.co/{m.base})" if is_hub_id(m.base)
+            else f"`{m.base}` (a local model folder)")
+    what = ("a LoRA adapter (load it on its base model; `peft` required)" if m.adapter
+            else "a full model (LoRA merged into the weights)" if m.kind in ("lora", "qlora") else "a full model")
+    negatives = "BM25-mined hard negatives" if mined else "hard negatives"
+    return [f"# {title}", "",
+            f"A text-embedding model fine-tuned from {base} with hfemb ({kind or 'fine-tuned'}), contrastively on "
+            f"query–document pairs with {negatives}. This folder holds {what} in the sentence-transformers layout.",
+            "", "## Model", "", *_table([
+                ("base model", m.base), ("fine-tuning", kind),
+                ("pooling", {"last": "last token", "mean": "mean", "cls": "CLS"}[m.pooling]),
+                ("normalisation", "L2 (use cosine or dot product)"), ("max sequence length", m.max_length),
+                ("query prompt", f"`{json.dumps(m.prompts.get('query', ''), ensure_ascii=False)}`"),
+                ("document prompt", f"`{json.dumps(m.prompts.get('document', ''), ensure_ascii=False)}`"),
+                ("recommended threshold", threshold["threshold"] if threshold else "not evaluated yet")]), ""]
+
+
+def _training(m: _Model, mining: dict | None) -> list[str]:
+    summary = m.summary
+    lines = ["## Training", "", *_table(_hyperparameters(summary)), "", "### Data", "", *_data_section(summary), ""]
+    if mining:
+        during = isinstance(((summary.get("data") or {}).get("train") or {}).get("mining"), dict)
+        where = "during training" if during else "by `hfemb mine` before training"
+        lines += ["### Negative mining", "", *_mining_section(mining, where), ""]
+    curves = training_curve_summary(m.output_dir / "train_log.jsonl")
+    if curves:
+        lines += ["### Training curves", "", *_curves_section(curves, (m.output_dir / CURVES_FILE).is_file()), ""]
+    final = summary.get("final_eval") or {}
+    if summary.get("best_metric") is not None:
+        lines += [f"Best checkpoint metric: {_fmt(summary['best_metric'])}"
+                  + (f"; final eval loss {_fmt(final['eval_loss'])}." if "eval_loss" in final else "."), ""]
+    return lines
+
+
 def build_model_card(model_dir: str | os.PathLike, *, output_dir: str | os.PathLike | None = None,
                      repo_id: str | None = None, eval_results: str | os.PathLike | None | bool = None,
                      eval_model_name: str | None = None, base_model: str | None = None,
@@ -392,109 +502,35 @@ def build_model_card(model_dir: str | os.PathLike, *, output_dir: str | os.PathL
     (`discover_eval_results`), False for none. ``repo_id``: used in the usage snippets and title.
     ``base_model`` / ``finetune_type``: when there is no training summary (e.g. `hfemb merge` of a bare adapter).
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
-    model_dir = Path(model_dir)
-    if output_dir is None and (model_dir.parent / "train_summary.json").is_file():
-        output_dir = model_dir.parent
-    output_dir = Path(output_dir) if output_dir is not None else None
-    summary = (_read_json(output_dir / "train_summary.json") or {}) if output_dir else {}
-    model_cfg = (summary.get("config") or {}).get("model") or {}
-    adapter_cfg = _read_json(model_dir / "adapter_config.json")
-    adapter = adapter_cfg is not None
-    base = base_model or model_cfg.get("name_or_path") or (adapter_cfg or {}).get("base_model_name_or_path")
-    kind = finetune_type or model_cfg.get("finetune_type") or ("lora" if adapter else None)
-    st_cfg = _read_json(model_dir / "config_sentence_transformers.json") or {}
-    prompts = st_cfg.get("prompts") or {}
-    from hfemb.modeling import _st_pooling
-
-    pooling = _st_pooling(str(model_dir)) or "mean"
-    max_length = (_read_json(model_dir / "sentence_bert_config.json") or {}).get("max_seq_length") or 512
-    mining = _mining_report(summary) if summary else None
-    base_meta = base_card_metadata(base)
+    m = _describe(Path(model_dir), output_dir, base_model, finetune_type)
+    mining = _mining_report(m.summary) if m.summary else None
+    base_meta = base_card_metadata(m.base)
     languages = base_meta.get("language") or []
     languages = [languages] if isinstance(languages, str) else list(languages)
-    if summary and data_language(summary) == "zh" and "zh" not in languages:
+    if m.summary and data_language(m.summary) == "zh" and "zh" not in languages:
         languages.append("zh")
-    example_language = "zh" if "zh" in languages else "en"
+    found = _evaluation(m, eval_results, eval_model_name)
+    eval_lines, threshold = _eval_section(found[1], found[2], found[0]) if found else ([], None)
+    in_run = m.output_dir is not None and m.folder.name in ("merged", "adapter")
+    title = (repo_id or "").split("/")[-1] or (m.output_dir.name if in_run else m.folder.name)
 
-    found = None
-    if eval_results not in (None, False):
-        hit = find_eval_entry(Path(eval_results), model_dir, output_dir, eval_model_name)
-        if hit is None:
-            raise HfembError(f"{eval_results}: none of its models ({', '.join(_read_json(Path(eval_results))['models'])})"
-                             f" is {model_dir}; name the right one with --eval-model NAME")
-        found = (Path(eval_results), *hit)
-    elif eval_results is None:
-        found = discover_eval_results(model_dir, output_dir)
-    eval_lines, threshold = ([], None)
-    if found:
-        eval_lines, threshold = _eval_section(found[1], found[2], found[0])
-
-    title = (repo_id or "").split("/")[-1] or (output_dir.name if output_dir and model_dir.name in ("merged", "adapter")
-                                                else model_dir.name)
-    model_id = repo_id or str(model_dir)
-    eval_index = []
-    if threshold is not None:
-        m = found[1]["models"][found[2]]
-        for metric, value, label in (("f1", m.get("f1_at_chosen"), "F1 at the recommended threshold"),
-                                     ("precision", m.get("precision_at_chosen"), "precision at the threshold"),
-                                     ("recall", m.get("recall_at_chosen"), "recall at the threshold"),
-                                     ("roc_auc", m.get("roc_auc"), "ROC-AUC"),
-                                     ("average_precision", m.get("average_precision"), "average precision")):
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                eval_index.append(EvalResult(
-                    task_type="sentence-similarity", dataset_type=threshold["eval_data"] or "custom",
-                    dataset_name=threshold["eval_data"] or "custom", metric_type=metric, metric_value=float(value),
-                    metric_name=label, metric_args={"threshold": threshold["threshold"], "similarity": "cosine"}))
-    tags = ["sentence-transformers", "feature-extraction", "sentence-similarity", "hfemb"]
-    tags += [t for t in (kind, "peft" if adapter else None) if t]
-    card_data = ModelCardData(
-        library_name="sentence-transformers", pipeline_tag="sentence-similarity",
-        base_model=base if is_hub_id(base) else None, license=base_meta.get("license"),
-        language=languages or None, tags=tags, model_name=title if eval_index else None,
-        eval_results=eval_index or None)
-
-    kind_text = {"lora": "LoRA", "qlora": "QLoRA (4/8-bit base, LoRA adapters)", "full": "full fine-tuning"}.get(kind, kind)
-    base_link = f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}` (a local model folder)"
-    what = ("a LoRA adapter (load it on its base model; `peft` required)" if adapter
-            else "a full model (LoRA merged into the weights)" if kind in ("lora", "qlora") else "a full model")
-    lines = [f"# {title}", "",
-             f"A text-embedding model fine-tuned from {base_link} with hfemb "
-             f"({kind_text or 'fine-tuned'}) on query–document pairs with BM25-mined hard negatives. "
-             f"This folder holds {what} in the sentence-transformers layout.", "",
-             "## Model", "", *_table([
-                 ("base model", base), ("fine-tuning", kind_text), ("pooling", {"last": "last token", "mean": "mean",
-                                                                                 "cls": "CLS"}[pooling]),
-                 ("normalisation", "L2 (use cosine or dot product)"), ("max sequence length", max_length),
-                 ("query prompt", f"`{json.dumps(prompts.get('query', ''), ensure_ascii=False)}`"),
-                 ("document prompt", f"`{json.dumps(prompts.get('document', ''), ensure_ascii=False)}`"),
-                 ("recommended threshold", threshold["threshold"] if threshold else "not evaluated yet")]), ""]
-    if summary:
-        lines += ["## Training", "", *_table(_hyperparameters(summary)), "", "### Data", "", *_data_section(summary), ""]
-        if mining:
-            where = "during training" if isinstance(((summary.get("data") or {}).get("train") or {}).get("mining"),
-                                                    dict) else "by `hfemb mine` before training"
-            lines += ["### Negative mining", "", *_mining_section(mining, where), ""]
-        curves = training_curve_summary(output_dir / "train_log.jsonl")
-        if curves:
-            has_png = (output_dir / CURVES_FILE).is_file()
-            lines += ["### Training curves", "", *_curves_section(curves, has_png), ""]
-        final = summary.get("final_eval") or {}
-        if summary.get("best_metric") is not None:
-            lines += [f"Best checkpoint metric: {_fmt(summary['best_metric'])}"
-                      + (f"; final eval loss {_fmt(final['eval_loss'])}." if "eval_loss" in final else "."), ""]
+    lines = _overview(m, title, threshold, mined=mining is not None)
+    if m.summary:
+        lines += _training(m, mining)
     lines += ["## Evaluation", ""]
     lines += eval_lines or ["Not evaluated yet. Run `python run_eval.py --model tuned=OUTPUT_DIR ...`, then "
                             "`python -m hfemb.model_card OUTPUT_DIR` to add the table here (`hfemb push` "
                             "regenerates the card and finds the results too; `--eval-results FILE` names them)."]
-    lines += ["", "## Usage", "", *_usage_section(model_id, prompts, pooling, max_length,
-                                                  threshold["threshold"] if threshold else None, example_language,
-                                                  adapter), ""]
-    if summary.get("config"):
-        config = json.dumps(clean_config(summary["config"]), indent=2, ensure_ascii=False)
+    lines += ["", "## Usage", "", *_usage_section(repo_id or str(m.folder), m.prompts, m.pooling, m.max_length,
+                                                  threshold["threshold"] if threshold else None,
+                                                  "zh" if "zh" in languages else "en", m.adapter), ""]
+    if m.summary.get("config"):
+        config = json.dumps(clean_config(m.summary["config"]), indent=2, ensure_ascii=False)
         lines += ["## Training configuration", "", "<details><summary>config</summary>", "", "```json", config,
                   "```", "", "</details>", ""]
+    card_data = _card_data(m, title, languages, base_meta.get("license"), found, threshold)
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return ModelCardResult(text=str(card), threshold=threshold, eval_results_file=found[0] if found else None)
 
