@@ -8,6 +8,7 @@ gradient-accumulation steps.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,13 @@ def length_of(feature: dict[str, Any]) -> int:
     document (the document batch dominates the cost; ~1 token per Chinese character, ~4 English
     characters per token -- only the order matters)."""
     return max(len(feature["positive"]), *(len(n) for n in feature.get("negatives") or [""]))
+
+
+def text_id(text: str) -> int:
+    """63-bit id of a text (blake2b): equal in every process and batch, so false-negative masking also works
+    on documents gathered from other processes (a collision among 2^63 values is negligible)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def _where(feature: dict[str, Any], position: int) -> str:
@@ -56,12 +64,11 @@ class MultiNegCollator:
             self._check(feature, position)
         queries = [f["query"] for f in features]
         docs = [text for f in features for text in (f["positive"], *f["negatives"])]  # B*(1+N)
-        text_ids: dict[str, int] = {}
-        doc_text_ids = torch.tensor([text_ids.setdefault(t, len(text_ids)) for t in docs], dtype=torch.long)
+        doc_text_ids = torch.tensor([text_id(t) for t in docs], dtype=torch.long)
         q = self.model.tokenize(queries, is_query=True, max_length=self.query_max_len)
         d = self.model.tokenize(docs, is_query=False, max_length=self.passage_max_len)
         return {
             "query_input_ids": q["input_ids"], "query_attention_mask": q["attention_mask"],  # [B, Tq]
             "doc_input_ids": d["input_ids"], "doc_attention_mask": d["attention_mask"],  # [B*(1+N), Td]
-            "doc_text_ids": doc_text_ids,  # [B*(1+N)] equal id <=> identical text
+            "doc_text_ids": doc_text_ids,  # [B*(1+N)] equal id <=> identical text, in every process
         }

@@ -69,3 +69,20 @@ def test_gather_rows_single_process_is_the_identity():
     t = torch.randn(3, 2, requires_grad=True)
     out, offset = gather_rows(t)
     assert out is t and offset == 0 and not is_distributed() and world_size() == 1 and rank() == 0
+
+
+def test_doc_text_ids_identify_texts_across_batches(tiny_qwen3):
+    """The collator's ids are a hash of the text (not a per-batch counter): a text has the same id in any
+    batch or process, so a duplicate held by another process is recognised."""
+    import hashlib
+
+    from hfemb.collator import MultiNegCollator, text_id
+    from hfemb.modeling import load_embedding_model
+
+    collate = MultiNegCollator(load_embedding_model(tiny_qwen3), num_negatives=1)
+    a = collate([{"query": "q1", "positive": "高血压", "negatives": ["糖尿病"]}])["doc_text_ids"]
+    b = collate([{"query": "q2", "positive": "头痛", "negatives": ["x"]},
+                 {"query": "q3", "positive": "糖尿病", "negatives": ["高血压"]}])["doc_text_ids"]
+    assert a.tolist() == [b[3].item(), b[2].item()] and len(set(b.tolist())) == 4
+    expected = int.from_bytes(hashlib.blake2b("高血压".encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+    assert text_id("高血压") == expected == a[0].item() >= 0
