@@ -154,13 +154,18 @@ def find_eval_entry(results_file: Path, model_dir: Path, output_dir: Path | None
 
 def discover_eval_results(model_dir: Path, output_dir: Path | None) -> tuple[Path, dict, str] | None:
     """The first results.json that names this model: ``OUTPUT/eval/``, ``OUTPUT/../eval/``, then the newest
-    ``eval_output/results.json`` or ``eval_output/*/results.json`` under the working directory."""
+    ``eval_output/results.json`` or ``eval_output/*/results.json`` under the working directory. Results older
+    than the model's weights are skipped (they evaluated an earlier run saved to the same folder)."""
     candidates = [output_dir / "eval" / "results.json", output_dir.parent / "eval" / "results.json"] \
         if output_dir is not None else []
     found = [p for p in (Path("eval_output/results.json"), *Path("eval_output").glob("*/results.json")) if p.is_file()]
     candidates += sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    weights = [p.stat().st_mtime for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin")]
     for path in candidates:
         if not path.is_file():
+            continue
+        if weights and path.stat().st_mtime < max(weights):  # evaluated earlier weights saved at this path
+            log.info("skipping %s: older than the weights in %s", path, model_dir)
             continue
         try:
             hit = find_eval_entry(path, model_dir, output_dir)
@@ -258,7 +263,7 @@ def _data_section(summary: dict) -> list[str]:
                        f"(ratio {info.get('ratio')}, split by query)")
             continue
         text = (f"- **{part}**: `{Path(str(info.get('file', ''))).name}` ({info.get('format')}): "
-                f"{info.get('records')} records → {info.get('rows')} training rows")
+                f"{info.get('records')} records → {info.get('rows')} {part} rows")
         extra = [f"{info[k]} {k.replace('_', ' ')}" for k in ("skipped_bad_rows", "dropped_short_of_negatives")
                  if info.get(k)]
         if info.get("rows_after_eval_split") is not None:
@@ -445,7 +450,8 @@ def _card_data(m: _Model, title: str, languages: list[str], license_: str | None
                 eval_index.append(EvalResult(
                     task_type="sentence-similarity", dataset_type=threshold["eval_data"] or "custom",
                     dataset_name=threshold["eval_data"] or "custom", metric_type=metric, metric_value=float(value),
-                    metric_name=label, metric_args={"threshold": threshold["threshold"], "similarity": "cosine"}))
+                    metric_name=label, metric_args=None if metric in ("roc_auc", "average_precision")
+                    else {"threshold": threshold["threshold"], "similarity": "cosine"}))
     tags = ["sentence-transformers", "feature-extraction", "sentence-similarity", "hfemb"]
     tags += [t for t in (m.kind, "peft" if m.adapter else None) if t]
     return ModelCardData(library_name="sentence-transformers", pipeline_tag="sentence-similarity",

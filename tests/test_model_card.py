@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -99,7 +100,7 @@ def test_card_values_come_from_the_run(trained):
     p = summary["parameters"]
     assert f"{p['trainable']:,} of {p['total']:,} ({100 * p['trainable'] / p['total']:.2f}%)" in result.text
     train = summary["data"]["train"]
-    assert f"`train.jsonl` (hfemb): {train['records']} records → {train['rows']} training rows" in result.text
+    assert f"`train.jsonl` (hfemb): {train['records']} records → {train['rows']} train rows" in result.text
     assert f"{summary['data']['eval']['rows']} rows held out from the training queries (ratio 0.25" in result.text
     # curves: first/last/best by hand from the log
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -122,7 +123,7 @@ def test_card_values_come_from_the_run(trained):
     metrics = {r.metric_type: r for r in data.eval_results}
     assert metrics["f1"].metric_value == pytest.approx(tuned["f1_at_chosen"])
     assert metrics["f1"].metric_args == {"threshold": tuned["chosen_threshold"], "similarity": "cosine"}
-    assert metrics["roc_auc"].metric_value == pytest.approx(tuned["roc_auc"])
+    assert metrics["roc_auc"].metric_value == pytest.approx(tuned["roc_auc"]) and not metrics["roc_auc"].metric_args
     assert metrics["average_precision"].metric_value == pytest.approx(tuned["average_precision"])
     assert f"relevant = scores >= {tuned['chosen_threshold']!r}" in result.text
 
@@ -202,6 +203,11 @@ def test_eval_results_discovery(trained, tmp_path, monkeypatch):
     # an explicit file that does not name this model: a clear error, unless the name is given
     with pytest.raises(HfembError, match="--eval-model"):
         build_model_card(out / "merged", eval_results=tmp_path / "eval_output" / "a" / "results.json")
+    # results older than the weights evaluated an earlier run written to the same folder: not used
+    weights_time = (out / "merged" / "model.safetensors").stat().st_mtime
+    os.utime(out / "eval" / "results.json", (weights_time - 10, weights_time - 10))
+    os.utime(tmp_path / "eval_output" / "results.json", (weights_time - 10, weights_time - 10))
+    assert build_model_card(out / "merged").eval_results_file is None
     named = build_model_card(out / "merged", eval_results=tmp_path / "eval_output" / "a" / "results.json",
                              eval_model_name="base")
     assert named.threshold["model_name_in_results"] == "base"
