@@ -568,33 +568,44 @@ def read_threshold(model_dir: str | os.PathLike) -> float | None:
     return float(data["threshold"]) if isinstance(data, dict) and data.get("threshold") is not None else None
 
 
+# ---- command line: `python -m hfemb.model_card OUTPUT_DIR` (also usable as an `hfemb` command module) ----
+HELP = "write the model cards (README.md) of a training output, with its evaluation results"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("output_dir", help="training output folder (with train_summary.json, merged/, adapter/)")
+    parser.add_argument("--eval-results", default=None, metavar="RESULTS_JSON",
+                        help="results.json of run_eval.py (default: OUTPUT_DIR/eval/, OUTPUT_DIR/../eval/, else the "
+                             "newest eval_output/results.json that names this model)")
+    parser.add_argument("--eval-model", default=None, metavar="NAME",
+                        help="this model's name in the results (default: matched by path)")
+
+
+def run(args) -> int:
+    """(Re)write ``merged/README.md`` and ``adapter/README.md``; raises `HfembError` on bad input."""
+    if not Path(args.output_dir, "train_summary.json").is_file():
+        raise HfembError(f"{args.output_dir}: no train_summary.json (not a training output folder)")
+    for sub in ("merged", "adapter"):
+        if Path(args.output_dir, sub).is_dir():
+            result = write_model_card(Path(args.output_dir, sub), output_dir=args.output_dir,
+                                      eval_results=args.eval_results, eval_model_name=args.eval_model)
+            print(f"wrote {Path(args.output_dir, sub, 'README.md')}"
+                  + (f" (threshold {result.threshold['threshold']:.4f} from {result.eval_results_file})"
+                     if result.threshold else " (no evaluation results found)"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hfemb.model_card OUTPUT_DIR [--eval-results FILE]``: (re)write the cards of a training output."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m hfemb.model_card", description=main.__doc__)
-    parser.add_argument("output_dir", help="training output folder (with train_summary.json, merged/, adapter/)")
-    parser.add_argument("--eval-results", default=None, help="results.json of run_eval.py (default: looked for)")
-    parser.add_argument("--eval-model", default=None, help="this model's name in the results (default: by path)")
-    args = parser.parse_args(argv)
-    if not Path(args.output_dir, "train_summary.json").is_file():
-        print(f"{args.output_dir}: no train_summary.json (not a training output folder)", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m hfemb.model_card", description=HELP)
+    add_arguments(parser)
     try:
-        written = []
-        for sub in ("merged", "adapter"):
-            if Path(args.output_dir, sub).is_dir():
-                result = write_model_card(Path(args.output_dir, sub), output_dir=args.output_dir,
-                                          eval_results=args.eval_results, eval_model_name=args.eval_model)
-                written.append(f"{Path(args.output_dir, sub, 'README.md')}"
-                               + (f" (threshold {result.threshold['threshold']} from {result.eval_results_file})"
-                                  if result.threshold else " (no evaluation results found)"))
+        return run(parser.parse_args(argv))
     except HfembError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print("\n".join(f"wrote {w}" for w in written))
-    return 0
 
 
 if __name__ == "__main__":

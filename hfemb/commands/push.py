@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--revision", default=None, metavar="BRANCH", help="branch to commit to (created if missing; default main)")
     a("--commit-message", default=None, metavar="TEXT", help="commit message")
     a("--eval-results", default=None, metavar="RESULTS_JSON",
-      help="results.json of run_eval.py for the card's evaluation table and threshold (default: OUTPUT_DIR/eval/"
-           "results.json, else the newest eval_output/results.json that names this model)")
+      help="results.json of run_eval.py for the card's evaluation table and threshold (default: OUTPUT_DIR/eval/, "
+           "OUTPUT_DIR/../eval/, else the newest eval_output/results.json that names this model)")
     a("--eval-model", default=None, metavar="NAME", help="this model's name in --eval-results (default: matched by path)")
 
 
