@@ -94,7 +94,7 @@ def check_can_push() -> None:
     """Fail early (before training) when a push cannot work: offline mode or no token."""
     from huggingface_hub import constants
 
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         raise HfembError("cannot reach the Hub: HF_HUB_OFFLINE=1 is set; unset it to push (or push later with "
                          "`hfemb push OUTPUT_DIR --repo-id USER/NAME`)")
     if token_source() is None:
@@ -200,10 +200,14 @@ def _hub_error(exc: Exception, repo_id: str, token: str | None) -> HfembError:
 
 def upload_staged(staging_dir: str | os.PathLike, settings: PushSettings) -> str:
     """Create the repo if needed and upload ``staging_dir`` as one commit; returns the commit URL."""
-    import httpx2
     import huggingface_hub
     from huggingface_hub import get_token
     from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        from httpx2 import HTTPError as TransportError  # huggingface_hub 2.x
+    except ImportError:  # pragma: no cover - huggingface_hub 1.x
+        from httpx import HTTPError as TransportError
 
     check_can_push()
     token = get_token()
@@ -215,7 +219,7 @@ def upload_staged(staging_dir: str | os.PathLike, settings: PushSettings) -> str
         info = api.upload_folder(repo_id=settings.repo_id, folder_path=str(staging_dir), repo_type="model",
                                  revision=settings.revision, commit_message=settings.commit_message
                                  or "Upload embedding model fine-tuned with hfemb")
-    except (HfHubHTTPError, httpx2.HTTPError, ConnectionError, TimeoutError) as exc:
+    except (HfHubHTTPError, TransportError, ConnectionError, TimeoutError) as exc:
         raise _hub_error(exc, settings.repo_id, token) from None
     return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{settings.repo_id}")
 
