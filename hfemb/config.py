@@ -66,6 +66,9 @@ class LossConfig:
     in_batch_negatives: bool = True
     mask_false_negatives: bool = False
     false_negative_margin: float = 0.1
+    # Multi-process training (DDP, DeepSpeed): score each query against the documents of every process
+    # (gathered with gradients, hfemb.distributed); no effect in one process or without in-batch negatives.
+    cross_device_negatives: bool = True
 
 
 # hfemb's defaults for TrainingArguments (the reference recipe), under the user's `training` section.
@@ -87,6 +90,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 # Keys hfemb accepts in `training` although this transformers version spells them differently.
 TRAINING_ALIASES = {"warmup_ratio", "gradient_checkpointing", "gradient_checkpointing_kwargs", "group_by_length"}
+# hfemb's own keys in `training` (removed before TrainingArguments): rows per forward pass with GradCache
+# (hfemb.grad_cache); null or 0 = off.
+HFEMB_TRAINING_KEYS = {"grad_cache_mini_batch"}
 
 
 @dataclass
@@ -111,7 +117,7 @@ SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings,
 def _training_argument_names() -> set[str]:
     from transformers import TrainingArguments
 
-    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init} | TRAINING_ALIASES
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init} | TRAINING_ALIASES | HFEMB_TRAINING_KEYS
 
 
 def _mining_field_names() -> set[str]:
@@ -205,6 +211,19 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'training.bf16' and 'training.fp16' are exclusive")
     if not t.get("output_dir"):
         raise ConfigError(f"{where}: 'training.output_dir' is required")
+    from hfemb.hub import push_settings
+
+    try:
+        push_settings(t)  # refuses hub_token in files, needs hub_model_id with push_to_hub
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    mini_batch = t.get("grad_cache_mini_batch")
+    if mini_batch is not None and (isinstance(mini_batch, bool) or not isinstance(mini_batch, int) or mini_batch < 0):
+        raise ConfigError(f"{where}: 'training.grad_cache_mini_batch' must be a whole number of rows >= 1 "
+                          f"(or 0/null for off), got {mini_batch!r}")
+    if mini_batch and t.get("deepspeed"):
+        raise ConfigError(f"{where}: 'training.grad_cache_mini_batch' does not work with DeepSpeed (accelerate steps "
+                          "its engine after each backward call); use ZeRO without GradCache, or DDP with GradCache")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

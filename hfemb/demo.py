@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
           "--model", f"base={tiny}", "--model", f"tuned={run_dir / 'merged'}", "--thresholds", "0.4:0.9",
           "--output-dir", str(out / "eval"), "--cache-dir", str(out / "embedding_cache")])
 
+    _step("5. export: model card with the evaluation, and what a push would upload")
+    _run(["card", str(run_dir)])
+    _run(["push", str(run_dir), "--repo-id", "your-name/qwen3-embedding-demo-zh-medical", "--dry-run"])
+
     print(f"\ndemo finished in {time.time() - started:.0f}s; everything is in {out}/")
     return 0
 
