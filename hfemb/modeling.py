@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 QWEN3_WEB_SEARCH_TASK = "Given a web search query, retrieve relevant passages that answer the query"
 POOLINGS = ("last", "mean", "cls")
+CHUNK_OVERHEAD_TOKENS = 64  # `length_chunks`: an extra forward call costs about as much as this many tokens
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DECODER_MODEL_TYPES = {
     "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text",
@@ -46,6 +47,27 @@ _ST_MODULES = ("Transformer", "Pooling", "Normalize")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors",
                  "adapter_model.bin")
+
+
+def length_chunks(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
+    """Row indices grouped into chunks of similar length, longest first, minimising the padded tokens
+    computed: sum over chunks of (rows x longest row) + ``overhead_tokens`` per chunk (the fixed cost of
+    one more forward call, in tokens). Exact by dynamic programming over the sorted lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    ls = [max(int(lengths[i]), 1) for i in order]
+    n = len(ls)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # last chunk = sorted rows i..j-1, its longest is ls[i]
+            cost = best[i] + (j - i) * ls[i] + overhead_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks, j = [], n
+    while j > 0:
+        chunks.append(order[cut[j]:j])
+        j = cut[j]
+    return chunks[::-1]
 
 
 def format_instruction(task: str, text: str) -> str:
@@ -91,6 +113,7 @@ class EmbeddingModel(torch.nn.Module):
         self.append_eos, self.eos_token_id_to_append = bool(append_eos), eos_token_id_to_append
         self.normalize, self.truncate_dim, self.name_or_path = normalize, truncate_dim, name_or_path
         self.max_length = max_length or _model_max_length(backbone.config, tokenizer)
+        self.chunk_overhead_tokens = CHUNK_OVERHEAD_TOKENS  # 0: one forward per batch, padded to its longest row
         if getattr(backbone, "hf_device_map", None) is not None:
             self.hf_device_map = backbone.hf_device_map  # lets Trainer see a model-parallel placement
 
@@ -117,7 +140,29 @@ class EmbeddingModel(torch.nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T] ids and mask -> [B, D] fp32 embeddings (unit length when ``normalize``)."""
+        """[B, T] ids and mask -> [B, D] fp32 embeddings (unit length when ``normalize``).
+
+        Rows of very different lengths run in length chunks (`length_chunks`), each cut to its own
+        longest row, so little compute goes to padding; the result does not depend on the chunking up to float
+        rounding (padding is masked; rotary positions only shift by a constant under left padding)."""
+        lengths = attention_mask.sum(dim=1)  # [B]
+        chunks = length_chunks(lengths.tolist(), self.chunk_overhead_tokens) if self.chunk_overhead_tokens else None
+        if not chunks or len(chunks) == 1:
+            emb = self._embed(input_ids, attention_mask)
+        else:
+            parts, order = [], []
+            for rows in chunks:
+                index = torch.tensor(rows, device=input_ids.device)
+                ids, mask = input_ids.index_select(0, index), attention_mask.index_select(0, index)  # [b, T]
+                real = mask.any(dim=0).nonzero()  # columns holding a real token of some row of the chunk
+                if len(real):
+                    ids, mask = ids[:, int(real[0]):int(real[-1]) + 1], mask[:, int(real[0]):int(real[-1]) + 1]
+                parts.append(self._embed(ids, mask))
+                order.extend(rows)
+            emb = torch.cat(parts).index_select(0, torch.tensor(order, device=input_ids.device).argsort())
+        return emb
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         emb = pool(out[0], attention_mask, self.pooling)  # [B, H] fp32
         if self.truncate_dim:
