@@ -9,6 +9,12 @@ gradient accumulation, checkpoints, best-model tracking, resuming -- is the stoc
 Gradient accumulation: the loss is a mean over the queries of a micro-batch and batches carry no
 ``labels`` key, so the Trainer divides it by the accumulation steps exactly once
 (``loss_is_scaled_for_ga = False``).
+
+Multi-process (torchrun / accelerate DDP, DeepSpeed): with ``loss.cross_device_negatives`` (and in-batch
+negatives) every process scores its queries against the documents of all processes
+(`hfemb.distributed.gather_rows`, gradients flow back to their owners, labels offset by the rank); the
+gradient then equals the single-process gradient on the concatenated batch.
+GradCache (``grad_cache_mini_batch``): see `hfemb.grad_cache`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hfemb.config import LossConfig
-from hfemb.loss import info_nce_loss
+from hfemb.distributed import gather_rows, world_size
+from hfemb.loss import LossOutput, info_nce_loss
 
 # Columns of the per-query statistics returned by `prediction_step` (aggregated by `aggregate_eval_stats`).
 STAT_COLUMNS = ("correct", "positive_similarity", "negative_similarity", "hardest_negative_similarity")
@@ -69,41 +76,78 @@ def aggregate_eval_stats(eval_pred) -> dict[str, float]:
 class MultiNegEmbeddingTrainer(Trainer):
     """Trainer for `hfemb.modeling.EmbeddingModel` on `MultiNegCollator` batches.
 
-    Extra arguments: ``loss_config`` (temperature, in-batch negatives, false-negative masking) and
-    ``train_lengths`` (per-row lengths for ``train_sampling_strategy="group_by_length"``).
+    Extra arguments: ``loss_config`` (temperature, in-batch and cross-device negatives, false-negative
+    masking), ``train_lengths`` (per-row lengths for ``train_sampling_strategy="group_by_length"``) and
+    ``grad_cache_mini_batch`` (rows per forward pass with GradCache; None/0 = off).
     """
 
     loss_is_scaled_for_ga = False  # mean loss per micro-batch: let Trainer divide by accumulation steps
 
-    def __init__(self, *args, loss_config: LossConfig | None = None, train_lengths: list[int] | None = None, **kwargs):
+    def __init__(self, *args, loss_config: LossConfig | None = None, train_lengths: list[int] | None = None,
+                 grad_cache_mini_batch: int | None = None, **kwargs):
         kwargs.setdefault("compute_metrics", aggregate_eval_stats)
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config or LossConfig()
         self.train_lengths = train_lengths
+        self.grad_cache_mini_batch = grad_cache_mini_batch or None
+        if self.grad_cache_mini_batch and self.is_deepspeed_enabled:
+            raise ValueError("grad_cache_mini_batch does not work with DeepSpeed (accelerate steps its engine after "
+                             "each backward call)")
         self._train_correct = 0.0
         self._train_seen = 0
 
     # ---- loss ---------------------------------------------------------------------------------
-    def _forward_loss(self, model, inputs):
-        q = model(inputs["query_input_ids"], inputs["query_attention_mask"])  # [B, D]
-        d = model(inputs["doc_input_ids"], inputs["doc_attention_mask"])  # [B*G, D]
+    def _loss(self, q: torch.Tensor, d: torch.Tensor, inputs) -> LossOutput:
+        """InfoNCE of this process's queries [B, D] against its documents [B*G, D], or, with cross-device
+        negatives, against every process's documents (gathered with gradients; labels offset)."""
         if d.shape[0] % q.shape[0]:
             raise ValueError(f"batch has {q.shape[0]} queries but {d.shape[0]} documents (not a multiple)")
         c = self.loss_config
-        out = info_nce_loss(
-            q, d, group_size=d.shape[0] // q.shape[0], temperature=c.temperature,
-            in_batch_negatives=c.in_batch_negatives, mask_false_negatives=c.mask_false_negatives,
-            false_negative_margin=c.false_negative_margin, doc_text_ids=inputs.get("doc_text_ids"),
+        group_size, text_ids, offset = d.shape[0] // q.shape[0], inputs.get("doc_text_ids"), None
+        if c.cross_device_negatives and c.in_batch_negatives and world_size() > 1:
+            d, offset = gather_rows(d)  # [M, D], every process's documents in rank order
+            if text_ids is not None:
+                text_ids, _ = gather_rows(text_ids.to(d.device))  # [M]
+        return info_nce_loss(
+            q, d, group_size=group_size, temperature=c.temperature, in_batch_negatives=c.in_batch_negatives,
+            mask_false_negatives=c.mask_false_negatives, false_negative_margin=c.false_negative_margin,
+            doc_text_ids=text_ids, doc_offset=offset,
         )
-        return q, d, out
+
+    def _forward_loss(self, model, inputs):
+        q = model(inputs["query_input_ids"], inputs["query_attention_mask"])  # [B, D]
+        d = model(inputs["doc_input_ids"], inputs["doc_attention_mask"])  # [B*G, D]
+        return q, d, self._loss(q, d, inputs)
+
+    def _count_correct(self, out: LossOutput) -> None:
+        with torch.no_grad():
+            self._train_correct += float((out.logits.argmax(dim=-1) == out.labels).sum())
+            self._train_seen += out.labels.shape[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         q, d, out = self._forward_loss(model, inputs)
         if model.training:
-            with torch.no_grad():
-                self._train_correct += float((out.logits.argmax(dim=-1) == out.labels).sum())
-                self._train_seen += q.shape[0]
+            self._count_correct(out)
         return (out.loss, {"query_embeddings": q, "doc_embeddings": d}) if return_outputs else out.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The stock step, or with ``grad_cache_mini_batch`` a GradCache step (`hfemb.grad_cache`): same
+        loss and gradients, activations of one mini-batch at a time."""
+        if not self.grad_cache_mini_batch:
+            return super().training_step(model, inputs, num_items_in_batch)
+        from hfemb.grad_cache import grad_cache_step
+
+        model.train()
+        if callable(getattr(self.optimizer, "train", None)):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        scale = 1.0 / self.current_gradient_accumulation_steps  # as the stock step divides the loss
+        with self.compute_loss_context_manager():
+            out = grad_cache_step(model, inputs, lambda q, d: self._loss(q, d, inputs), self.grad_cache_mini_batch,
+                                  self.accelerator.backward, scale=scale,
+                                  no_sync=lambda: self.accelerator.no_sync(model))
+        self._count_correct(out)
+        return out.loss.detach() * scale
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -117,7 +161,12 @@ class MultiNegEmbeddingTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._train_seen:
-            logs["accuracy"] = round(self._train_correct / self._train_seen, 4)
+            correct, seen = self._train_correct, self._train_seen
+            if world_size() > 1:  # every process logs at the same steps: count all processes' queries
+                counts = torch.tensor([correct, seen], dtype=torch.float64, device=self.args.device)
+                torch.distributed.all_reduce(counts)
+                correct, seen = counts.tolist()
+            logs["accuracy"] = round(correct / seen, 4)
             self._train_correct, self._train_seen = 0.0, 0
         super().log(logs, *args, **kwargs)
         if "loss" in logs:
