@@ -198,6 +198,7 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
         check_can_push()
     for key in PUSH_KEYS:
         t.pop(key, None)
+    t.pop("grad_cache_mini_batch", None)  # hfemb's own (MultiNegEmbeddingTrainer), not a TrainingArguments field
     if "warmup_ratio" in t:  # transformers 5: a float < 1 in warmup_steps is a ratio
         ratio = t.pop("warmup_ratio")
         t.setdefault("warmup_steps", float(ratio) if ratio else 0)
@@ -219,6 +220,8 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
     t["remove_unused_columns"] = False
     import torch
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+        t.setdefault("use_cpu", True)  # torchrun on CPUs: transformers sets up DDP (gloo) only with use_cpu
     t.setdefault("dataloader_pin_memory", torch.cuda.is_available())  # pinning without a GPU only warns
     if has_eval:
         t.setdefault("eval_strategy", "epoch")
@@ -236,6 +239,13 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
         return TrainingArguments(**t)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"training section: {exc}") from None
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, MPS, XPU, ...
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -282,6 +292,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     trainer = MultiNegEmbeddingTrainer(
         model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None, data_collator=collator,
         loss_config=cfg.loss, train_lengths=lengths, callbacks=[JsonlLogCallback(str(log_file))],
+        grad_cache_mini_batch=cfg.training.get("grad_cache_mini_batch"),
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

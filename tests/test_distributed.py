@@ -86,3 +86,177 @@ def test_doc_text_ids_identify_texts_across_batches(tiny_qwen3):
     assert a.tolist() == [b[3].item(), b[2].item()] and len(set(b.tolist())) == 4
     expected = int.from_bytes(hashlib.blake2b("高血压".encode(), digest_size=8).digest(), "little") & (2**63 - 1)
     assert text_id("高血压") == expected == a[0].item() >= 0
+
+
+# ---- 2 gloo processes (torchrun) vs one process on the concatenated batch --------------------------
+B, N = 2, 2  # per process: 2 queries, 1 positive + 2 negatives each
+
+
+def ddp_rows(zh_sample_csv) -> list[dict]:
+    """4 rows (2 per process); row 2 (process 1) has row 0's positive as a negative: a false negative
+    that only the gathered documents reveal to process 0."""
+    from hfemb.data import read_records
+
+    recs = read_records(str(zh_sample_csv)).records[:12]
+    rows = [{"query": r.query, "positive": r.positives[0],
+             "negatives": [recs[i + 4].positives[0], recs[i + 8].positives[0]]} for i, r in enumerate(recs[:4])]
+    rows[2]["negatives"][0] = rows[0]["positive"]
+    return rows
+
+
+SCENARIOS = {  # name -> (loss section, extra training keys)
+    "cross_device": ({"mask_false_negatives": True, "false_negative_margin": 10.0}, {}),
+    "grad_cache": ({"mask_false_negatives": True, "false_negative_margin": 10.0}, {"grad_cache_mini_batch": 2}),
+    "local_only": ({"cross_device_negatives": False}, {}),
+}
+
+
+def one_step(model_path: str, rows: list[dict], out: str, batch_size: int, loss: dict, training: dict) -> dict:
+    """One SGD step of full fine-tuning through MultiNegEmbeddingTrainer; returns the (all-reduced) parameter
+    gradients before the optimizer step, the logged loss and accuracy, and how many logits were masked."""
+    from transformers import TrainerCallback
+
+    from hfemb.collator import MultiNegCollator
+    from hfemb.config import config_from_dict
+    from hfemb.train import build_model, training_arguments
+    from hfemb.trainer import MultiNegEmbeddingTrainer
+
+    cfg = config_from_dict({
+        "model": {"name_or_path": model_path, "finetune_type": "full", "torch_dtype": "float32"},
+        "data": {"train_file": "unused.jsonl", "num_negatives": N}, "loss": loss,
+        "training": {"output_dir": out, "report_to": "none", "save_strategy": "no", "seed": 0, "max_steps": 1,
+                     "per_device_train_batch_size": batch_size, "optim": "sgd", "learning_rate": 0.1,
+                     "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "max_grad_norm": 0.0,
+                     "logging_steps": 1, "disable_tqdm": True, "dataloader_pin_memory": False, **training},
+    })
+    captured: dict = {"masked": 0}
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            captured["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = build_model(cfg)
+    trainer = MultiNegEmbeddingTrainer(
+        model=model, args=training_arguments(cfg, has_eval=False), train_dataset=rows, loss_config=cfg.loss,
+        data_collator=MultiNegCollator(model, query_max_len=32, passage_max_len=48, num_negatives=N),
+        grad_cache_mini_batch=cfg.training.get("grad_cache_mini_batch"), callbacks=[Grads()])
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
+    loss_fn = trainer._loss
+
+    def counting_loss(q, d, inputs):
+        result = loss_fn(q, d, inputs)
+        captured["masked"] += result.num_masked
+        captured["candidates"] = result.logits.shape[1]
+        return result
+
+    trainer._loss = counting_loss
+    training_step = trainer.training_step
+
+    def recording_step(model, inputs, *args):
+        captured["wrapper"] = type(model).__name__
+        return training_step(model, inputs, *args)
+
+    trainer.training_step = recording_step
+    trainer.train()
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+    captured.update(loss=logged["loss"], accuracy=logged["accuracy"])
+    return captured
+
+
+def _torchrun_main(model_path: str, rows_file: str, out: str) -> None:
+    """Entry point of each torchrun process: the scenarios, then the real CLI (`run_train.py CONFIG`)."""
+    from hfemb.cli import main
+    from hfemb.distributed import rank, world_size
+
+    rows = json.loads(Path(rows_file).read_text(encoding="utf-8"))
+    results = {name: one_step(model_path, rows, f"{out}/{name}", B, loss, training)
+               for name, (loss, training) in SCENARIOS.items()}
+    results["world_size"] = world_size()
+    torch.save(results, f"{out}/rank{rank()}.pt")
+    assert main(["train", f"{out}/train.json"]) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def torchrun_results(tiny_qwen3, zh_sample_csv, tmp_path_factory):
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("ddp")
+    rows = ddp_rows(zh_sample_csv)
+    (out / "rows.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    train_rows = [{"query": r["query"], "positive": r["positive"], "negative": r["negatives"]} for r in rows * 2]
+    (out / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows),
+                                     encoding="utf-8")
+    (out / "train.json").write_text(json.dumps({
+        "model": {"name_or_path": tiny_qwen3, "torch_dtype": "float32"},
+        "data": {"train_file": str(out / "train.jsonl"), "num_negatives": N, "query_max_len": 32,
+                 "passage_max_len": 48},
+        "lora": {"r": 4, "alpha": 8},
+        "training": {"output_dir": str(out / "run"), "per_device_train_batch_size": B, "num_train_epochs": 1,
+                     "report_to": "none", "logging_steps": 1, "disable_tqdm": True, "save_strategy": "no"},
+    }), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, tiny_qwen3,
+           str(out / "rows.json"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out, rows, [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_two_processes_equal_one_process_on_the_whole_batch(torchrun_results, tiny_qwen3, tmp_path):
+    """Same loss and same parameter gradients (to 1e-5) as one process on the 4 rows; the duplicate of
+    process 0's positive held by process 1 is masked; GradCache under DDP gives the same again."""
+    _, rows, ranks = torchrun_results
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["cross_device"]["wrapper"] == "DistributedDataParallel"
+    single = one_step(tiny_qwen3, rows, str(tmp_path / "single"), 2 * B, *SCENARIOS["cross_device"])
+    assert single["masked"] == 1 and single["candidates"] == 2 * B * (1 + N)
+    for name in ("cross_device", "grad_cache"):
+        per_rank = [r[name] for r in ranks]
+        assert [r["candidates"] for r in per_rank] == [2 * B * (1 + N)] * 2  # every process scores all 12 documents
+        assert sum(r["masked"] for r in per_rank) == single["masked"]  # found by process 0 across processes
+        assert per_rank[0]["loss"] == pytest.approx(single["loss"], abs=1e-5)  # the Trainer's mean over processes
+        assert per_rank[0]["accuracy"] == single["accuracy"]
+        for r in per_rank:
+            assert r["grads"].keys() == single["grads"].keys()
+            for param, grad in single["grads"].items():
+                torch.testing.assert_close(r["grads"][param], grad, atol=1e-5, rtol=1e-4, msg=f"{name}: {param}")
+    moved = max(float(g.abs().max()) for g in single["grads"].values())
+    assert moved > 1e-3
+
+
+def test_without_cross_device_negatives_each_process_sees_only_its_documents(torchrun_results, tiny_qwen3, tmp_path):
+    """The control: with cross_device_negatives off, each process has 6 candidates and the gradient is not
+    the whole-batch one (what the gather adds is real)."""
+    _, rows, ranks = torchrun_results
+    local = [r["local_only"] for r in ranks]
+    assert [r["candidates"] for r in local] == [B * (1 + N)] * 2
+    single = one_step(tiny_qwen3, rows, str(tmp_path / "single"), 2 * B, *SCENARIOS["cross_device"])
+    diff = max(float((local[0]["grads"][n] - g).abs().max()) for n, g in single["grads"].items())
+    assert diff > 1e-4
+
+
+def test_torchrun_cli_training_writes_outputs_once(torchrun_results):
+    """`run_train.py CONFIG` under torchrun: 8 rows, 2 per process and step -> 2 optimizer steps; rank 0
+    writes the outputs and one log line per step."""
+    out, _, _ = torchrun_results
+    summary = json.loads((out / "run" / "train_summary.json").read_text())
+    assert summary["global_step"] == 2
+    assert (out / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "run" / "merged" / "model.safetensors").exists()
+    log = [json.loads(line) for line in (out / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+
+
+if __name__ == "__main__":  # run by torchrun from the `torchrun_results` fixture
+    import sys
+
+    _torchrun_main(*sys.argv[1:4])
