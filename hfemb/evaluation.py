@@ -25,6 +25,7 @@ from hfemb.errors import ConfigError, HfembError
 
 DEFAULT_BASE_MODELS = {"base 0.6B": "Qwen/Qwen3-Embedding-0.6B", "base 8B": "Qwen/Qwen3-Embedding-8B"}
 CACHE_FORMAT = 1  # bump when what a cached vector means changes
+CHUNK_TEXTS = 2048  # texts per encode call: progress and cache-write granularity
 
 
 @dataclass
@@ -257,9 +258,8 @@ def load_encoder(spec: str, settings: EvalSettings):
         max_length=settings.max_length)
 
 
-def free_model(model) -> None:
-    """Drop the last reference, collect, and give CUDA memory back before the next model loads."""
-    del model
+def release_memory() -> None:
+    """After the caller dropped its last reference to a model: collect, and give CUDA memory back."""
     gc.collect()
     try:
         import torch
@@ -311,11 +311,10 @@ def encode_texts(spec: str, name: str, query_texts: list[str], doc_texts: list[s
             t0 = time.perf_counter()
             progress = _progress(n_missing, name, settings.show_progress)
             for prompt, texts in missing.items():
-                if texts:
-                    vectors = _encode_in_chunks(encoder, texts, prompt == prompts["query"], settings, progress)
+                if texts:  # each chunk goes to the cache at once: an interrupted run resumes where it stopped
+                    save = (lambda chunk, vecs, p=prompt: cache.put(p, chunk, vecs)) if cache else None
+                    vectors = _encode_in_chunks(encoder, texts, prompt == prompts["query"], settings, progress, save)
                     found[prompt].update(zip(texts, vectors))
-                    if cache:
-                        cache.put(prompt, texts, vectors)
             progress.close()
             encode_seconds = time.perf_counter() - t0
             n_encoded = n_missing
@@ -323,8 +322,8 @@ def encode_texts(spec: str, name: str, query_texts: list[str], doc_texts: list[s
         if cache:
             cache.close()
         if encoder is not None:
-            free_model(encoder)
-            encoder = None
+            encoder = None  # the only reference: the model is freed before the next one loads
+            release_memory()
     q = np.stack([found[prompts["query"]][t] for t in query_texts]) if query_texts else np.zeros((0, 0), np.float32)
     d = np.stack([found[prompts["document"]][t] for t in doc_texts]) if doc_texts else np.zeros((0, 0), np.float32)
     n_jobs = sum(len(texts) for texts in jobs.values())  # distinct (prompt, text) encodings needed
@@ -342,10 +341,11 @@ def _progress(total: int, name: str, enabled: bool):
     return tqdm(total=total, desc=f"encoding {name}", unit="text", disable=not enabled, dynamic_ncols=True)
 
 
-def _encode_in_chunks(encoder, texts: list[str], is_query: bool, settings: EvalSettings, progress) -> np.ndarray:
+def _encode_in_chunks(encoder, texts: list[str], is_query: bool, settings: EvalSettings, progress,
+                      on_chunk=None) -> np.ndarray:
     """Longest texts first, in chunks (progress + cache granularity); the model batches each chunk by tokens."""
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    chunk = max(settings.batch_size * 16, 512)
+    chunk = CHUNK_TEXTS
     out = np.empty((len(texts),), dtype=object)
     for start in range(0, len(order), chunk):
         idx = order[start:start + chunk]
@@ -357,6 +357,8 @@ def _encode_in_chunks(encoder, texts: list[str], is_query: bool, settings: EvalS
             raise HfembError(f"encoder returned {vectors.shape[0]} vectors for {len(idx)} texts")
         for i, v in zip(idx, vectors):
             out[i] = v
+        if on_chunk is not None:
+            on_chunk([texts[i] for i in idx], vectors)
         progress.update(len(idx))
     return np.stack(list(out))
 

@@ -200,6 +200,34 @@ def test_cache_returns_identical_vectors_and_is_invalidated(minilm, tmp_path, ca
                         ).info["texts_encoded"] == 5
 
 
+def test_interrupted_run_resumes_from_the_cache(minilm, cache_dir, monkeypatch):
+    calls = []
+    real_load = evaluation.load_encoder
+
+    class Failing:  # the real model, failing on its second encode call
+        def __init__(self, model):
+            self.model, self.query_prompt, self.document_prompt = model, model.query_prompt, model.document_prompt
+
+        def encode(self, texts, **kw):
+            calls.append(list(texts))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return self.model.encode(texts, **kw)
+
+    monkeypatch.setattr(evaluation, "CHUNK_TEXTS", 2)
+    monkeypatch.setattr(evaluation, "load_encoder", lambda *a, **k: Failing(real_load(*a, **k)))
+    settings = EvalSettings(cache_dir=cache_dir, show_progress=False)
+    docs = ["one", "two two", "three three three", "four", "five five"]
+    with pytest.raises(KeyboardInterrupt):
+        encode_texts(minilm, "m", [], docs, settings)
+    assert [len(c) for c in calls] == [2, 2]
+    monkeypatch.setattr(evaluation, "load_encoder", real_load)
+    resumed = encode_texts(minilm, "m", [], docs, settings)
+    assert resumed.info["texts_encoded"] == 3  # the first chunk came from the cache
+    fresh = encode_texts(minilm, "m", [], docs, EvalSettings(use_cache=False, show_progress=False))
+    np.testing.assert_allclose(resumed.documents, fresh.documents, atol=1e-6)
+
+
 def test_symmetric_prompts_encode_shared_texts_once(tiny_qwen3, cache_dir):
     settings = EvalSettings(cache_dir=cache_dir, show_progress=False, symmetric=True)
     enc = encode_texts(tiny_qwen3, "t", ["a cat", "rain"], ["rain", "snow"], settings)
