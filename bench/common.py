@@ -124,31 +124,38 @@ def uptime_load() -> float:
 
 
 class StepTimer:
-    """A `transformers.TrainerCallback` recording the wall time at the end of every optimizer step."""
+    """A `transformers.TrainerCallback` timing each optimizer step (data loading included: from the end of
+    the previous step to the end of this one). With ``probe_n``, a ``probe_n``^3 matmul runs after every
+    step (excluded from the step times): its rate is the reference under the same machine load."""
 
-    def __new__(cls, *args, **kwargs):
+    def __new__(cls, probe_n: int = 0):
         from transformers import TrainerCallback
 
         class _Timer(TrainerCallback):
             def __init__(self):
-                self.times: list[float] = []
+                self.durations: list[float] = []
+                self.probes: list[float] = []
+                self._start: float | None = None
 
             def on_step_begin(self, args, state, control, **kw):
-                if not self.times:
-                    self.times.append(time.perf_counter())
+                if self._start is None:
+                    self._start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
-                self.times.append(time.perf_counter())
+                self.durations.append(time.perf_counter() - self._start)
+                if probe_n:
+                    self.probes.append(matmul_gflops(probe_n, repeats=1))
+                self._start = time.perf_counter()
 
         return _Timer()
 
 
-def rate_after_warmup(times: list[float], warmup: int, batch: int) -> tuple[float, int]:
-    """(samples/s over the steps after the first ``warmup``, timed steps). ``times[0]`` is the first step's start."""
-    steps = len(times) - 1 - warmup
-    if steps < 1:
-        raise ValueError(f"only {len(times) - 1} steps recorded, warmup {warmup}")
-    return steps * batch / (times[-1] - times[warmup]), steps
+def rate_after_warmup(durations: list[float], warmup: int, batch: int) -> tuple[float, int]:
+    """(samples/s over the steps after the first ``warmup``, timed steps)."""
+    timed = durations[warmup:]
+    if not timed:
+        raise ValueError(f"only {len(durations)} steps recorded, warmup {warmup}")
+    return len(timed) * batch / sum(timed), len(timed)
 
 
 # ---- FLOPs -------------------------------------------------------------------------------------

@@ -150,20 +150,26 @@ class EmbeddingModel(torch.nn.Module):
         if not chunks or len(chunks) == 1:
             emb = self._embed(input_ids, attention_mask)
         else:
+            # one embedding lookup for all rows: one (dense, vocabulary-sized) embedding gradient, not one per chunk
+            inputs = self.backbone.get_input_embeddings()(input_ids)  # [B, T, H]
             parts, order = [], []
             for rows in chunks:
                 index = torch.tensor(rows, device=input_ids.device)
-                ids, mask = input_ids.index_select(0, index), attention_mask.index_select(0, index)  # [b, T]
+                x, mask = inputs.index_select(0, index), attention_mask.index_select(0, index)  # [b, T, H], [b, T]
                 real = mask.any(dim=0).nonzero()  # columns holding a real token of some row of the chunk
                 if len(real):
-                    ids, mask = ids[:, int(real[0]):int(real[-1]) + 1], mask[:, int(real[0]):int(real[-1]) + 1]
-                parts.append(self._embed(ids, mask))
+                    x, mask = x[:, int(real[0]):int(real[-1]) + 1], mask[:, int(real[0]):int(real[-1]) + 1]
+                parts.append(self._embed(None, mask, inputs_embeds=x))
                 order.extend(rows)
             emb = torch.cat(parts).index_select(0, torch.tensor(order, device=input_ids.device).argsort())
         return emb
 
-    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+    def _embed(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if inputs_embeds is None:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         emb = pool(out[0], attention_mask, self.pooling)  # [B, H] fp32
         if self.truncate_dim:
             emb = emb[:, : self.truncate_dim]

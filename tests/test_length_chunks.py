@@ -71,3 +71,28 @@ def test_chunked_forward_equals_padded_forward(which, request):
     singles = [model.tokenize([t], is_query=False, max_length=64) for t in TEXTS]
     alone = torch.cat([model(s["input_ids"], s["attention_mask"]) for s in singles]).detach()
     torch.testing.assert_close(e1, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_forward_with_lora_and_checkpointing(tiny_qwen3):
+    """peft backbone + activation checkpointing: chunks feed inputs_embeds; LoRA gradients are unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_embedding_model(tiny_qwen3, torch_dtype="float32")
+    torch.manual_seed(0)
+    model.backbone = get_peft_model(model.backbone, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=False))
+    model.activation_checkpointing_enable()
+    model.train()
+    enc = model.tokenize(TEXTS, is_query=True, max_length=64)
+    results = {}
+    for overhead in (0, 2):
+        model.chunk_overhead_tokens = overhead
+        model.zero_grad(set_to_none=True)
+        emb = model(enc["input_ids"], enc["attention_mask"])
+        emb[:, :8].sum().backward()
+        results[overhead] = (emb.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (e0, g0), (e1, g1) = results[0], results[2]
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-5)
+    assert g0.keys() == g1.keys() and all("lora_" in n for n in g0) and g0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5)
