@@ -16,6 +16,8 @@ loss over all W*B queries on every process would be W times too large.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -87,3 +89,33 @@ def gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     if tensor.requires_grad and torch.is_grad_enabled():
         return _GatherRows.apply(tensor, counts, rank()), start
     return _all_gather_padded(tensor.detach(), counts), start
+
+
+# ---- saving gathered weights (DeepSpeed ZeRO-3, FSDP) -------------------------------------------------
+class _BackboneWithWeights:
+    """A backbone whose ``save_pretrained`` writes the given weights instead of its own (which are empty
+    shards under ZeRO-3); every other attribute is the backbone's."""
+
+    def __init__(self, backbone, state_dict: dict):
+        self._backbone, self._state_dict = backbone, state_dict
+
+    def __getattr__(self, name):
+        return getattr(self._backbone, name)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        # transformers' and peft's save_pretrained both take the weights to write as ``state_dict``
+        # (peft keeps the adapter's entries of it)
+        return self._backbone.save_pretrained(save_directory, state_dict=self._state_dict, **kwargs)
+
+
+def with_gathered_weights(model, state_dict: dict):
+    """A shallow copy of an `hfemb.modeling.EmbeddingModel` whose ``save_pretrained`` (adapter or full
+    model, not ``merged=True``) writes ``state_dict`` -- the full weights gathered from every process, keys
+    as in ``model.state_dict()`` (``backbone.``...), e.g. from ``Trainer.save_model`` under ZeRO-3."""
+    prefix = "backbone."
+    if any(k.startswith(prefix) for k in state_dict):
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    view = copy.copy(model)
+    view.__dict__["_modules"] = {k: v for k, v in model._modules.items() if k != "backbone"}
+    view.__dict__["backbone"] = _BackboneWithWeights(model.backbone, state_dict)
+    return view

@@ -30,7 +30,7 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hfemb.config import LossConfig
-from hfemb.distributed import gather_rows, world_size
+from hfemb.distributed import gather_rows, with_gathered_weights, world_size
 from hfemb.loss import LossOutput, info_nce_loss
 
 # Columns of the per-query statistics returned by `prediction_step` (aggregated by `aggregate_eval_stats`).
@@ -188,12 +188,19 @@ class MultiNegEmbeddingTrainer(Trainer):
     # ---- saving and loading -------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints: the adapter only for LoRA, the full backbone otherwise; tokenizer and
-        sentence-transformers files in both cases (`EmbeddingModel.save_pretrained`)."""
+        sentence-transformers files in both cases (`EmbeddingModel.save_pretrained`). ``state_dict``: the
+        weights `Trainer.save_model` gathered from every process (DeepSpeed, FSDP) -- under ZeRO-3 the
+        model's own parameters are empty shards; ``{}``: none gathered (Trainer then writes a DeepSpeed
+        checkpoint instead)."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        model.save_pretrained(output_dir)
+        if state_dict:
+            model = with_gathered_weights(model, state_dict)
+        if state_dict is None or state_dict:
+            model.save_pretrained(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -201,6 +208,8 @@ class MultiNegEmbeddingTrainer(Trainer):
         load_backbone_weights(model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled:  # from the engine's own checkpoint (partitioned weights under ZeRO-3)
+            return super()._load_best_model()
         load_backbone_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
 
