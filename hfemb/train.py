@@ -222,6 +222,10 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
         t.setdefault("use_cpu", True)  # torchrun on CPUs: transformers sets up DDP (gloo) only with use_cpu
+        if t.get("deepspeed"):  # ... and DeepSpeed's own process group, which ZeRO-3's zero.Init reads
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")
     t.setdefault("dataloader_pin_memory", torch.cuda.is_available())  # pinning without a GPU only warns
     if has_eval:
         t.setdefault("eval_strategy", "epoch")
@@ -281,8 +285,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         if resume_from is None:
             raise HfembError(f"--resume: no checkpoint-* folder in {out} to resume from")
 
+    args = training_arguments(cfg, has_eval=bool(eval_rows))  # first: under ZeRO-3 the model then loads into shards
     model = build_model(cfg)
-    args = training_arguments(cfg, has_eval=bool(eval_rows))
     collator = MultiNegCollator(model=model, query_max_len=cfg.data.query_max_len,
                                 passage_max_len=cfg.data.passage_max_len, num_negatives=cfg.data.num_negatives)
     log_file = out / "train_log.jsonl"
@@ -294,12 +298,15 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         loss_config=cfg.loss, train_lengths=lengths, callbacks=[JsonlLogCallback(str(log_file))],
         grad_cache_mini_batch=cfg.training.get("grad_cache_mini_batch"),
     )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 parameters are shards: ds_numel is the full size
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     result = trainer.train(resume_from_checkpoint=resume_from)
     final_eval = trainer.evaluate() if eval_rows else {}
 
-    if trainer.is_world_process_zero():
+    if zero3_enabled():
+        save_outputs_zero3(trainer, cfg, out)  # every process takes part in gathering the weights
+    elif trainer.is_world_process_zero():
         save_outputs(trainer.model, cfg, out)
     summary = {
         "config": cfg.to_dict(),
@@ -350,6 +357,44 @@ def save_outputs(model, cfg: TrainConfig, out: Path) -> None:
         merge_adapter_folder(out / "adapter", out / "merged", torch_dtype="bfloat16")
     else:
         save_atomically(lambda d: model.save_pretrained(d, merged=True), out / "merged")
+
+
+def zero3_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def save_outputs_zero3(trainer, cfg: TrainConfig, out: Path) -> None:
+    """``save_outputs`` under DeepSpeed ZeRO-3, where each process holds shards of the weights: every process
+    calls ``Trainer.save_model``, which gathers the 16-bit weights (``stage3_gather_16bit_weights_on_model_save``)
+    for the main process to write ``merged/`` (full) or ``adapter/``, then ``merged/`` from the adapter on an
+    unpartitioned base (as for QLoRA)."""
+    import shutil
+
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    from hfemb.export import merge_adapter_folder, save_atomically
+
+    target = out / ("merged" if cfg.model.finetune_type == "full" else "adapter")
+    staging = out / f".{target.name}.gathered"
+    trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return
+    weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+    if not any((staging / name).exists() for name in weights):
+        raise HfembError(f"ZeRO-3 saved no gathered weights in {staging}: set "
+                         "stage3_gather_16bit_weights_on_model_save to true in the DeepSpeed config (as "
+                         "configs/deepspeed/zero3.json does)")
+    (staging / "training_args.bin").unlink(missing_ok=True)
+    save_atomically(lambda d: shutil.copytree(staging, d, dirs_exist_ok=True), target)
+    shutil.rmtree(staging, ignore_errors=True)
+    if cfg.model.finetune_type != "full":
+        unset_hf_deepspeed_config()  # load the base for merging whole, not into shards (zero.Init)
+        try:
+            merge_adapter_folder(target, out / "merged", torch_dtype=resolve_dtype(cfg))
+        finally:
+            set_hf_deepspeed_config(trainer.args.hf_deepspeed_config)
 
 
 def _versions() -> dict[str, str]:
