@@ -164,7 +164,8 @@ def one_step(model_path: str, rows: list[dict], out: str, batch_size: int, loss:
 
 
 def _torchrun_main(model_path: str, rows_file: str, out: str) -> None:
-    """Entry point of each torchrun process: the scenarios, then the real CLI (`run_train.py CONFIG`)."""
+    """Entry point of each torchrun process: the scenarios, then the real CLI (`run_train.py CONFIG`) on each
+    config of runs.json (plain DDP first, then DeepSpeed)."""
     from hfemb.cli import main
     from hfemb.distributed import rank, world_size
 
@@ -173,13 +174,26 @@ def _torchrun_main(model_path: str, rows_file: str, out: str) -> None:
                for name, (loss, training) in SCENARIOS.items()}
     results["world_size"] = world_size()
     torch.save(results, f"{out}/rank{rank()}.pt")
-    assert main(["train", f"{out}/train.json"]) == 0
+    for run in json.loads(Path(out, "runs.json").read_text()):
+        assert main(["train", f"{out}/{run}.json"]) == 0
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _deepspeed_importable() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_DEEPSPEED = _deepspeed_importable()
 
 
 @pytest.fixture(scope="module")
@@ -193,20 +207,26 @@ def torchrun_results(tiny_qwen3, zh_sample_csv, tmp_path_factory):
     train_rows = [{"query": r["query"], "positive": r["positive"], "negative": r["negatives"]} for r in rows * 2]
     (out / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows),
                                      encoding="utf-8")
-    (out / "train.json").write_text(json.dumps({
-        "model": {"name_or_path": tiny_qwen3, "torch_dtype": "float32"},
-        "data": {"train_file": str(out / "train.jsonl"), "num_negatives": N, "query_max_len": 32,
-                 "passage_max_len": 48},
-        "lora": {"r": 4, "alpha": 8},
-        "training": {"output_dir": str(out / "run"), "per_device_train_batch_size": B, "num_train_epochs": 1,
-                     "report_to": "none", "logging_steps": 1, "disable_tqdm": True, "save_strategy": "no"},
-    }), encoding="utf-8")
+    runs = ["ddp_lora", "ddp_full"] + (["zero3_lora", "zero3_full", "zero2_lora"] if HAS_DEEPSPEED else [])
+    for run in runs:
+        engine, finetune = run.split("_")
+        training = {"output_dir": str(out / run), "per_device_train_batch_size": B, "num_train_epochs": 1,
+                    "learning_rate": 1e-3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
+                    "report_to": "none", "logging_steps": 1, "disable_tqdm": True, "save_strategy": "no"}
+        if engine != "ddp":
+            training["deepspeed"] = str(REPO / "configs" / "deepspeed" / f"{engine}.json")
+        (out / f"{run}.json").write_text(json.dumps({
+            "model": {"name_or_path": tiny_qwen3, "torch_dtype": "float32", "finetune_type": finetune},
+            "data": {"train_file": str(out / "train.jsonl"), "num_negatives": N, "query_max_len": 32,
+                     "passage_max_len": 48},
+            "lora": {"r": 4, "alpha": 8}, "training": training}), encoding="utf-8")
+    (out / "runs.json").write_text(json.dumps(runs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, tiny_qwen3,
            str(out / "rows.json"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out, rows, [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
@@ -248,12 +268,80 @@ def test_torchrun_cli_training_writes_outputs_once(torchrun_results):
     """`run_train.py CONFIG` under torchrun: 8 rows, 2 per process and step -> 2 optimizer steps; rank 0
     writes the outputs and one log line per step."""
     out, _, _ = torchrun_results
-    summary = json.loads((out / "run" / "train_summary.json").read_text())
-    assert summary["global_step"] == 2
-    assert (out / "run" / "adapter" / "adapter_model.safetensors").exists()
-    assert (out / "run" / "merged" / "model.safetensors").exists()
-    log = [json.loads(line) for line in (out / "run" / "train_log.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "ddp_lora" / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["parameters"]["total"] > summary["parameters"]["trainable"] > 0
+    assert (out / "ddp_lora" / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "ddp_lora" / "merged" / "model.safetensors").exists()
+    log = [json.loads(line) for line in (out / "ddp_lora" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(folder / name))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=2e-5, rtol=1e-4, msg=f"{a} vs {b}: {key}")
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+@pytest.mark.parametrize("engine", ["zero3", "zero2"])
+def test_deepspeed_runs_save_the_same_model_as_ddp(torchrun_results, engine):
+    """configs/deepspeed/zero{2,3}.json under torchrun (2 CPU processes, gloo; ZeRO-3 loads the model into
+    shards with zero.Init): the adapter and the merged model hfemb writes -- from weights gathered from
+    both processes under ZeRO-3 -- equal those of the plain DDP run with the same settings."""
+    out, _, _ = torchrun_results
+    for finetune in ("lora", "full") if engine == "zero3" else ("lora",):
+        run, ddp = out / f"{engine}_{finetune}", out / f"ddp_{finetune}"
+        summary = json.loads((run / "train_summary.json").read_text())
+        reference = json.loads((ddp / "train_summary.json").read_text())
+        assert summary["global_step"] == 2 and summary["parameters"] == reference["parameters"]
+        assert summary["train"]["train_loss"] == pytest.approx(reference["train"]["train_loss"], abs=1e-4)
+        if finetune == "lora":
+            _assert_same_weights(run / "adapter", ddp / "adapter")
+            assert not (run / "merged" / "adapter_config.json").exists()
+        _assert_same_weights(run / "merged", ddp / "merged")
+        assert not list(run.glob(".*gathered*"))
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+def test_zero3_merged_model_encodes_like_its_adapter(torchrun_results, tiny_qwen3):
+    import numpy as np
+
+    from hfemb.modeling import load_embedding_model
+
+    out, _, _ = torchrun_results
+    texts = ["高血压能吃党参吗？", "肝病患者的饮食"]
+    adapter = load_embedding_model(str(out / "zero3_lora" / "adapter")).encode(texts, is_query=True)
+    merged = load_embedding_model(str(out / "zero3_lora" / "merged")).encode(texts, is_query=True)
+    base = load_embedding_model(tiny_qwen3).encode(texts, is_query=True)
+    np.testing.assert_allclose(adapter, merged, atol=1e-5)
+    assert np.abs(base - merged).max() > 1e-3  # trained
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_load_into_training_arguments(stage, tmp_path):
+    from hfemb.config import config_from_dict
+    from hfemb.train import training_arguments
+
+    cfg = config_from_dict({"model": {"name_or_path": "m"}, "data": {"train_file": "t.jsonl"},
+                            "training": {"output_dir": str(tmp_path), "report_to": "none",
+                                         "deepspeed": str(REPO / "configs" / "deepspeed" / f"zero{stage}.json")}})
+    args = training_arguments(cfg, has_eval=False)
+    ds = args.hf_deepspeed_config
+    assert ds.config["zero_optimization"]["stage"] == stage and ds.is_zero3() == (stage == 3)
+    if stage == 3:
+        assert ds.config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # do not leave ZeRO-3 switched on for later tests in this process
 
 
 if __name__ == "__main__":  # run by torchrun from the `torchrun_results` fixture
