@@ -215,6 +215,8 @@ def torchrun_results(tiny_qwen3, zh_sample_csv, tmp_path_factory):
                     "report_to": "none", "logging_steps": 1, "disable_tqdm": True, "save_strategy": "no"}
         if engine != "ddp":
             training["deepspeed"] = str(REPO / "configs" / "deepspeed" / f"{engine}.json")
+        if run == "zero3_lora":  # a checkpoint too: MultiNegEmbeddingTrainer._save with gathered weights
+            training.update(save_strategy="steps", save_steps=2)
         (out / f"{run}.json").write_text(json.dumps({
             "model": {"name_or_path": tiny_qwen3, "torch_dtype": "float32", "finetune_type": finetune},
             "data": {"train_file": str(out / "train.jsonl"), "num_negatives": N, "query_max_len": 32,
@@ -308,6 +310,8 @@ def test_deepspeed_runs_save_the_same_model_as_ddp(torchrun_results, engine):
             assert not (run / "merged" / "adapter_config.json").exists()
         _assert_same_weights(run / "merged", ddp / "merged")
         assert not list(run.glob(".*gathered*"))
+    if engine == "zero3":  # the step-2 checkpoint holds the gathered adapter, not empty shards
+        _assert_same_weights(out / "zero3_lora" / "checkpoint-2", out / "ddp_lora" / "adapter")
 
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
