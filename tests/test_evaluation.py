@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
-from hfemb import evaluation
+from hfemb import eval_models, evaluation
 from hfemb.cli import main as cli_main
 from hfemb.data import Record
 from hfemb.errors import ConfigError, DataError, HfembError
@@ -160,8 +160,8 @@ def test_cache_returns_identical_vectors_and_is_invalidated(minilm, tmp_path, ca
     assert first.info["texts_encoded"] == 5
 
     loads = []
-    real_load = evaluation.load_encoder
-    monkeypatch.setattr(evaluation, "load_encoder", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = eval_models.load_encoder
+    monkeypatch.setattr(eval_models, "load_encoder", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     again = encode_texts(minilm, "m", queries, docs, settings)
     assert again.info["texts_encoded"] == 0 and loads == []  # fully cached: the model is not even loaded
     assert again.info["query_prompt"] == "Instruct: Find the topic\nQuery:"
@@ -202,7 +202,7 @@ def test_cache_returns_identical_vectors_and_is_invalidated(minilm, tmp_path, ca
 
 def test_interrupted_run_resumes_from_the_cache(minilm, cache_dir, monkeypatch):
     calls = []
-    real_load = evaluation.load_encoder
+    real_load = eval_models.load_encoder
 
     class Failing:  # the real model, failing on its second encode call
         def __init__(self, model):
@@ -214,14 +214,14 @@ def test_interrupted_run_resumes_from_the_cache(minilm, cache_dir, monkeypatch):
                 raise KeyboardInterrupt
             return self.model.encode(texts, **kw)
 
-    monkeypatch.setattr(evaluation, "CHUNK_TEXTS", 2)
-    monkeypatch.setattr(evaluation, "load_encoder", lambda *a, **k: Failing(real_load(*a, **k)))
+    monkeypatch.setattr(eval_models, "CHUNK_TEXTS", 2)
+    monkeypatch.setattr(eval_models, "load_encoder", lambda *a, **k: Failing(real_load(*a, **k)))
     settings = EvalSettings(cache_dir=cache_dir, show_progress=False)
     docs = ["one", "two two", "three three three", "four", "five five"]
     with pytest.raises(KeyboardInterrupt):
         encode_texts(minilm, "m", [], docs, settings)
     assert [len(c) for c in calls] == [2, 2]
-    monkeypatch.setattr(evaluation, "load_encoder", real_load)
+    monkeypatch.setattr(eval_models, "load_encoder", real_load)
     resumed = encode_texts(minilm, "m", [], docs, settings)
     assert resumed.info["texts_encoded"] == 3  # the first chunk came from the cache
     fresh = encode_texts(minilm, "m", [], docs, EvalSettings(use_cache=False, show_progress=False))
@@ -238,14 +238,14 @@ def test_symmetric_prompts_encode_shared_texts_once(tiny_qwen3, cache_dir):
 
 def test_model_is_freed_before_the_next_one(tiny_qwen3, cache_dir, monkeypatch):
     refs = []
-    real_load = evaluation.load_encoder
+    real_load = eval_models.load_encoder
 
     def load(*args, **kwargs):
         model = real_load(*args, **kwargs)
         refs.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(evaluation, "load_encoder", load)
+    monkeypatch.setattr(eval_models, "load_encoder", load)
     encode_texts(tiny_qwen3, "t", ["q"], ["d"], EvalSettings(use_cache=False, show_progress=False))
     gc.collect()
     assert len(refs) == 1 and refs[0]() is None

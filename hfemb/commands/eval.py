@@ -97,7 +97,7 @@ def load_config(path: str | Path | None) -> dict:
 
 
 def resolve_models(cli_models: list[str] | None, config_models: dict | None, train_output_root: str) -> dict[str, str]:
-    from hfemb.evaluation import default_models, latest_training_output, parse_model_args
+    from hfemb.eval_models import default_models, latest_training_output, parse_model_args
 
     if cli_models:
         return parse_model_args(cli_models)

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from hfemb.errors import ConfigError
-    from hfemb.evaluation import resolve_model_path
+    from hfemb.eval_models import resolve_model_path
     from hfemb.modeling import load_embedding_model
     from hfemb.serve import EmbeddingService, make_server
 
