@@ -19,6 +19,9 @@ Readable formats (``fmt=``; ``"auto"`` detects them from the keys of the first v
 * ``pairs``          ``{"text1"|"query"|"query1"|"sentence1", "text2"|"document"|"query2"|"sentence2", "label"}``;
   a headerless 3-column TSV/CSV (LCQMC) is read as text1, text2, label. Grouped by the first text.
 * ``wikiqa``         WikiQA TSV (``QuestionID, Question, ..., Sentence, Label``), grouped by QuestionID.
+* ``case_candidates`` case records with per-case candidates ``{"knowledge_option": [names], "knowledge_para":
+  texts, "norm_syndrome", ...}`` (TCM-SD's ``_with_knowledge`` file), read as a labelled pool by
+  ``hfemb.cases.candidate_record`` (default query template; label 1 for the case's own syndrome).
 
 Containers: JSONL, a JSON array, ``.csv`` / ``.tsv`` (TSV read with ``QUOTE_NONE``), ``.txt`` (QA blocks), each
 optionally ``.gz``; the whole file is read into memory. Labels are ints, bools, integral floats or integer
@@ -48,7 +51,8 @@ from hfemb.errors import ConfigError, DataError
 from hfemb.io_utils import atomic_open
 
 FORMATS = ("hfemb", "flagembedding", "swift")  # writable formats 1, 2, 3
-READ_FORMATS = FORMATS + ("swift_messages", "pos_doc", "pool", "qa_table", "qa_blocks", "pairs", "wikiqa")
+READ_FORMATS = FORMATS + ("swift_messages", "pos_doc", "pool", "qa_table", "qa_blocks", "pairs", "wikiqa",
+                          "case_candidates")
 
 
 @dataclass
@@ -306,10 +310,17 @@ def _row_wikiqa(row, where, ctx):
     return qid, query, text, _label(row["Label"], where, "Label"), {"question_id": qid}
 
 
+def _row_case_candidates(row, where, ctx):
+    from hfemb.cases import candidate_record  # hfemb.cases imports this module
+
+    return candidate_record(row, where, label_threshold=ctx["label_threshold"])
+
+
 _CONVERTERS = {
     "hfemb": _row_hfemb, "flagembedding": _row_flagembedding, "swift": _row_swift,
     "swift_messages": _row_swift_messages, "pos_doc": _row_pos_doc, "pool": _row_pool,
     "qa_table": _row_qa_table, "qa_blocks": _row_qa_blocks, "pairs": _row_pairs, "wikiqa": _row_wikiqa,
+    "case_candidates": _row_case_candidates,
 }
 _GROUPED = ("pairs", "wikiqa")
 
@@ -321,6 +332,8 @@ def detect_format(keys: Iterable[str]) -> str | None:
         return "qa_table"
     if {"QuestionID", "Question", "Sentence", "Label"} <= keys:
         return "wikiqa"
+    if {"knowledge_option", "knowledge_para"} <= keys:
+        return "case_candidates"
     if "messages" in keys and "positive_messages" in keys:
         return "swift_messages"
     if "query" in keys and ("documents" in keys or "content_private" in keys):
