@@ -39,6 +39,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input keys beyond the format's own (mining info, ids, ...) to write: 'auto' = all "
                              "for hfemb, FlagEmbedding's optional keys (prompt, type, pos_scores, neg_scores) for "
                              "flagembedding, none for swift; 'all'; 'none'")
+    cases = parser.add_argument_group(
+        "case records (hfemb.cases)",
+        "Case records with a label (TCM-SD: chief_complaint, medical_history, FDMR, norm_syndrome) become "
+        "rows query = the case fields, one 'name：value' line each (empty fields skipped), positive = the "
+        "knowledge text of the case's label. Cases whose label is not in the knowledge base are counted and "
+        "not written. Without --knowledge the cases must carry their own candidates (knowledge_option/"
+        "knowledge_para): each becomes a labelled pool, the other candidates its negatives.")
+    cases.add_argument("--knowledge", metavar="FILE",
+                       help="knowledge base: TSV 'name<TAB>text' lines or JSONL {name|syndrome|label, "
+                            "text|knowledge|content}; --input is then read as case records")
+    cases.add_argument("--query-fields", metavar="F[=NAME],...",
+                       help="case fields of the query, in order, each optionally with its display name "
+                            "(default chief_complaint=主诉,medical_history=现病史,FDMR=四诊摘要)")
+    cases.add_argument("--label-field", metavar="F", help="case field naming its knowledge entry (default norm_syndrome)")
+    cases.add_argument("--query-template", metavar="T",
+                       help="the whole query as a Python format string over case fields, \\n for a newline, e.g. "
+                            "'主诉：{chief_complaint}\\n现病史：{medical_history}'; a line whose fields are all "
+                            "empty is dropped (replaces --query-fields)")
+    cases.add_argument("--corpus-output", metavar="FILE",
+                       help="with --knowledge: also write the knowledge texts as JSONL {text, name}, the corpus "
+                            "for `hfemb mine --mode corpus --corpus FILE`")
 
 
 def _column_map(args) -> ColumnMap | None:
@@ -53,7 +74,45 @@ def _column_map(args) -> ColumnMap | None:
     return ColumnMap(query=query, positive=args.positive_column.strip(), sep=sep)
 
 
+def _case_mode(args) -> bool:
+    return any(getattr(args, k, None) for k in ("knowledge", "query_fields", "label_field", "query_template",
+                                                   "corpus_output"))
+
+
+def _run_cases(args) -> int:
+    from hfemb import cases
+
+    if args.query_columns or args.positive_column or args.from_format != "auto":
+        raise ConfigError("case records (--knowledge/--query-fields/--label-field/--query-template) exclude "
+                          "--query-columns, --positive-column and --from")
+    if args.corpus_output and not args.knowledge:
+        raise ConfigError("--corpus-output writes the knowledge base: it needs --knowledge")
+    if args.query_template and args.query_fields:
+        raise ConfigError("give --query-fields or --query-template, not both")
+    if args.query_template:
+        template = args.query_template.replace("\\n", "\n").replace("\\t", "\t")
+    else:
+        template = cases.query_template(*cases.parse_query_fields(args.query_fields)) if args.query_fields \
+            else cases.query_template()
+    settings = cases.CaseSettings(template=template, label_field=args.label_field or cases.DEFAULT_LABEL_FIELD)
+    knowledge = cases.read_knowledge(args.knowledge) if args.knowledge else None
+    result = cases.read_cases(args.input, knowledge=knowledge, settings=settings,
+                              on_error="skip" if args.skip_bad else "raise")
+    for line in result.summary_lines(knowledge):
+        print(line)
+    if not result.records:
+        raise DataError("no case could be written (see the counts above)", result.path)
+    written = write_records(result.records, args.output, args.to_format, extra=args.extra)
+    print(f"wrote {args.output}: {written} rows ({args.to_format})")
+    if args.corpus_output:
+        n = cases.write_knowledge_corpus(knowledge, args.corpus_output)
+        print(f"wrote {args.corpus_output}: {n} knowledge texts (mining corpus)")
+    return 0
+
+
 def run(args) -> int:
+    if _case_mode(args):
+        return _run_cases(args)
     result = read_records(args.input, fmt=args.from_format, columns=_column_map(args),
                           on_error="skip" if args.skip_bad else "raise", label_threshold=args.label_threshold,
                           bad_label=args.bad_label)
