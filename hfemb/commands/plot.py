@@ -1,0 +1,29 @@
+"""`hfemb plot OUTPUT_DIR`: draw ``training_curves.png`` from a run's ``train_log.jsonl`` (also mid-run)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "draw training curves from a run's train_log.jsonl"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Draw training_curves.png (learning rate, gradient norm, train/eval loss, accuracy, eval similarity and "
+        "margin against the optimizer step) from a training output folder's train_log.jsonl. Works on a run "
+        "still in progress: a half-written last line is skipped.")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="training output folder (or its train_log.jsonl)")
+    parser.add_argument("--output", metavar="PNG", help="where to write the picture "
+                                                        "(default: OUTPUT_DIR/training_curves.png)")
+    parser.add_argument("--title", help="figure title (default: 'Training curves — <folder name>')")
+
+
+def run(args) -> int:
+    from hfemb.plotting import log_path, plot_training_curves, read_train_log
+
+    log = read_train_log(log_path(args.output_dir))
+    png = plot_training_curves(args.output_dir, args.output, title=args.title)
+    state = "finished" if log.finished else "in progress"
+    skipped = f"; {len(log.unreadable)} unreadable line(s) skipped, lines {log.unreadable[:5]}" if log.unreadable else ""
+    print(f"wrote {png} ({log.lines} log lines up to step {log.last_step}, {state}{skipped})")
+    return 0
