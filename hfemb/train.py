@@ -2,7 +2,7 @@
 
 The output folder gets ``adapter/`` (LoRA/QLoRA), ``merged/`` (a plain full model in the
 sentence-transformers layout, no adapter files), checkpoints, ``train_log.jsonl`` (one line per logging
-step), ``train_summary.json`` and TensorBoard logs.
+step), ``training_curves.png`` (``hfemb.plotting``), ``train_summary.json`` and TensorBoard logs.
 """
 
 from __future__ import annotations
@@ -330,6 +330,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     main_process = trainer.is_world_process_zero()
     if main_process:
         write_json(out / "train_summary.json", summary)
+        plot_curves(out)  # before the cards, which embed training_curves.png
         write_model_cards(out)
     del trainer
     if torch.cuda.is_available():
@@ -343,6 +344,16 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
                              f"`hfemb push {out} --repo-id {push.repo_id}`") from None
         write_json(out / "train_summary.json", summary)
     return summary
+
+
+def plot_curves(out: Path) -> None:
+    """``training_curves.png`` from ``train_log.jsonl``; a drawing failure only warns (the run is saved)."""
+    from hfemb.plotting import plot_training_curves
+
+    try:
+        plot_training_curves(out)
+    except Exception as exc:  # noqa: BLE001 - never lose a finished training to a plot
+        log.warning("could not draw %s/training_curves.png: %s (retry with `hfemb plot %s`)", out, exc, out)
 
 
 def save_outputs(model, cfg: TrainConfig, out: Path) -> None:
