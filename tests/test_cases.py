@@ -268,3 +268,27 @@ def test_real_tcm_sd_sample(shared_data, tmp_path, capsys):
     assert pools.format == "case_candidates"
     assert [(len(r.positives), len(r.negatives)) for r in pools.records] == [(1, 4)] * 5
     assert [r.query for r in pools.records] == [w["query"] for w in written]
+
+
+def test_tcm_sd_config_trains_on_converted_and_mined_cases(tiny_qwen3, tmp_path, capsys):
+    """configs/tcm_sd_lora.json (only the model, sizes and steps shrunk) on convert + corpus-mined cases."""
+    from hfemb.config import load_config
+    from hfemb.train import run_training
+
+    train, corpus, mined = tmp_path / "train.cases.jsonl", tmp_path / "knowledge.jsonl", tmp_path / "train.mined.jsonl"
+    assert main(["convert", "--input", str(CASES), "--knowledge", str(KB_TSV), "--output", str(train),
+                 "--corpus-output", str(corpus)]) == 0
+    assert main(["mine", "--input", str(train), "--mode", "corpus", "--corpus", str(corpus), "--output", str(mined),
+                 "--num-negatives", "2", "--num-hard", "1", "--no-cache"]) == 0
+    config = Path(__file__).resolve().parents[1] / "configs" / "tcm_sd_lora.json"
+    cfg = load_config(config, [
+        f"model.name_or_path={tiny_qwen3}", "model.torch_dtype=float32", f"data.train_file={mined}",
+        f"data.eval_file={mined}", "data.num_negatives=2", "data.query_max_len=64", "data.passage_max_len=48",
+        "lora.r=2", f"training.output_dir={tmp_path / 'run'}", "training.bf16=false",
+        "training.gradient_checkpointing=false", "training.per_device_train_batch_size=5", "training.max_steps=2",
+        "training.eval_steps=1", "training.save_steps=1", "training.report_to=none", "training.disable_tqdm=true"])
+    assert cfg.loss.mask_false_negatives and cfg.loss.false_negative_margin == 2.0  # mask only same-text positives
+    summary = run_training(cfg)
+    assert summary["data"]["train"]["rows"] == 5 and summary["global_step"] == 2
+    assert np.isfinite(summary["final_eval"]["eval_loss"])
+    assert (tmp_path / "run" / "training_curves.png").is_file()
