@@ -76,6 +76,19 @@ def parse_query_fields(spec: str) -> tuple[list[str], dict[str, str]]:
     return fields, names
 
 
+def case_settings(fields_spec: str | None = None, label_field: str | None = None,
+                  template: str | None = None) -> CaseSettings:
+    """``CaseSettings`` from command-line values: ``--query-fields F[=NAME],...`` (``fields_spec``) or
+    ``--query-template T`` (``\\n`` / ``\\t`` read as newline / tab), ``--label-field F``; None = TCM-SD default."""
+    if fields_spec and template:
+        raise ConfigError("give --query-fields or --query-template, not both")
+    if template:
+        template = template.replace("\\n", "\n").replace("\\t", "\t")
+    else:
+        template = query_template(*parse_query_fields(fields_spec)) if fields_spec else query_template()
+    return CaseSettings(template=template, label_field=label_field or DEFAULT_LABEL_FIELD)
+
+
 def template_fields(template: str) -> list[str]:
     """The case fields a template reads, in order."""
     try:
