@@ -87,14 +87,7 @@ def _run_cases(args) -> int:
                           "--query-columns, --positive-column and --from")
     if args.corpus_output and not args.knowledge:
         raise ConfigError("--corpus-output writes the knowledge base: it needs --knowledge")
-    if args.query_template and args.query_fields:
-        raise ConfigError("give --query-fields or --query-template, not both")
-    if args.query_template:
-        template = args.query_template.replace("\\n", "\n").replace("\\t", "\t")
-    else:
-        template = cases.query_template(*cases.parse_query_fields(args.query_fields)) if args.query_fields \
-            else cases.query_template()
-    settings = cases.CaseSettings(template=template, label_field=args.label_field or cases.DEFAULT_LABEL_FIELD)
+    settings = cases.case_settings(args.query_fields, args.label_field, args.query_template)
     knowledge = cases.read_knowledge(args.knowledge) if args.knowledge else None
     result = cases.read_cases(args.input, knowledge=knowledge, settings=settings,
                               on_error="skip" if args.skip_bad else "raise")
