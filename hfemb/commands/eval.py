@@ -67,6 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--skip-failed", action="store_const", const=True, help="report and skip a model that fails to load")
     a("--no-plots", dest="plots", action="store_const", const=False, help="do not draw the PNG plots")
     a("--quiet", dest="show_progress", action="store_const", const=False, help="no progress bars")
+    cases = parser.add_argument_group("classification over a knowledge base (hfemb.eval_classification)")
+    cases.add_argument("--classify-knowledge", metavar="FILE", help="knowledge base (TSV 'name<TAB>text' or JSONL "
+                       "{name, text}): --data (and --dev) are then case records, each scored against every entry "
+                       "(label 1 for its own): the threshold sweep plus top-1/top-5 accuracy (classification.md)")
+    cases.add_argument("--query-fields", metavar="F[=NAME],...", help="case fields of the query, as for hfemb convert "
+                       "(default chief_complaint=主诉,medical_history=现病史,FDMR=四诊摘要)")
+    cases.add_argument("--label-field", metavar="F", help="case field naming its entry (default norm_syndrome)")
+    cases.add_argument("--query-template", metavar="T", help="the whole query as a format string over case fields")
 
 
 def load_config(path: str | Path | None) -> dict:
@@ -133,6 +141,16 @@ def run(args) -> int:
     setting_names = {f.name for f in fields(EvalSettings)}
     settings = EvalSettings(**{k: v for k, v in values.items() if k in setting_names})
     models = resolve_models(args.model, config.get("models"), values["train_output_root"])
+    if getattr(args, "classify_knowledge", None):
+        from hfemb.cases import case_settings
+        from hfemb.eval_classification import evaluate_classification
+
+        evaluate_classification(models, values["data"], args.classify_knowledge, dev_cases=values["dev"],
+                                split_dev=values["split_dev"], output_dir=values["output_dir"], settings=settings,
+                                case_settings=case_settings(args.query_fields, args.label_field, args.query_template))
+        print(f"\nwritten to {values['output_dir']}/: classification.json, classification.md, "
+              "classification_predictions.jsonl, classification_pairs.jsonl, results.json, results.csv, results.md")
+        return 0
     evaluate(models, values["data"], dev_path=values["dev"], split_dev=values["split_dev"],
              output_dir=values["output_dir"], settings=settings)
     print(f"\nwritten to {values['output_dir']}/: results.json, results.csv, results.md"
