@@ -50,7 +50,7 @@ class FakeEncoder:
 
     def encode(self, texts, *, is_query, **kw):
         self.calls += 1
-        out = np.array([self.vectors[t] for t in texts], dtype=np.float64)
+        out = np.array([self.vectors.get(t, [1.0] * 5) for t in texts], dtype=np.float64)  # unknown: all tied
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -139,3 +139,24 @@ def test_tiny_qwen3_on_the_real_tcm_sd_sample(shared_data, tiny_qwen3, tmp_path,
     assert report["data"]["eval"]["pairs"] == 5 * 23
     # the top-k pass read the vectors evaluate() cached: the model was loaded once and ran once per text
     assert loads == [tiny_qwen3] and report["models"]["tiny"]["texts_encoded"] == 5 + 23
+
+
+def test_cli_eval_classify_knowledge(fake, tmp_path, capsys):
+    from hfemb.cli import main
+
+    config = tmp_path / "eval.json"
+    config.write_text("{}", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["eval", "--config", str(config), "--data", str(CASES), "--classify-knowledge", str(KB_TSV),
+            "--model", "fake=fake-model", "--output-dir", str(out), "--no-cache", "--bootstrap", "0", "--no-plots",
+            "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| fake | 0.4000 | 1.0000 | 2.40 |" in printed  # top-1, top-5, mean rank (as by hand above)
+    assert json.loads((out / RESULT_FILE).read_text("utf-8"))["models"]["fake"]["top1_accuracy"] == 0.4
+    # another query template: queries the fake encoder does not know score every entry alike (ties count against)
+    assert main(argv + ["--query-template", "{chief_complaint}"]) == 0
+    assert "| fake | 0.0000 | 1.0000 | 5.00 |" in capsys.readouterr().out
+    assert "恶寒发热2天，无汗。" in [json.loads(line)["query"] for line in (out / PAIRS_FILE).read_text("utf-8").splitlines()]
+    assert main(argv + ["--query-template", "{chief_complaint}", "--query-fields", "FDMR"]) == 2
+    assert "not both" in capsys.readouterr().err
