@@ -225,7 +225,8 @@ def _pick(row: dict, keys: Sequence[str], where) -> str:
         raise _bad("missing field", *where, keys[0], f"expected one of {', '.join(keys)}")
     value = row[key]
     if not isinstance(value, str) or not _clean(value):
-        raise _bad("empty field" if isinstance(value, str) else "wrong type", *where, key, "expected a non-empty string")
+        kind = "empty field" if isinstance(value, str) else "wrong type"
+        raise _bad(kind, *where, key, "expected a non-empty string")
     return _clean(value)
 
 
@@ -281,7 +282,8 @@ def knowledge_from_candidates(path) -> dict[str, str]:
             raise _bad("not an object", path, line, None, f"expected a JSON object, got {type(row).__name__}")
         for name, body in split_candidates(row, (path, line)):
             if name in entries and entries[name] != body:
-                raise DataError(f"candidate {name!r} has another text than on line {seen[name]}", path, line, PARA_FIELD)
+                raise DataError(f"candidate {name!r} has another text than on line {seen[name]}", path, line,
+                                PARA_FIELD)
             entries.setdefault(name, body)
             seen.setdefault(name, line)
     if not entries:

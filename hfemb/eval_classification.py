@@ -71,8 +71,8 @@ def classification_set(cases_path, knowledge, *, case_settings: CaseSettings | N
 def pool_rows(data: ClassificationSet) -> Iterator[dict]:
     """One labelled pool row per case: every knowledge entry, label 1 for the case's own."""
     for cid, query, label in zip(data.case_ids, data.queries, data.labels):
-        yield {"query": query, "documents": [{"content": t, "label": int(j == label)} for j, t in enumerate(data.texts)],
-               "case_id": cid, "label": data.names[label]}
+        documents = [{"content": t, "label": int(j == label)} for j, t in enumerate(data.texts)]
+        yield {"query": query, "documents": documents, "case_id": cid, "label": data.names[label]}
 
 
 def right_entry_ranks(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

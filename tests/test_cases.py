@@ -191,7 +191,8 @@ def test_convert_cases_with_knowledge_then_mine_over_the_knowledge_base(tmp_path
                  "chief_complaint,medical_history,FDMR", "--label-field", "norm_syndrome", "--output", str(out),
                  "--corpus-output", str(corpus)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed == [f"read {CASES}: 6 case rows -> 5 records", "knowledge base: 5 entries; 5 of them are case labels",
+    assert printed == [f"read {CASES}: 6 case rows -> 5 records",
+                       "knowledge base: 5 entries; 5 of them are case labels",
                        "cases whose label is not in the knowledge base: 1 (not written; first: c6 (痰湿阻肺证))",
                        f"wrote {out}: 5 rows (hfemb)", f"wrote {corpus}: 5 knowledge texts (mining corpus)"]
     kb = cases.read_knowledge(KB_TSV)

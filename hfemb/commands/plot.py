@@ -24,6 +24,7 @@ def run(args) -> int:
     log = read_train_log(log_path(args.output_dir))
     png = plot_training_curves(args.output_dir, args.output, title=args.title)
     state = "finished" if log.finished else "in progress"
-    skipped = f"; {len(log.unreadable)} unreadable line(s) skipped, lines {log.unreadable[:5]}" if log.unreadable else ""
+    skipped = (f"; {len(log.unreadable)} unreadable line(s) skipped, lines {log.unreadable[:5]}"
+               if log.unreadable else "")
     print(f"wrote {png} ({log.lines} log lines up to step {log.last_step}, {state}{skipped})")
     return 0
