@@ -17,7 +17,8 @@ builds such a template from field names and display names (``FIELD_NAMES`` knows
 Knowledge bases (:func:`read_knowledge`): TSV/text ``name<TAB>text`` lines (``knowledge_corpus_sample.txt``;
 an optional header such as ``syndrome<TAB>text``), or JSONL / a JSON array of objects with the name in
 ``name``, ``syndrome`` or ``label`` and the text in ``text``, ``knowledge`` or ``content``. A name given twice
-is an error naming both lines.
+is an error naming both lines. A case file in the candidate layout (below) is read as the knowledge base of
+all its candidates.
 
 Per-case candidate layout (TCM-SD's ``_with_knowledge`` file): each case also has ``knowledge_option`` (the
 candidate names) and ``knowledge_para`` (their texts, one string of paragraphs each starting with
@@ -248,6 +249,8 @@ def read_knowledge(path) -> dict[str, str]:
                 raise row
             if not isinstance(row, dict):
                 raise _bad("not an object", path, line, None, f"expected {{name, text}}, got {type(row).__name__}")
+            if not entries and is_candidate_row(row):  # a case file in the candidate layout
+                return knowledge_from_candidates(path)
             name_key = next((k for k in KNOWLEDGE_NAME_KEYS if k in row), KNOWLEDGE_NAME_KEYS[0])
             add(_pick(row, KNOWLEDGE_NAME_KEYS, (path, line)), _pick(row, KNOWLEDGE_TEXT_KEYS, (path, line)), line,
                 name_key)

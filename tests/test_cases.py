@@ -156,6 +156,7 @@ def test_candidate_layout_is_a_labelled_pool():
     assert result.records[1].query == cases.render_query(rows(CANDIDATES)[1], cases.CaseSettings(), where())
     merged = cases.knowledge_from_candidates(CANDIDATES)
     assert sorted(merged) == sorted(NAMES) and merged["脾胃虚弱证"].startswith("脾胃虚弱证的定义是")
+    assert cases.read_knowledge(CANDIDATES) == merged  # --knowledge accepts the candidate layout
 
 
 def test_candidate_layout_errors(tmp_path):
@@ -258,10 +259,10 @@ def test_real_tcm_sd_sample(shared_data, tmp_path, capsys):
                  "--output", str(tmp_path / "none.jsonl")]) == 2
     out = capsys.readouterr().out
     assert "cases whose label is not in the knowledge base: 5 (not written; first: 440793 (气虚血瘀证)," in out
-    kb_file = tmp_path / "kb.tsv"
-    kb_file.write_text("".join(f"{n}\t{t}\n" for n, t in kb.items()), encoding="utf-8")
-    assert main(["convert", "--input", str(case_file), "--knowledge", str(kb_file), "--output",
+    # the knowledge base of all candidates, straight from the _with_knowledge file
+    assert main(["convert", "--input", str(case_file), "--knowledge", str(with_knowledge), "--output",
                  str(tmp_path / "train.jsonl")]) == 0
+    assert "knowledge base: 23 entries; 5 of them are case labels" in capsys.readouterr().out
     written = rows(tmp_path / "train.jsonl")
     assert [w["label"] for w in written] == [r["norm_syndrome"] for r in real]
     assert all(w["positive"] == kb[w["label"]] and w["query"].startswith("主诉：") for w in written)
