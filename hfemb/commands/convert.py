@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "knowledge_para): each becomes a labelled pool, the other candidates its negatives.")
     cases.add_argument("--knowledge", metavar="FILE",
                        help="knowledge base: TSV 'name<TAB>text' lines or JSONL {name|syndrome|label, "
-                            "text|knowledge|content}; --input is then read as case records")
+                            "text|knowledge|content} (or a case file with knowledge_option/knowledge_para: all its "
+                            "candidates); --input is then read as case records")
     cases.add_argument("--query-fields", metavar="F[=NAME],...",
                        help="case fields of the query, in order, each optionally with its display name "
                             "(default chief_complaint=主诉,medical_history=现病史,FDMR=四诊摘要)")
