@@ -222,6 +222,7 @@ def draw_training_curves(log: TrainLog, *, title: str | None = None, output_dir:
                          dpi: int = 110):
     """The figure (a ``matplotlib.figure.Figure``, 3 x 2 panels; see the module docstring)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, nothing kept alive
+    from matplotlib.ticker import MaxNLocator
 
     output_dir = Path(output_dir) if output_dir else Path(log.path).parent
     fig = Figure(figsize=(13, 11), dpi=dpi, layout="constrained")
@@ -283,6 +284,7 @@ def draw_training_curves(log: TrainLog, *, title: str | None = None, output_dir:
         ax.set_xlabel("optimizer step")
     last = max(log.last_step or 0, log.final_step or 0)
     axes[0, 0].set_xlim(0, max(last, 1) * 1.03)  # shared by every panel
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     for ax in axes[0]:
         _epoch_axis(ax, log)
     name = title or f"Training curves — {output_dir.resolve().name}"

@@ -288,9 +288,19 @@ def test_tcm_sd_config_trains_on_converted_and_mined_cases(tiny_qwen3, tmp_path,
         f"data.eval_file={mined}", "data.num_negatives=2", "data.query_max_len=64", "data.passage_max_len=48",
         "lora.r=2", f"training.output_dir={tmp_path / 'run'}", "training.bf16=false",
         "training.gradient_checkpointing=false", "training.per_device_train_batch_size=5", "training.max_steps=2",
-        "training.eval_steps=1", "training.save_steps=1", "training.report_to=none", "training.disable_tqdm=true"])
+        "training.eval_steps=1", "training.save_steps=1", "training.logging_steps=1", "training.report_to=none",
+        "training.disable_tqdm=true"])
     assert cfg.loss.mask_false_negatives and cfg.loss.false_negative_margin == 2.0  # mask only same-text positives
     summary = run_training(cfg)
     assert summary["data"]["train"]["rows"] == 5 and summary["global_step"] == 2
     assert np.isfinite(summary["final_eval"]["eval_loss"])
-    assert (tmp_path / "run" / "training_curves.png").is_file()
+    # run_training draws the curves before the model cards, which copy and embed them
+    from hfemb.plotting import CURVES_FILE, read_train_log
+
+    out = tmp_path / "run"
+    log = read_train_log(out / "train_log.jsonl")
+    assert log.finished and log.points("loss")[0] == [1, 2] and log.points("eval_loss")[0] == [1, 2]
+    png = out / CURVES_FILE
+    for sub in ("merged", "adapter"):
+        assert (out / sub / CURVES_FILE).read_bytes() == png.read_bytes()
+        assert f"![training curves]({CURVES_FILE})" in (out / sub / "README.md").read_text(encoding="utf-8")

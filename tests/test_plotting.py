@@ -1,6 +1,6 @@
 """Training curves: the log reader (repeated steps, the final evaluation, a half-written last line), the
-drawn series equal the logged values, `hfemb plot` on a finished and an in-progress run, and
-run_training writing training_curves.png that the model card embeds."""
+drawn series equal the logged values, `hfemb plot` on a finished and an in-progress run. (run_training
+drawing training_curves.png that the model cards embed: tests/test_cases.py::test_tcm_sd_config_trains_...)"""
 
 from __future__ import annotations
 
@@ -130,32 +130,3 @@ def test_cli_plot_in_progress_run(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "missing")]) == 2
     assert "no training log" in capsys.readouterr().err
 
-
-def test_run_training_draws_curves_embedded_in_the_model_card(tiny_qwen3, zh_sample_csv, tmp_path):
-    from hfemb.config import config_from_dict
-    from hfemb.data import read_records
-    from hfemb.train import run_training
-
-    recs = read_records(str(zh_sample_csv)).records[:12]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"query": r.query, "positive": r.positives[0],
-                                        "negative": [recs[(i + 5) % 12].positives[0]]}, ensure_ascii=False) + "\n"
-                            for i, r in enumerate(recs)), encoding="utf-8")
-    out = tmp_path / "run"
-    cfg = config_from_dict({
-        "model": {"name_or_path": tiny_qwen3, "finetune_type": "lora", "torch_dtype": "float32"},
-        "data": {"train_file": str(data), "eval_ratio": 0.25, "query_max_len": 32, "passage_max_len": 32,
-                 "num_negatives": 1},
-        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
-        "training": {"output_dir": str(out), "per_device_train_batch_size": 3, "per_device_eval_batch_size": 3,
-                     "num_train_epochs": 2, "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none",
-                     "eval_strategy": "epoch", "save_strategy": "epoch", "seed": 0, "disable_tqdm": True},
-    })
-    run_training(cfg)
-    log = read_train_log(out / "train_log.jsonl")
-    assert log.finished and log.points("loss")[0] == [1, 2, 3, 4, 5, 6] and len(log.points("eval_loss")[0]) == 2
-    png = out / CURVES_FILE
-    assert png.is_file()
-    for sub in ("merged", "adapter"):  # the card copies the picture next to itself and embeds it
-        assert (out / sub / CURVES_FILE).read_bytes() == png.read_bytes()
-        assert f"![training curves]({CURVES_FILE})" in (out / sub / "README.md").read_text(encoding="utf-8")
