@@ -42,7 +42,7 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> t
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
 
 
-UNRANKED_FORMATS = ("pool", "pairs", "wikiqa")  # labelled pools: their negatives are not selected yet
+UNRANKED_FORMATS = ("pool", "pairs", "wikiqa", "case_candidates")  # labelled pools: their negatives are not selected yet
 
 
 def needs_mining(records: list[Record], num_negatives: int, fmt: str = "") -> bool:
