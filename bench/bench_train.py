@@ -15,7 +15,8 @@ all AdamW lr 2e-5, query/passage max length 128/512 (capped by the model's own m
 * ``hfemb``: ``MultiNegEmbeddingTrainer`` + ``MultiNegCollator`` (queries in one forward, all documents in
   another, padded to the longest text), built by ``hfemb.train`` exactly as ``run_train.py`` does;
 * ``naive``: a plain PyTorch loop that pads every text to the maximum length and runs one forward per
-  column (queries, positives, then one per negative), same InfoNCE loss, AdamW, clipping;
+  column (queries, positives, then one per negative; hfemb's length chunks off), same InfoNCE loss,
+  AdamW, clipping;
 * ``st``: ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` (scale 20 = temperature
   0.05), no-duplicates batch sampler, the same prompts.
 
@@ -39,12 +40,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
 QUERY_MAX, PASSAGE_MAX, NUM_NEG, LR = 128, 512, 3, 2e-5
+PROBE_N = 1024  # a 1024^3 matmul after every step: what the CPU gives a matmul under the load of that moment
 SETTINGS = ("wikiqa", "zh")
 TRAINERS = ("hfemb", "naive", "st")
 
@@ -100,7 +103,7 @@ def run_hfemb(model_path, mined, batch, warmup, steps, finetune="full") -> dict:
             lengths.append(out["query_attention_mask"].sum(1).tolist() + out["doc_attention_mask"].sum(1).tolist())
             return out
 
-        timer = common.StepTimer(probe_n=1024)
+        timer = common.StepTimer(probe_n=PROBE_N)
         trainer = MultiNegEmbeddingTrainer(model=model, args=training_arguments(cfg, has_eval=False),
                                            train_dataset=rows, data_collator=counting_collator,
                                            loss_config=cfg.loss, callbacks=[timer])
@@ -113,13 +116,13 @@ def run_hfemb(model_path, mined, batch, warmup, steps, finetune="full") -> dict:
     rate, timed = common.rate_after_warmup(timer.durations, warmup, batch)
     timed_lengths = lengths[warmup:warmup + timed]  # batches are collated in step order
     seconds = timed * batch / rate
-    probes = sorted(timer.probes[warmup:])
+
     flops = sum(common.training_flops(ls, linear, layers, width) for ls in timed_lengths)
     real = sum(sum(ls) for ls in timed_lengths)
     return {"samples_per_s": rate, "timed_steps": timed, "loaded_rss_mb": loaded_rss,
             "flops_per_s": flops / seconds, "matmul_gflops": max(mm_before, mm_after),
             "matmul_gflops_runs": [mm_before, mm_after], "matmul_model_shape_gflops": mm_model,
-            "matmul_during_gflops": probes[len(probes) // 2],
+            "matmul_during_gflops": median(timer.probes[warmup:]),
             "mlp_shape": mlp_shape, "real_tokens_per_s": real / seconds, "threads": torch.get_num_threads(),
             "linear_params_per_token": linear}
 
@@ -133,6 +136,7 @@ def run_naive(model_path, mined, batch, warmup, steps) -> dict:
     rows = common.training_rows(mined, NUM_NEG)
     torch.manual_seed(0)
     model = load_embedding_model(model_path, torch_dtype="float32")
+    model.chunk_overhead_tokens = 0  # one forward over the whole padded batch (no length chunks)
     loaded_rss = common.current_rss_mb()
     model.train()
     q_len = min(QUERY_MAX, model.max_length)
@@ -152,7 +156,7 @@ def run_naive(model_path, mined, batch, warmup, steps) -> dict:
 
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
-    durations = []
+    durations, probes = [], []
     for step in range(warmup + steps):
         start = time.perf_counter()
         feats = [rows[order[(step * batch + i) % len(rows)]] for i in range(batch)]
@@ -167,8 +171,10 @@ def run_naive(model_path, mined, batch, warmup, steps) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         durations.append(time.perf_counter() - start)
+        probes.append(common.matmul_gflops(PROBE_N, repeats=1))
     rate, timed = common.rate_after_warmup(durations, warmup, batch)
-    return {"samples_per_s": rate, "timed_steps": timed, "loaded_rss_mb": loaded_rss}
+    return {"samples_per_s": rate, "timed_steps": timed, "loaded_rss_mb": loaded_rss,
+            "matmul_during_gflops": median(probes[warmup:])}
 
 
 def run_st(model_path, mined, batch, warmup, steps) -> dict:
@@ -181,7 +187,7 @@ def run_st(model_path, mined, batch, warmup, steps) -> dict:
     model.max_seq_length = min(PASSAGE_MAX, model.max_seq_length or PASSAGE_MAX)
     loaded_rss = common.current_rss_mb()
     query_prompt = (model.prompts or {}).get("query") or None
-    timer = common.StepTimer()
+    timer = common.StepTimer(probe_n=PROBE_N)
     with tempfile.TemporaryDirectory() as tmp:
         args = SentenceTransformerTrainingArguments(
             output_dir=tmp, per_device_train_batch_size=batch, max_steps=warmup + steps, learning_rate=LR,
@@ -192,7 +198,8 @@ def run_st(model_path, mined, batch, warmup, steps) -> dict:
                                              loss=MultipleNegativesRankingLoss(model, scale=20.0), callbacks=[timer])
         trainer.train()
     rate, timed = common.rate_after_warmup(timer.durations, warmup, batch)
-    return {"samples_per_s": rate, "timed_steps": timed, "loaded_rss_mb": loaded_rss}
+    return {"samples_per_s": rate, "timed_steps": timed, "loaded_rss_mb": loaded_rss,
+            "matmul_during_gflops": median(timer.probes[warmup:])}
 
 
 def worker(args) -> None:
@@ -221,20 +228,20 @@ def spawn(setting: str, trainer: str, args) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def table(best: dict, args) -> str:
-    out = ["| setting | trainer | samples/s | vs naive | vs sentence-transformers | peak RSS (MiB) | RSS after load (MiB) |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+def table(best: dict, normalised: dict, args) -> str:
+    out = ["| setting | trainer | samples/s (best round) | per 100 GFLOP/s of probe matmul (median of rounds) | "
+           "vs naive | vs sentence-transformers | peak RSS (MiB) | RSS after load (MiB) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
     for setting in args.settings:
-        naive = best.get((setting, "naive"), {}).get("samples_per_s")
-        st = best.get((setting, "st"), {}).get("samples_per_s")
+        naive, st = normalised.get((setting, "naive")), normalised.get((setting, "st"))
         for trainer in args.trainers:
-            r = best.get((setting, trainer))
+            r, norm = best.get((setting, trainer)), normalised.get((setting, trainer))
             if r is None:
                 continue
-            rate = r["samples_per_s"]
-            out.append(f"| {setting} | {trainer} | {rate:.2f} | {rate / naive:.2f}x | {rate / st:.2f}x | "
-                       f"{r['peak_rss_mb']:.0f} | {r['loaded_rss_mb']:.0f} |" if naive and st else
-                       f"| {setting} | {trainer} | {rate:.2f} | - | - | {r['peak_rss_mb']:.0f} | {r['loaded_rss_mb']:.0f} |")
+            vs_naive = f"{norm / naive:.2f}x" if naive else "-"
+            vs_st = f"{norm / st:.2f}x" if st else "-"
+            out.append(f"| {setting} | {trainer} | {r['samples_per_s']:.2f} | {norm:.2f} | {vs_naive} | {vs_st} | "
+                       f"{r['peak_rss_mb']:.0f} | {r['loaded_rss_mb']:.0f} |")
     out += ["", "| setting | hfemb real-token rate | matmul 2048^3 (best) | fraction | matmul 1024^3 between steps "
             "(median) | fraction | matmul of the MLP shape | real tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for setting in args.settings:
@@ -279,12 +286,17 @@ def main() -> int:
                 r = spawn(setting, trainer, args)
                 r["round"] = rnd
                 runs.append(r)
-                print(f"round {rnd} {setting:6s} {trainer:10s} {r['samples_per_s']:7.2f} samples/s  peak RSS "
+                print(f"round {rnd} {setting:6s} {trainer:10s} {r['samples_per_s']:7.2f} samples/s  probe matmul "
+                      f"{r['matmul_during_gflops']:5.1f} GFLOP/s  peak RSS "
                       f"{r['peak_rss_mb']:6.0f} MiB  load {r['load_avg']:.1f}", flush=True)
                 key = (setting, trainer)
                 if key not in best or r["samples_per_s"] > best[key]["samples_per_s"]:
                     best[key] = r
-    md = table(best, args)
+    normalised = {}  # samples/s per 100 GFLOP/s the probe matmul got at the same time: load-independent
+    for key in best:
+        values = [100 * r["samples_per_s"] / r["matmul_during_gflops"] for r in runs if (r["setting"], r["trainer"]) == key]
+        normalised[key] = median(values)
+    md = table(best, normalised, args)
     command = "python bench/bench_train.py " + " ".join(sys.argv[1:])
     md += (f"\n\nBatch {args.batch} rows (query + positive + {NUM_NEG} negatives), {args.warmup} warmup + {args.steps} "
            f"timed steps ({args.naive_steps} for naive), best of {args.repeats} rounds, full fine-tuning unless marked lora; {args.threads} torch "
@@ -292,7 +304,7 @@ def main() -> int:
            f"Command: `{command.strip()}`")
     print("\n" + md)
     path, _ = common.write_outputs("bench_train", md + "\n", {
-        "runs": runs, "best": {f"{s}/{t}": r for (s, t), r in best.items()}, "seconds": round(time.time() - started, 1),
+        "runs": runs, "normalised": {f"{s}/{t}": v for (s, t), v in normalised.items()}, "best": {f"{s}/{t}": r for (s, t), r in best.items()}, "seconds": round(time.time() - started, 1),
         "settings": {"threads": args.threads, "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
                      "query_max_len": QUERY_MAX, "passage_max_len": PASSAGE_MAX, "num_negatives": NUM_NEG, "lr": LR}})
     print(f"\nwritten: {path} (+ .json)")
