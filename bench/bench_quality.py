@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+DEFAULT_OUT = str(common.RESULTS / "quality")
 LORA_LR = 1e-4  # hfemb's default learning rate (TRAINING_DEFAULTS), the one its LoRA recipe uses
 
 
@@ -178,7 +179,8 @@ def main() -> int:
     parser.add_argument("--ablate", nargs="*", default=None, metavar="NAME",
                         help=f"also train hfemb variants, compared on dev: {', '.join(ABLATIONS)} (none given: all)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 training rows, 100 bootstrap resamples")
-    parser.add_argument("--out", default=str(common.RESULTS / "quality"))
+    parser.add_argument("--out", default=DEFAULT_OUT, help="training runs and evaluation reports (runs with the "
+                        "same settings are reused)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -253,7 +255,8 @@ def main() -> int:
           f"seed {args.seed}, {args.threads} torch thread(s) per training, CPU.\n\n" + table + ablation_md +
           f"\n\nCommand: `{command.strip()}` ({time.time() - started:.0f} s).")
     print("\n" + md)
-    path, _ = common.write_outputs("bench_quality" + ("_quick" if args.quick else ""), md + "\n", {
+    name = "bench_quality" + ("_quick" if args.quick else "") + (f"_{Path(args.out).name}" if args.out != DEFAULT_OUT else "")
+    path, _ = common.write_outputs(name, md + "\n", {
         "eval": report, "ablation_eval": ablation_report, "runs": runs, "mining_report": mining_report,
         "settings": vars(args), "seconds": round(time.time() - started, 1)})
     print(f"\nwritten: {path} (+ .json); evaluation reports under {out}")

@@ -20,14 +20,19 @@ all AdamW lr 2e-5, query/passage max length 128/512 (capped by the model's own m
 * ``st``: ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` (scale 20 = temperature
   0.05), no-duplicates batch sampler, the same prompts.
 
-Each (setting, trainer) runs in a fresh subprocess: samples/s over the steps after the warmup
-(Trainer callback / loop timer) and the process's peak RSS (``ru_maxrss``: model, optimizer state,
-activations, Python and libraries; the RSS right after loading the model is shown too). Rounds
-alternate the trainers ``--repeats`` times; the best rate of each counts (the CPU is shared).
+Each (setting, trainer) runs in a fresh subprocess: samples/s over the steps after the warmup (data
+loading included) and the process's peak RSS (``ru_maxrss``: model, optimizer state, activations, Python
+and libraries; the RSS right after loading the model is shown too). Rounds alternate the trainers
+``--repeats`` times. The CPU is shared with other processes, whose load changes from minute to minute:
+after every step each worker times a 1024^3 fp32 matmul (the *probe*), and the ratios between trainers
+use samples/s per 100 GFLOP/s of probe (median over rounds), which cancels the load of the moment; the
+best raw samples/s is shown too. ``--threads 1`` (default) keeps the timings stable on a busy 2-core
+machine; on an idle one ``--threads 2`` is faster.
 
-FLOP rate (hfemb): 3 x forward FLOPs of the real tokens of the timed steps (see ``common.training_flops``)
-per second, against a dense fp32 ``torch.mm`` (2048^3, and a shape of the model's own MLP) measured in the
-same worker process just before and after its training.
+FLOP rate (hfemb): 3 x the forward FLOPs of the real (non-pad) tokens of the timed steps (linear layers
+2 x weights per token, attention 4 x L^2 x width per layer; see ``common.training_flops``) per second,
+against the probe matmul of the same steps and a best-of-8 2048^3 matmul in the same process.
+``bench/profile_step.py`` shows where the rest of the time goes.
 """
 
 from __future__ import annotations
