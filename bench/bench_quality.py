@@ -162,6 +162,8 @@ ABLATIONS = {  # name: (what changes, hfemb spec overrides, mining overrides)
     "hard-top-3": ("hard from the top 3 (so the 2 easy come from the bottom)", {}, {"hard_top_k": 3, "easy_bottom_k": 5}),
     "skip-top-1": ("skip the BM25 top-1 candidate", {}, {"skip_top": 1}),
     "lr=5e-5": ("learning rate 5e-5", {"lr": 5e-5}, {}),
+    "linear": ("linear schedule (the peer's)", {"training": {"lr_scheduler_type": "linear"}}, {}),
+    "wd=0": ("no weight decay (the peer's)", {"training": {"weight_decay": 0.0}}, {}),
 }
 
 
