@@ -65,10 +65,12 @@ class MultiNegCollator:
         queries = [f["query"] for f in features]
         docs = [text for f in features for text in (f["positive"], *f["negatives"])]  # B*(1+N)
         doc_text_ids = torch.tensor([text_id(t) for t in docs], dtype=torch.long)
+        query_text_ids = torch.tensor([text_id(t) for t in queries], dtype=torch.long)
         q = self.model.tokenize(queries, is_query=True, max_length=self.query_max_len)
         d = self.model.tokenize(docs, is_query=False, max_length=self.passage_max_len)
         return {
             "query_input_ids": q["input_ids"], "query_attention_mask": q["attention_mask"],  # [B, Tq]
             "doc_input_ids": d["input_ids"], "doc_attention_mask": d["attention_mask"],  # [B*(1+N), Td]
             "doc_text_ids": doc_text_ids,  # [B*(1+N)] equal id <=> identical text, in every process
+            "query_text_ids": query_text_ids,  # [B] the same for queries (query-query negatives)
         }

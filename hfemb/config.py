@@ -64,8 +64,11 @@ class LoraSettings:
 class LossConfig:
     temperature: float = 0.05
     in_batch_negatives: bool = True
-    mask_false_negatives: bool = False
+    mask_duplicates: bool = True  # a candidate with the positive's exact text is never a negative
+    mask_false_negatives: bool = False  # also drop candidates scoring above the positive + margin
     false_negative_margin: float = 0.1
+    query_negatives: bool = False  # other in-batch queries as negatives (improved contrastive loss)
+    document_negatives: bool = False  # positive vs the other in-batch documents (improved contrastive loss)
     # Multi-process training (DDP, DeepSpeed): score each query against the documents of every process
     # (gathered with gradients, hfemb.distributed); no effect in one process or without in-batch negatives.
     cross_device_negatives: bool = True
@@ -201,6 +204,8 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'data.num_negatives' must be >= 0")
     if (d.query_columns is None) != (d.positive_column is None):
         raise ConfigError(f"{where}: give both 'data.query_columns' and 'data.positive_column', or neither")
+    if (cfg.loss.query_negatives or cfg.loss.document_negatives) and not cfg.loss.in_batch_negatives:
+        raise ConfigError(f"{where}: 'loss.query_negatives' / 'loss.document_negatives' need 'loss.in_batch_negatives'")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"{where}: 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
     if cfg.lora.r <= 0:

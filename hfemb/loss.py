@@ -30,20 +30,30 @@ MASKED_LOGIT = torch.finfo(torch.float32).min  # finite: exp() is 0 and logsumex
 
 
 def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperature: float = 0.05,
-                  in_batch_negatives: bool = True, mask_false_negatives: bool = False,
+                  in_batch_negatives: bool = True, mask_duplicates: bool = True, mask_false_negatives: bool = False,
                   false_negative_margin: float = 0.1, doc_text_ids: torch.Tensor | None = None,
-                  doc_offset: int | None = None) -> LossOutput:
+                  doc_offset: int | None = None, query_negatives: bool = False, document_negatives: bool = False,
+                  all_queries: torch.Tensor | None = None, query_text_ids: torch.Tensor | None = None,
+                  query_offset: int | None = None) -> LossOutput:
     """Cross-entropy of each query's positive against its candidates.
 
     * ``in_batch_negatives=True``: candidates are all B*G documents (logits [B, B*G], label i*G);
       False: only the query's own group (logits [B, G], label 0).
-    * ``mask_false_negatives``: a candidate other than the positive itself is dropped (logit set to
-      ``MASKED_LOGIT``) when its text equals the positive's (``doc_text_ids`` [B*G], equal id = equal text),
-      or when its similarity exceeds the positive's by more than ``false_negative_margin``.
+    * ``mask_duplicates`` (default on): a candidate with the same text as the positive (``doc_text_ids``
+      [B*G], equal id = equal text) is no negative; its logit is set to ``MASKED_LOGIT``.
+    * ``mask_false_negatives``: also drop candidates whose similarity exceeds the positive's by more than
+      ``false_negative_margin`` (Qwen3-Embedding's mask).
     * ``doc_offset`` (cross-device negatives, in-batch only): ``d`` [M, D] holds the documents of every
       process and this process's B*G documents are rows ``doc_offset .. doc_offset+B*G-1`` of it; labels
       are ``doc_offset + i*G`` and ``doc_text_ids`` covers all M rows. The rows of the logits equal those of
       the single-process loss on the concatenated batch.
+    * ``query_negatives`` / ``document_negatives`` (in-batch only; the "improved contrastive loss" of GTE and
+      Qwen3-Embedding): the partition function also sums over s(q_i, q_j) for the other queries (``all_queries``
+      [Mq, D] with this process's rows at ``query_offset``, default ``q`` itself) and over s(d_i+, d_j) for
+      the other documents, with the same masks (the query itself, identical texts by ``query_text_ids`` /
+      ``doc_text_ids``, and the margin rule).
+
+    ``LossOutput.logits`` / ``mask`` / ``similarities`` cover the document candidates only.
     """
     b, g = q.shape[0], group_size
     if doc_offset is not None:
@@ -53,6 +63,8 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
             raise ValueError(f"d has {d.shape[0]} rows; rows {doc_offset}..{doc_offset + b * g - 1} expected")
     elif g < 1 or d.shape[0] != b * g:
         raise ValueError(f"d has {d.shape[0]} rows, expected B*group_size = {b}*{g}")
+    if (query_negatives or document_negatives) and not in_batch_negatives:
+        raise ValueError("query_negatives / document_negatives need in_batch_negatives=True")
     offset = doc_offset or 0
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -63,22 +75,49 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
     else:
         sims = torch.einsum("bd,bgd->bg", q, d.view(b, g, -1))  # [B, G]
         labels = torch.zeros(b, dtype=torch.long, device=q.device)  # [B]
-    logits = sims / temperature  # [B, C]
+    positive_sim = sims.gather(1, labels[:, None])  # [B, 1]
+    doc_ids = doc_text_ids.to(q.device).long() if doc_text_ids is not None else None  # [M]
+    positive_ids = None
+    if doc_ids is not None:
+        positive_ids = doc_ids[labels] if in_batch_negatives else doc_ids.view(b, g)[:, 0]  # [B]
+    masking = mask_false_negatives or (mask_duplicates and doc_ids is not None)
+
+    def candidate_mask(cand_sims, cand_ids, own_ids, self_cols):
+        """[B, C] bool: True = not a negative (itself, same text as its own, or above positive + margin)."""
+        m = torch.zeros_like(cand_sims, dtype=torch.bool)
+        if mask_false_negatives:
+            m |= cand_sims > positive_sim + false_negative_margin
+        if mask_duplicates and cand_ids is not None and own_ids is not None:
+            m |= cand_ids[None, :] == own_ids[:, None] if cand_ids.dim() == 1 else cand_ids == own_ids[:, None]
+        m[torch.arange(b, device=q.device), self_cols] = True  # never its own positive / itself
+        return m
+
     mask = None
-    if mask_false_negatives:
+    blocks = [sims / temperature]  # [B, C] documents
+    if masking:
         with torch.no_grad():
-            is_positive = F.one_hot(labels, sims.shape[1]).bool()  # [B, C]
-            positive_sim = sims.gather(1, labels[:, None])  # [B, 1]
-            mask = sims > positive_sim + false_negative_margin  # [B, C]
-            if doc_text_ids is not None:
-                ids = doc_text_ids.to(q.device).long()  # [M] (B*G without doc_offset)
-                candidate_ids = ids.expand(b, -1) if in_batch_negatives else ids.view(b, g)  # [B, C]
-                positive_ids = ids[labels] if in_batch_negatives else ids.view(b, g)[:, 0]  # [B]
-                mask |= candidate_ids == positive_ids[:, None]
-            mask &= ~is_positive
-        logits = logits.masked_fill(mask, MASKED_LOGIT)
-    loss = F.cross_entropy(logits, labels)
-    return LossOutput(loss=loss, logits=logits, labels=labels, mask=mask, similarities=sims)
+            ids = doc_ids if (doc_ids is None or in_batch_negatives) else doc_ids.view(b, g)  # [M] or [B, G]
+            mask = candidate_mask(sims, ids, positive_ids, labels)  # [B, C]
+            mask[torch.arange(b, device=q.device), labels] = False  # the positive itself stays
+        blocks[0] = blocks[0].masked_fill(mask, MASKED_LOGIT)
+    rows = torch.arange(b, device=q.device)
+    if query_negatives:
+        qs = q if all_queries is None else all_queries.float()  # [Mq, D]
+        q_sims = q @ qs.T  # [B, Mq]
+        own = (query_offset or 0) + rows  # [B] column of each query itself
+        with torch.no_grad():
+            q_ids = query_text_ids.to(q.device).long() if query_text_ids is not None else None  # [Mq]
+            q_mask = candidate_mask(q_sims, q_ids, q_ids[own] if q_ids is not None else None, own)
+        blocks.append((q_sims / temperature).masked_fill(q_mask, MASKED_LOGIT))  # [B, Mq]
+    if document_negatives:
+        p = d[labels]  # [B, D] each query's positive
+        d_sims = p @ d.T  # [B, M]
+        with torch.no_grad():
+            d_mask = candidate_mask(d_sims, doc_ids, positive_ids, labels)
+        blocks.append((d_sims / temperature).masked_fill(d_mask, MASKED_LOGIT))  # [B, M]
+    all_logits = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]  # [B, C + extra]
+    loss = F.cross_entropy(all_logits, labels)
+    return LossOutput(loss=loss, logits=blocks[0], labels=labels, mask=mask, similarities=sims)
 
 
 @torch.no_grad()

@@ -104,14 +104,21 @@ class MultiNegEmbeddingTrainer(Trainer):
             raise ValueError(f"batch has {q.shape[0]} queries but {d.shape[0]} documents (not a multiple)")
         c = self.loss_config
         group_size, text_ids, offset = d.shape[0] // q.shape[0], inputs.get("doc_text_ids"), None
+        all_q, q_ids, q_offset = None, inputs.get("query_text_ids"), None
         if c.cross_device_negatives and c.in_batch_negatives and world_size() > 1:
             d, offset = gather_rows(d)  # [M, D], every process's documents in rank order
             if text_ids is not None:
                 text_ids, _ = gather_rows(text_ids.to(d.device))  # [M]
+            if c.query_negatives:
+                all_q, q_offset = gather_rows(q)  # [Mq, D]
+                if q_ids is not None:
+                    q_ids, _ = gather_rows(q_ids.to(q.device))  # [Mq]
         return info_nce_loss(
             q, d, group_size=group_size, temperature=c.temperature, in_batch_negatives=c.in_batch_negatives,
-            mask_false_negatives=c.mask_false_negatives, false_negative_margin=c.false_negative_margin,
-            doc_text_ids=text_ids, doc_offset=offset,
+            mask_duplicates=c.mask_duplicates, mask_false_negatives=c.mask_false_negatives,
+            false_negative_margin=c.false_negative_margin, doc_text_ids=text_ids, doc_offset=offset,
+            query_negatives=c.query_negatives, document_negatives=c.document_negatives,
+            all_queries=all_q, query_text_ids=q_ids, query_offset=q_offset,
         )
 
     def _forward_loss(self, model, inputs):

@@ -135,3 +135,33 @@ def test_retrieval_metrics_by_hand():
     # no hard negatives: the other queries' positives are the negatives
     m = retrieval_metrics(Q, D[[0, 2]], group_size=1)
     assert m == pytest.approx({"accuracy": 1.0, "accuracy_in_batch": 1.0, "pos_sim": 1.0, "neg_sim": 0.0, "margin": 1.0})
+
+
+def test_duplicate_texts_are_masked_by_default_without_the_margin_rule():
+    ids = torch.tensor([7, 8, 9, 7])  # neg_1 is pos_0's text
+    out = info_nce_loss(Q, D, group_size=2, temperature=0.5, doc_text_ids=ids)
+    assert out.mask.tolist() == [[False, False, False, True], [False, False, False, False]]
+    expected = ((lse(2.0, 1.2, 0.0) - 2.0) + (lse(0.0, 1.6, 2.0, 1.92) - 2.0)) / 2
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+    off = info_nce_loss(Q, D, group_size=2, temperature=0.5, doc_text_ids=ids, mask_duplicates=False)
+    assert off.mask is None and off.loss.item() == pytest.approx(
+        ((lse(2.0, 1.2, 0.0, 0.56) - 2.0) + (lse(0.0, 1.6, 2.0, 1.92) - 2.0)) / 2, abs=1e-6)
+
+
+def test_query_and_document_negatives_by_hand():
+    """Improved contrastive loss: q0's partition adds cos(q0, q1) and cos(pos_0, other docs)."""
+    ids = torch.tensor([1, 2, 3, 4])
+    out = info_nce_loss(Q, D, group_size=2, temperature=0.5, doc_text_ids=ids, query_negatives=True,
+                        query_text_ids=torch.tensor([10, 11]), document_negatives=True)
+    # q-q: cos(q0,q1) = 0 -> logit 0 (itself masked); d-d: pos_0 = [1,0] vs neg_0 0.6, pos_1 0, neg_1 0.28
+    # pos_1 = [0,1] vs pos_0 0, neg_0 0.8, neg_1 0.96
+    loss0 = lse(2.0, 1.2, 0.0, 0.56, 0.0, 1.2, 0.0, 0.56) - 2.0
+    loss1 = lse(0.0, 1.6, 2.0, 1.92, 0.0, 0.0, 1.6, 1.92) - 2.0
+    assert out.loss.item() == pytest.approx((loss0 + loss1) / 2, abs=1e-5)
+    assert out.logits.shape == (2, 4)  # the reported logits are the document candidates only
+    # the same query text twice: the other copy is not a negative
+    same = info_nce_loss(Q, D, group_size=2, temperature=0.5, query_negatives=True,
+                         query_text_ids=torch.tensor([10, 10]))
+    assert same.loss.item() == pytest.approx(info_nce_loss(Q, D, group_size=2, temperature=0.5).loss.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="need in_batch_negatives"):
+        info_nce_loss(Q, D, group_size=2, in_batch_negatives=False, query_negatives=True)
