@@ -164,6 +164,10 @@ ABLATIONS = {  # name: (what changes, hfemb spec overrides, mining overrides)
     "lr=5e-5": ("learning rate 5e-5", {"lr": 5e-5}, {}),
     "linear": ("linear schedule (the peer's)", {"training": {"lr_scheduler_type": "linear"}}, {}),
     "wd=0": ("no weight decay (the peer's)", {"training": {"weight_decay": 0.0}}, {}),
+    "no-dup-mask": ("duplicate texts not masked", {"loss": {"mask_duplicates": False}}, {}),
+    "qq": ("+ query-query negatives", {"loss": {"query_negatives": True}}, {}),
+    "qq+dd": ("+ query-query and document-document negatives (Qwen3-Embedding's loss)",
+              {"loss": {"query_negatives": True, "document_negatives": True}}, {}),
 }
 
 
