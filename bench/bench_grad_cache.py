@@ -8,8 +8,10 @@ answers as negatives (4*B documents, passage_max_len 128, query_max_len 64), in-
 Each (path, batch) runs in a fresh subprocess: load the model, collate the batch, then two
 `MultiNegEmbeddingTrainer.training_step` calls (the second one timed). Memory: the resident-set high-water
 mark is reset after loading and collating (``/proc/self/clear_refs``) and read after the steps (``VmHWM``);
-the difference is what the step itself needs (activations, autograd graph, gradients, allocator slack). Both paths compute the same loss and
-gradients (tests/test_grad_cache.py); GradCache runs one extra forward pass without a graph.
+the difference is what the step itself needs (activations, autograd graph, gradients, allocator slack).
+Both paths compute the same loss and gradients for the same dropout masks (tests/test_grad_cache.py); MiniLM
+trains with dropout 0.1 and the two paths draw different masks, so their losses here differ a little.
+GradCache runs one extra forward pass without a graph, and smaller matrix products.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--mini-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plain-up-to", type=int, default=32,
+                        help="run the plain path only up to this batch (MiniLM at batch 64 needs ~12 GB)")
     parser.add_argument("--output", default="bench/results/grad_cache.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # JSON arguments of one measurement
     args = parser.parse_args()
@@ -112,12 +116,14 @@ def main() -> None:
     for batch in args.batches:
         pair = []
         for mini_batch in (None, args.mini_batch):
+            if mini_batch is None and batch > args.plain_up_to:
+                pair.append(None)
+                continue
             child = json.dumps({"model": args.model, "batch": batch, "mini_batch": mini_batch, "threads": args.threads})
             out = subprocess.run([sys.executable, __file__, "--child", child], stdout=subprocess.PIPE, text=True,
                                  check=True).stdout
             pair.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(pair[-1]), file=sys.stderr, flush=True)
-        assert abs(pair[0]["loss"] - pair[1]["loss"]) < 1e-4, pair  # same step, two ways
         results.append(pair)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps({"load": load, "results": results}, indent=1))
@@ -128,12 +134,17 @@ def main() -> None:
           "memory ratio | plain (s) | GradCache (s) | time ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for plain, cached in results:
+        if plain is None:
+            print(f"| {cached['batch']} / {cached['documents']} | {cached['tokens']:,} | not run | "
+                  f"{cached['step_peak_gb']:.2f} | | not run | {cached['step_seconds']:.1f} | |")
+            continue
         print(f"| {plain['batch']} / {plain['documents']} | {plain['tokens']:,} | {plain['step_peak_gb']:.2f} | "
               f"{cached['step_peak_gb']:.2f} | {cached['step_peak_gb'] / max(plain['step_peak_gb'], 1e-3):.2f} | "
               f"{plain['step_seconds']:.1f} | {cached['step_seconds']:.1f} | "
               f"{cached['step_seconds'] / plain['step_seconds']:.2f} |")
     print(f"\ncommand: python bench/bench_grad_cache.py --model {args.model} --batches "
-          f"{' '.join(map(str, args.batches))} --mini-batch {args.mini_batch} --threads {args.threads}")
+          f"{' '.join(map(str, args.batches))} --mini-batch {args.mini_batch} --threads {args.threads} "
+          f"--plain-up-to {args.plain_up_to}")
 
 
 if __name__ == "__main__":
