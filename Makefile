@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench bench-mining bench-train bench-eval bench-quality clean
+.PHONY: install test demo bench bench-mining bench-train bench-eval bench-quality bench-scale clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ bench-eval: install
 
 bench-quality: install
 	$(BIN)/python bench/bench_quality.py
+
+bench-scale: install   # slow: 1M-document mining (~20 min), GradCache memory vs batch
+	$(BIN)/python bench/bench_mining_scale.py
+	$(BIN)/python bench/bench_grad_cache.py
 
 bench: bench-mining bench-train bench-eval
 

@@ -166,6 +166,9 @@ ABLATIONS = {  # name: (what changes, hfemb spec overrides, mining overrides)
     "wd=0": ("no weight decay (the peer's)", {"training": {"weight_decay": 0.0}}, {}),
     "no-dup-mask": ("duplicate texts not masked", {"loss": {"mask_duplicates": False}}, {}),
     "qq": ("+ query-query negatives", {"loss": {"query_negatives": True}}, {}),
+    "epochs=2": ("2 epochs: about the peer's 1-epoch wall time", {"epochs": 2}, {}),
+    "seed=1": ("seed 1 (seed-to-seed spread of the defaults)", {"seed": 1}, {}),
+    "seed=2": ("seed 2 (seed-to-seed spread of the defaults)", {"seed": 2}, {}),
     "qq+dd": ("+ query-query and document-document negatives (Qwen3-Embedding's loss)",
               {"loss": {"query_negatives": True, "document_negatives": True}}, {}),
 }

@@ -60,6 +60,18 @@ def split_sample(out: Path, seed: int = 0, n_dev: int = 60, n_test: int = 60) ->
           f"test {len(parts['test'])} (split by question, seed {seed}); corpus of {len(answers)} answers")
 
 
+def _tables(results_md: Path) -> str:
+    """The threshold table and the summary table of a `run_eval.py` report (its first two tables)."""
+    tables, current = [], []
+    for line in results_md.read_text(encoding="utf-8").splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append("\n".join(current))
+            current = []
+    return "\n\n".join(tables[:2])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_output", help="working folder (default: demo_output)")
@@ -98,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     _run(["card", str(run_dir)])
     _run(["push", str(run_dir), "--repo-id", "your-name/qwen3-embedding-demo-zh-medical", "--dry-run"])
 
+    _step("summary: base vs tuned tiny model (from eval/results.md)")
+    print(_tables(out / "eval" / "results.md"))
     print(f"\ndemo finished in {time.time() - started:.0f}s; everything is in {out}/")
     return 0
 
