@@ -16,8 +16,11 @@
 
 Every training runs in its own subprocess: samples/s is the Trainer's ``train_samples_per_second`` (whole
 epoch, data loading included) and peak memory the process's RSS high-water mark (``ru_maxrss``).
-``--ablate`` adds hfemb variants (temperature, in-batch negatives, false-negative masking, hard/easy mix,
-skip-top, learning rate) judged on **dev only** (best F1 and AUC on dev; test is never used to choose).
+A last row trains hfemb full for twice the epochs: about the peer's wall time for one epoch (hfemb trains
+~2x faster), i.e. the same compute budget rather than the same number of epochs.
+``--ablate`` adds hfemb variants (temperature, in-batch negatives, false-negative and duplicate masking,
+query/document negatives, hard/easy mix, skip-top, learning rate, schedule, weight decay, epochs, seeds)
+judged on **dev only** (best F1 and AUC on dev; test is never used to choose).
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def spawn(kind: str, spec: dict, log_dir: Path) -> dict:
     """Train in a fresh subprocess (clean peak-RSS reading); reuse a finished run with the same spec."""
     out = Path(spec["out"])
     done = out / "bench_result.json"
-    if done.exists() and json.loads(done.read_text()).get("spec") == spec:
+    same = lambda a, b: {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}  # noqa: E731
+    if done.exists() and same(json.loads(done.read_text()).get("spec", {}), spec):  # out: the folder itself
         return json.loads(done.read_text())["result"]
     if out.exists():
         shutil.rmtree(out)
@@ -128,8 +132,8 @@ def run_eval(models: dict[str, str], test: Path | None, dev: Path, out: Path, n_
 
 def main_table(report: dict, runs: dict) -> str:
     lines = ["| model | test F1 @ dev threshold [95% CI] | threshold (dev) | best test F1 | ROC-AUC | MRR@10 | "
-             "F1 @ 0.4 / 0.5 / 0.6 / 0.7 | train samples/s | peak RSS (MiB) |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+             "F1 @ 0.4 / 0.5 / 0.6 / 0.7 | train samples/s | training wall time (s) | peak RSS (MiB) |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for name, res in report["models"].items():
         ci = res.get("f1_at_chosen_ci") or [float("nan")] * 2
         sweep = " / ".join(f"{row['f1']:.3f}" for row in res["sweep"])
@@ -137,8 +141,9 @@ def main_table(report: dict, runs: dict) -> str:
         run = runs.get(name)
         speed = f"{run['samples_per_s']:.2f}" if run else "-"
         mem = f"{run['peak_rss_mb']:.0f}" if run else "-"
+        wall = f"{run['wall_seconds']:.0f}" if run and "wall_seconds" in run else "-"
         lines.append(f"| {name} | {res['f1_at_chosen']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {res['chosen_threshold']:.3f} | "
-                     f"{res['best_f1']:.3f} | {res['roc_auc']:.3f} | {mrr:.3f} | {sweep} | {speed} | {mem} |")
+                     f"{res['best_f1']:.3f} | {res['roc_auc']:.3f} | {mrr:.3f} | {sweep} | {speed} | {wall} | {mem} |")
     return "\n".join(lines)
 
 
@@ -184,7 +189,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per training process (1: stable on a shared 2-core machine)")
     parser.add_argument("--n-bootstrap", type=int, default=1000)
-    parser.add_argument("--skip", nargs="*", default=[], choices=("lora", "st", "full"), help="trainings to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("lora", "st", "full", "2x"),
+                        help="trainings to leave out (2x: hfemb full with twice the epochs, about the peer's wall time)")
     parser.add_argument("--ablate", nargs="*", default=None, metavar="NAME",
                         help=f"also train hfemb variants, compared on dev: {', '.join(ABLATIONS)} (none given: all)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 training rows, 100 bootstrap resamples")
@@ -215,8 +221,11 @@ def main() -> int:
     runs: dict[str, dict] = {}
     plan = [("sentence-transformers MNRL", "st", {"name": "st"}),
             ("hfemb full", "hfemb", {"name": "hfemb-full"}),
-            ("hfemb LoRA", "hfemb", {"name": "hfemb-lora", "finetune": "lora", "lr": LORA_LR})]
-    skip = {"st": "sentence-transformers MNRL", "full": "hfemb full", "lora": "hfemb LoRA"}
+            ("hfemb LoRA", "hfemb", {"name": "hfemb-lora", "finetune": "lora", "lr": LORA_LR}),
+            (f"hfemb full, {2 * args.epochs:g} epochs (the peer's time budget)", "hfemb",
+             {"name": "hfemb-full-2x", "epochs": 2 * args.epochs})]
+    skip = {"st": "sentence-transformers MNRL", "full": "hfemb full", "lora": "hfemb LoRA",
+            "2x": f"hfemb full, {2 * args.epochs:g} epochs (the peer's time budget)"}
     plan = [p for p in plan if p[0] not in {skip[s] for s in args.skip}]
     for label, kind, extra in plan:
         spec = {**shared, **extra, "out": str(out / "runs" / extra["name"])}
@@ -264,7 +273,7 @@ def main() -> int:
           f"seed {args.seed}, {args.threads} torch thread(s) per training, CPU.\n\n" + table + ablation_md +
           f"\n\nCommand: `{command.strip()}` ({time.time() - started:.0f} s).")
     print("\n" + md)
-    name = "bench_quality" + ("_quick" if args.quick else "") + (f"_{Path(args.out).name}" if args.out != DEFAULT_OUT else "")
+    name = "bench_quality" + ("_quick" if args.quick else "") + (f"_{Path(args.out).name}" if Path(args.out).resolve() != Path(DEFAULT_OUT).resolve() else "")
     path, _ = common.write_outputs(name, md + "\n", {
         "eval": report, "ablation_eval": ablation_report, "runs": runs, "mining_report": mining_report,
         "settings": vars(args), "seconds": round(time.time() - started, 1)})
