@@ -1,4 +1,4 @@
-"""InfoNCE over hard and in-batch negatives, and retrieval metrics of a batch. Pure functions.
+"""InfoNCE over hard and in-batch negatives: a pure function (batch statistics: hfemb.trainer.per_query_stats).
 
 Shapes: B queries, G = 1 + N documents per query (its positive, then its N hard negatives), D dims.
 ``q``: [B, D], ``d``: [B*G, D], both L2-normalised; the positive of query i is row ``i*G`` of ``d``.
@@ -118,40 +118,3 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
     all_logits = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]  # [B, C + extra]
     loss = F.cross_entropy(all_logits, labels)
     return LossOutput(loss=loss, logits=blocks[0], labels=labels, mask=mask, similarities=sims)
-
-
-@torch.no_grad()
-def retrieval_metrics(q: torch.Tensor, d: torch.Tensor, group_size: int) -> dict[str, float]:
-    """Batch retrieval statistics (no gradient):
-
-    * ``accuracy``: the positive scores strictly above every own hard negative;
-    * ``accuracy_in_batch``: ... and above every other document of the batch;
-    * ``pos_sim`` / ``neg_sim``: mean cosine of positives / of own hard negatives;
-    * ``margin``: mean of (positive - hardest own negative).
-    With ``group_size == 1`` (no hard negatives) the negatives are the other queries' positives.
-    """
-    b, g = q.shape[0], group_size
-    if d.shape[0] != b * g:
-        raise ValueError(f"d has {d.shape[0]} rows, expected B*group_size = {b}*{g}")
-    q, d = q.float(), d.float()
-    sims = q @ d.T  # [B, B*G]
-    rows = torch.arange(b, device=q.device)
-    pos = sims[rows, rows * g]  # [B]
-    others = sims.clone()
-    others[rows, rows * g] = float("-inf")  # [B, B*G] everything but the own positive
-    in_batch_best = others.max(dim=1).values  # [B]
-    if g > 1:
-        negs = sims.view(b, b, g)[rows, rows, 1:]  # [B, N] own hard negatives
-    elif b > 1:
-        negs = others.masked_select(torch.isfinite(others)).view(b, b - 1)  # [B, B-1]
-    else:
-        negs = None
-    metrics = {"accuracy_in_batch": float((pos > in_batch_best).float().mean()) if b * g > 1 else 1.0,
-               "pos_sim": float(pos.mean())}
-    if negs is None:
-        metrics["accuracy"] = 1.0
-        return metrics
-    hardest = negs.max(dim=1).values  # [B]
-    metrics.update(accuracy=float((pos > hardest).float().mean()), neg_sim=float(negs.mean()),
-                   margin=float((pos - hardest).mean()))
-    return metrics

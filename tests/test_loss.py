@@ -1,4 +1,4 @@
-"""info_nce_loss and retrieval_metrics against hand-computed numbers."""
+"""info_nce_loss against hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hfemb.loss import MASKED_LOGIT, info_nce_loss, retrieval_metrics
+from hfemb.loss import MASKED_LOGIT, info_nce_loss
 
 # Two queries, G = 2 documents each (positive, hard negative), unit vectors in 2-D.
 Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -112,29 +112,6 @@ def test_bad_shapes():
         info_nce_loss(Q, D, group_size=3)
     with pytest.raises(ValueError, match="temperature"):
         info_nce_loss(Q, D, group_size=2, temperature=0)
-
-
-def test_retrieval_metrics_by_hand():
-    m = retrieval_metrics(Q, D, group_size=2)
-    # own groups: q0 pos 1 vs neg 0.6; q1 pos 1 vs neg 0.96 -> both correct
-    assert m["accuracy"] == 1.0 and m["accuracy_in_batch"] == 1.0
-    assert m["pos_sim"] == pytest.approx(1.0)
-    assert m["neg_sim"] == pytest.approx((0.6 + 0.96) / 2)
-    assert m["margin"] == pytest.approx(((1 - 0.6) + (1 - 0.96)) / 2)
-    # q1 beats its own negative but loses to q0's negative in the batch
-    d = torch.tensor([
-        [0.8, 0.6],    # pos_0   q0 0.8   q1 0.6
-        [0.0, 1.0],    # neg_0   q0 0     q1 1
-        [0.28, 0.96],  # pos_1   q0 0.28  q1 0.96
-        [0.6, 0.8],    # neg_1   q0 0.6   q1 0.8
-    ])
-    m = retrieval_metrics(Q, d, group_size=2)
-    assert m["accuracy"] == 1.0 and m["accuracy_in_batch"] == 0.5
-    assert m["pos_sim"] == pytest.approx(0.88) and m["neg_sim"] == pytest.approx(0.4)
-    assert m["margin"] == pytest.approx(((0.8 - 0.0) + (0.96 - 0.8)) / 2)
-    # no hard negatives: the other queries' positives are the negatives
-    m = retrieval_metrics(Q, D[[0, 2]], group_size=1)
-    assert m == pytest.approx({"accuracy": 1.0, "accuracy_in_batch": 1.0, "pos_sim": 1.0, "neg_sim": 0.0, "margin": 1.0})
 
 
 def test_duplicate_texts_are_masked_by_default_without_the_margin_rule():
