@@ -152,10 +152,12 @@ def find_eval_entry(results_file: Path, model_dir: Path, output_dir: Path | None
     return None
 
 
-def discover_eval_results(model_dir: Path, output_dir: Path | None) -> tuple[Path, dict, str] | None:
+def discover_eval_results(model_dir: Path, output_dir: Path | None, model_name: str | None = None
+                          ) -> tuple[Path, dict, str] | None:
     """The first results.json that names this model: ``OUTPUT/eval/``, ``OUTPUT/../eval/``, then the newest
     ``eval_output/results.json`` or ``eval_output/*/results.json`` under the working directory. Results older
-    than the model's weights are skipped (they evaluated an earlier run saved to the same folder)."""
+    than the model's weights are skipped (they evaluated an earlier run saved to the same folder).
+    With ``model_name``, the first of them that has a model of that name (an error if none has)."""
     candidates = [output_dir / "eval" / "results.json", output_dir.parent / "eval" / "results.json"] \
         if output_dir is not None else []
     found = [p for p in (Path("eval_output/results.json"), *Path("eval_output").glob("*/results.json")) if p.is_file()]
@@ -168,12 +170,16 @@ def discover_eval_results(model_dir: Path, output_dir: Path | None) -> tuple[Pat
             log.info("skipping %s: older than the weights in %s", path, model_dir)
             continue
         try:
-            hit = find_eval_entry(path, model_dir, output_dir)
+            hit = find_eval_entry(path, model_dir, output_dir, model_name)
         except HfembError as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
         if hit:
             return path, hit[0], hit[1]
+    if model_name is not None:
+        looked = ", ".join(str(p) for p in candidates) or "no results.json found"
+        raise HfembError(f"--eval-model {model_name!r}: no results.json names it (looked at: {looked}); "
+                         "pass the file with --eval-results FILE")
     return None
 
 
@@ -425,7 +431,7 @@ def _evaluation(m: _Model, eval_results, eval_model_name: str | None) -> tuple[P
     if eval_results is False:
         return None
     if eval_results is None:
-        return discover_eval_results(m.folder, m.output_dir)
+        return discover_eval_results(m.folder, m.output_dir, eval_model_name)
     hit = find_eval_entry(Path(eval_results), m.folder, m.output_dir, eval_model_name)
     if hit is None:
         names = ", ".join(_read_json(Path(eval_results))["models"])

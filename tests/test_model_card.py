@@ -200,6 +200,13 @@ def test_eval_results_discovery(trained, tmp_path, monkeypatch):
     (out / "eval" / "results.json").write_text(json.dumps(report))
     found = build_model_card(out / "adapter")  # the adapter card takes the merged model's evaluation
     assert found.eval_results_file == out / "eval" / "results.json" and found.threshold["threshold"] == 0.123
+    # a name without a file: that model's entry in the discovered file, or an error naming the name
+    named = build_model_card(out / "merged", eval_model_name="base")
+    assert named.eval_results_file == out / "eval" / "results.json"
+    assert named.threshold["model_name_in_results"] == "base"
+    assert named.threshold["threshold"] == report["models"]["base"]["chosen_threshold"]
+    with pytest.raises(HfembError, match="--eval-model 'nope': no results.json names it"):
+        build_model_card(out / "merged", eval_model_name="nope")
     # an explicit file that does not name this model: a clear error, unless the name is given
     with pytest.raises(HfembError, match="--eval-model"):
         build_model_card(out / "merged", eval_results=tmp_path / "eval_output" / "a" / "results.json")
