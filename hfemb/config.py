@@ -193,10 +193,13 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'model.torch_dtype' must be auto, float32, bfloat16 or float16")
     if not d.train_file:
         raise ConfigError(f"{where}: 'data.train_file' is required")
-    if not 0.0 <= d.eval_ratio < 1.0:
-        raise ConfigError(f"{where}: 'data.eval_ratio' must be in [0, 1), got {d.eval_ratio}")
+    if d.eval_ratio is None:
+        d.eval_ratio = 0.0  # null: no held-out share
+    if isinstance(d.eval_ratio, bool) or not isinstance(d.eval_ratio, (int, float)) or not 0.0 <= d.eval_ratio < 1.0:
+        raise ConfigError(f"{where}: 'data.eval_ratio' must be a number in [0, 1), got {d.eval_ratio!r}")
     if d.eval_file and d.eval_ratio:
-        raise ConfigError(f"{where}: give 'data.eval_file' or 'data.eval_ratio', not both")
+        raise ConfigError(f"{where}: give 'data.eval_file' or 'data.eval_ratio', not both "
+                          "(on the command line: data.eval_file=FILE data.eval_ratio=0)")
     for key in ("query_max_len", "passage_max_len"):
         if getattr(d, key) < 4:
             raise ConfigError(f"{where}: 'data.{key}' must be at least 4, got {getattr(d, key)}")

@@ -58,6 +58,7 @@ def test_defaults_and_overrides(tmp_path):
     ({"loss": {"in_batch_negatives": "yes"}}, "'loss.in_batch_negatives' must be true or false"),
     ({"loss": {"temperature": 0}}, "'loss.temperature' must be > 0"),
     ({"data": {"train_file": "t", "eval_file": "e", "eval_ratio": 0.1}}, "give 'data.eval_file' or 'data.eval_ratio', not both"),
+    ({"data": {"train_file": "t", "eval_ratio": 1.5}}, "'data.eval_ratio' must be a number in [0, 1), got 1.5"),
     ({"training": {"output_dir": "o", "remove_unused_columns": True}}, "'training.remove_unused_columns' must stay false"),
     ({"data": {"train_file": ""}}, "'data.train_file' is required"),
 ])
@@ -108,3 +109,13 @@ def test_qlora_on_cpu_stops_at_start(tmp_path):
     cfg = load_config(write(tmp_path, {**BASE, "model": {"name_or_path": "m", "finetune_type": "qlora"}}))
     with pytest.raises(HfembError, match="'qlora' needs a CUDA GPU"):
         check_hardware(cfg)
+
+
+def test_eval_file_override_with_eval_ratio_null_or_zero(tmp_path):
+    """configs/lora.json sets eval_ratio; a held-out file on the command line needs it switched off."""
+    raw = {k: dict(v) for k, v in BASE.items()}
+    raw["data"] = {**raw.get("data", {}), "eval_ratio": 0.1}
+    path = write(tmp_path, raw)
+    for off in ("null", "0"):
+        cfg = load_config(path, ["data.eval_file=dev.jsonl", f"data.eval_ratio={off}"])
+        assert cfg.data.eval_file == "dev.jsonl" and cfg.data.eval_ratio == 0.0
