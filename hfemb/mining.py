@@ -121,14 +121,14 @@ def select_negatives(ranked_ids: Sequence, ranked_scores: Sequence[float], rng: 
     ranking of the first ``max(skip_top, #above max_score) + hard_top_k`` and last ``easy_bottom_k``
     entries matters. Each pool is sampled without replacement and kept in rank order.
     """
-    scores = np.asarray(ranked_scores, dtype=np.float64)
+    scores = np.asarray(ranked_scores)  # no copy of a long ranking; compared in float64 below
     n = len(scores)
-    n_over = int(np.count_nonzero(scores > max_score)) if max_score is not None else 0
+    n_over = int(np.count_nonzero(scores.astype(np.float64) > max_score)) if max_score is not None else 0
     cut = min(n, max(skip_top, n_over))
     hard = np.arange(cut, min(n, cut + hard_top_k))
     rest = cut + len(hard)
     easy = np.arange(max(rest, n - easy_bottom_k), n)
-    middle = np.arange(rest, n - len(easy))
+    middle = range(rest, n - len(easy))  # materialised only when random negatives are drawn
     n_hard = min(num_hard, len(hard))
     n_easy = min(num_negatives - n_hard, len(easy))
     n_hard += min(num_negatives - n_hard - n_easy, len(hard) - n_hard)
@@ -140,7 +140,7 @@ def select_negatives(ranked_ids: Sequence, ranked_scores: Sequence[float], rng: 
         return selection
     for kind, pool, k in (("hard", hard, n_hard), ("easy", easy, n_easy), ("random", middle, n_random)):
         picked = np.sort(rng.choice(len(pool), size=k, replace=False)) if k else []
-        for pos in pool[picked]:
+        for pos in (np.asarray(pool)[picked] if k else ()):
             selection.ids.append(ranked_ids[pos])
             selection.scores.append(float(scores[pos]))
             selection.kinds.append(kind)
@@ -152,29 +152,40 @@ def rank_candidates(scores: np.ndarray, rng: np.random.Generator, head: int | No
     """Order of ``scores`` best first, ties in random order; positions into ``scores``.
 
     With ``head``, only the first ``head`` and last ``tail`` positions are ranked (the middle is left in
-    index order), in O(n): this is what :func:`select_negatives` reads, on corpora of any size.
+    index order), in O(n) without copies of ``scores`` beyond one partition each: this is what
+    :func:`select_negatives` reads, on corpora of any size.
     """
     n = len(scores)
     if head is None or head + tail >= n:
         return np.lexsort((rng.random(n), -scores))
+    head_ids = _extreme(scores, head, rng, best=True)
+    # head + tail < n: the rest holds >= tail values, none above a head value, so its `tail` lowest values
+    # are the `tail` lowest of all; only ties at that boundary may include head positions.
+    tail_ids = _extreme(scores, tail, rng, best=False, exclude=head_ids)
     remaining = np.ones(n, dtype=bool)
-    head_ids = _extreme(scores, np.arange(n), head, rng, best=True)
     remaining[head_ids] = False
-    rest = np.flatnonzero(remaining)
-    tail_ids = _extreme(scores, rest, tail, rng, best=False)
     remaining[tail_ids] = False
     return np.concatenate([head_ids, np.flatnonzero(remaining), tail_ids])
 
 
-def _extreme(scores: np.ndarray, ids: np.ndarray, k: int, rng: np.random.Generator, best: bool) -> np.ndarray:
-    """The ``k`` best (or worst) of ``ids``, ties at the boundary chosen at random, sorted best first."""
+def _extreme(scores: np.ndarray, k: int, rng: np.random.Generator, best: bool,
+             exclude: np.ndarray | None = None) -> np.ndarray:
+    """Positions of the ``k`` best (or worst) scores, outside ``exclude``; ties at the boundary chosen at
+    random (in index order, then ``rng``); sorted best first."""
     if k <= 0:
-        return ids[:0]
-    sub = scores[ids] if best else -scores[ids]
-    boundary = sub[np.argpartition(-sub, k - 1)[k - 1]]  # k-th best value
-    inside = ids[sub > boundary]
-    tied = ids[sub == boundary]
-    chosen = np.concatenate([inside, tied[rng.permutation(len(tied))[: k - len(inside)]]])
+        return np.zeros(0, dtype=np.intp)
+    n = len(scores)
+    extreme = scores.max() if best else scores.min()
+    if np.count_nonzero(scores == extreme) >= k:  # e.g. the many zero scores at the bottom of a big corpus
+        boundary = extreme  # (a partition is slow on heavy ties)
+    else:
+        boundary = np.partition(scores, n - k)[n - k] if best else np.partition(scores, k - 1)[k - 1]
+    inside = np.flatnonzero(scores > boundary) if best else np.flatnonzero(scores < boundary)
+    tied = np.flatnonzero(scores == boundary)
+    if exclude is not None and len(exclude):
+        tied = tied[~np.isin(tied, exclude)]
+    need = k - len(inside)  # a random `need` of the ties (O(need), not a shuffle of all of them)
+    chosen = np.concatenate([inside, tied[np.sort(rng.choice(len(tied), size=need, replace=False))]])
     return chosen[np.lexsort((rng.random(len(chosen)), -scores[chosen]))]
 
 

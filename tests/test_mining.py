@@ -269,7 +269,9 @@ def test_pool_mode_ranks_own_candidates_with_global_statistics():
         scores = dict(zip(docs, ref.get_scores(tokenize([record.query], "regex", use_cache=False)[0])))
         assert row["mining"]["bm25"] == pytest.approx([scores[n] for n in row["negative"]])
         ranked = sorted(record.negatives, key=lambda d: -scores[d])
-        assert row["negative"][0] in ranked[:2] and set(row["negative"][1:]) <= set(ranked[-2:])
+        # hard from the top 2, easy from the bottom 2 -- ties at a boundary may go either way
+        assert scores[row["negative"][0]] >= scores[ranked[1]]
+        assert all(scores[n] <= scores[ranked[-2]] for n in row["negative"][1:])
     assert result.rows[0]["negative"][0] in {"salt diet for blood pressure", "blood pressure pills daily"}
     with pytest.raises(ConfigError, match="pool mode needs"):
         mine([Record("q", ["p"])], MiningConfig(mode="pool", use_cache=False))
