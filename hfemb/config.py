@@ -170,7 +170,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
             raise ConfigError(f"{where}: section 'mining' must be an object")
         _check_keys("mining", raw["mining"], _mining_field_names(), where)
         cfg.mining = dict(raw["mining"])
-    training = raw.get("training") or {}
+    training = raw.get("training", {})
     if not isinstance(training, dict):
         raise ConfigError(f"{where}: section 'training' must be an object")
     _check_keys("training", training, _training_argument_names(), where)
@@ -219,6 +219,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'training.bf16' and 'training.fp16' are exclusive")
     if not t.get("output_dir"):
         raise ConfigError(f"{where}: 'training.output_dir' is required")
+    _check_training_values(t, where)
     from hfemb.hub import push_settings
 
     try:
@@ -232,6 +233,47 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if mini_batch and t.get("deepspeed"):
         raise ConfigError(f"{where}: 'training.grad_cache_mini_batch' does not work with DeepSpeed (accelerate steps "
                           "its engine after each backward call); use ZeRO without GradCache, or DDP with GradCache")
+
+
+_SCALARS = (bool, int, float, str, type(None))
+# TrainingArguments does not check these itself; a bad value would only fail inside trainer.train()
+_TRAINING_MINIMUM = {"learning_rate": (0.0, False), "per_device_train_batch_size": (1, True),
+                     "per_device_eval_batch_size": (1, True), "gradient_accumulation_steps": (1, True),
+                     "num_train_epochs": (0.0, False), "weight_decay": (0.0, True), "warmup_steps": (0.0, True),
+                     "max_grad_norm": (0.0, True), "logging_steps": (0.0, False)}
+
+
+def _check_training_values(t: dict, where: str) -> None:
+    """Types of the `training` values against TrainingArguments' scalar field types, and the ranges above."""
+    import dataclasses
+    import types
+    import typing
+
+    from transformers import TrainingArguments
+
+    hints = {f.name: f.type for f in dataclasses.fields(TrainingArguments)}
+    for key, value in t.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+            else (hint,)
+        if not all(a in _SCALARS for a in allowed):
+            continue  # enums, lists, dicts: TrainingArguments checks or converts them
+        ok = (value is None and type(None) in allowed) or (isinstance(value, bool) and bool in allowed) or (
+            not isinstance(value, bool) and ((isinstance(value, int) and (int in allowed or float in allowed))
+                                             or (isinstance(value, float) and float in allowed)
+                                             or (isinstance(value, str) and str in allowed)))
+        if not ok:
+            names = " or ".join({bool: "true/false", int: "a whole number", float: "a number", str: "a string",
+                                 type(None): "null"}[a] for a in allowed)
+            raise ConfigError(f"{where}: 'training.{key}' must be {names}, got {value!r}")
+    for key, (low, inclusive) in _TRAINING_MINIMUM.items():
+        value = t.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (value < low or (value == low and not inclusive)):
+            if key == "num_train_epochs" and (t.get("max_steps") or 0) > 0:
+                continue
+            raise ConfigError(f"{where}: 'training.{key}' must be {'>=' if inclusive else '>'} {low}, got {value!r}")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -285,7 +285,13 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         if resume_from is None:
             raise HfembError(f"--resume: no checkpoint-* folder in {out} to resume from")
 
-    args = training_arguments(cfg, has_eval=bool(eval_rows))  # first: under ZeRO-3 the model then loads into shards
+    try:
+        args = training_arguments(cfg, has_eval=bool(eval_rows))  # first: under ZeRO-3 the model then loads into shards
+        from transformers.integrations import get_reporting_integration_callbacks
+
+        get_reporting_integration_callbacks(args.report_to)  # an unknown report_to fails here, not after loading
+    except (ValueError, TypeError) as exc:  # TrainingArguments' own checks (report_to, strategies, ...)
+        raise ConfigError(f"{cfg.source or 'config'}: section 'training': {exc}") from None
     model = build_model(cfg)
     collator = MultiNegCollator(model=model, query_max_len=cfg.data.query_max_len,
                                 passage_max_len=cfg.data.passage_max_len, num_negatives=cfg.data.num_negatives)

@@ -59,6 +59,13 @@ def test_defaults_and_overrides(tmp_path):
     ({"loss": {"temperature": 0}}, "'loss.temperature' must be > 0"),
     ({"data": {"train_file": "t", "eval_file": "e", "eval_ratio": 0.1}}, "give 'data.eval_file' or 'data.eval_ratio', not both"),
     ({"data": {"train_file": "t", "eval_ratio": 1.5}}, "'data.eval_ratio' must be a number in [0, 1), got 1.5"),
+    ({"training": {"output_dir": "o", "learning_rate": "2e-5"}}, "'training.learning_rate' must be a number, got '2e-5'"),
+    ({"training": {"output_dir": "o", "per_device_train_batch_size": 16.5}},
+     "'training.per_device_train_batch_size' must be a whole number, got 16.5"),
+    ({"training": {"output_dir": "o", "gradient_accumulation_steps": 0}}, "'training.gradient_accumulation_steps' must be >= 1"),
+    ({"training": {"output_dir": "o", "learning_rate": -1}}, "'training.learning_rate' must be > 0.0, got -1"),
+    ({"training": {"output_dir": "o", "bf16": "true"}}, "'training.bf16' must be true/false, got 'true'"),
+    ({"training": {"output_dir": ["a"]}}, "'training.output_dir' must be a string or null, got ['a']"),
     ({"training": {"output_dir": "o", "remove_unused_columns": True}}, "'training.remove_unused_columns' must stay false"),
     ({"data": {"train_file": ""}}, "'data.train_file' is required"),
 ])
@@ -119,3 +126,10 @@ def test_eval_file_override_with_eval_ratio_null_or_zero(tmp_path):
     for off in ("null", "0"):
         cfg = load_config(path, ["data.eval_file=dev.jsonl", f"data.eval_ratio={off}"])
         assert cfg.data.eval_file == "dev.jsonl" and cfg.data.eval_ratio == 0.0
+
+
+def test_training_section_null_or_list_is_an_error(tmp_path):
+    for bad in (None, []):
+        raw = {**{k: dict(v) for k, v in BASE.items()}, "training": bad}
+        with pytest.raises(ConfigError, match="section 'training' must be an object"):
+            load_config(write(tmp_path, raw))
