@@ -502,8 +502,13 @@ def _quantization_config(quantization: str | None, dtype):
 
 
 def _not_found(name_or_path: str, exc: Exception) -> HfembError:
-    if os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path):
-        return HfembError(f"{name_or_path}: not a model folder (no config.json / adapter_config.json): {exc}")
+    if os.path.isdir(name_or_path):
+        has_config = os.path.isfile(os.path.join(name_or_path, "config.json"))
+        return HfembError(f"{name_or_path}: not a model folder (no config.json or adapter_config.json)" if not has_config
+                          else f"{name_or_path}: cannot read the model: {str(exc).strip().splitlines()[0][:300]}")
+    if os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path) or \
+            name_or_path.strip(os.sep).count(os.sep) >= 2:  # a Hub id has one "/"
+        return HfembError(f"{name_or_path}: no such model folder")
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
     reason = "HF_HUB_OFFLINE is set" if offline else str(exc).strip().splitlines()[0][:200]
     return HfembError(
@@ -551,7 +556,7 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
     sources = [name_or_path, base_path] if adapter_config is not None else [name_or_path]
     try:
         config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a folder without config.json / an unknown model_type
         raise _not_found(base_path, exc) from None
     config.use_cache = False  # no KV cache for embedding
 

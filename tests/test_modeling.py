@@ -281,8 +281,13 @@ def test_bfloat16_load_on_cpu(tiny, tiny_qwen3):
 def test_clear_errors(tiny_qwen3, tmp_path):
     with pytest.raises(HfembError, match="not in the Hugging Face cache"):
         load_embedding_model("hfemb-test/no-such-model-anywhere")
-    with pytest.raises(HfembError, match="not a model folder"):
+    with pytest.raises(HfembError, match="missing: no such model folder"):
         load_embedding_model(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HfembError, match=r"empty: not a model folder \(no config.json"):
+        load_embedding_model(str(tmp_path / "empty"))
+    with pytest.raises(HfembError, match="output/run/merged: no such model folder"):
+        load_embedding_model("output/run/merged")  # relative, and not a Hub id (two slashes)
     if not torch.cuda.is_available():
         with pytest.raises(HfembError, match="CUDA"):
             load_embedding_model(tiny_qwen3, quantization="4bit")
