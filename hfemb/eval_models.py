@@ -82,6 +82,12 @@ def _resolved_device_dtype(settings: EvalSettings) -> tuple[str, str]:
     import torch
 
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {device}: no such CUDA device ({torch.cuda.device_count()} available)")
     dtype = settings.dtype
     if dtype == "auto":
         on_gpu = device.startswith("cuda") and torch.cuda.is_available()

@@ -390,13 +390,19 @@ def merge_shards(paths: Sequence[str | os.PathLike], output: str | os.PathLike) 
                 reports.append(json.load(fh))
         except (OSError, ValueError) as exc:
             raise HfembError(f"{path}: cannot read its shard report {report_path(path)}: {exc}") from None
+    for path, rep in zip(paths, reports):
+        if not (isinstance(rep, dict) and isinstance(rep.get("config"), dict) and isinstance(rep.get("shard"), dict)
+                and isinstance(rep["shard"].get("shard_index"), int)):
+            raise HfembError(f"{report_path(path)}: not a shard report of `hfemb mine --num-shards` (no config/shard)")
     first = reports[0]
     settings = {k: v for k, v in first["config"].items() if k != "shard_index"}
     for path, rep in zip(paths, reports):
         if rep.get("input_fingerprint") != first.get("input_fingerprint"):
             raise HfembError(f"{path}: mined from a different input than {paths[0]}")
-        if {k: v for k, v in rep["config"].items() if k != "shard_index"} != settings:
-            raise HfembError(f"{path}: mined with different settings than {paths[0]}")
+        differ = sorted(k for k in set(settings) | set(rep["config"]) - {"shard_index"}
+                        if rep["config"].get(k) != settings.get(k))
+        if differ:
+            raise HfembError(f"{path}: mined with different settings than {paths[0]} ({', '.join(differ)})")
     indices = sorted(rep["shard"]["shard_index"] for rep in reports)
     num_shards = first["shard"]["num_shards"]
     if indices != list(range(num_shards)):
@@ -404,8 +410,14 @@ def merge_shards(paths: Sequence[str | os.PathLike], output: str | os.PathLike) 
     ordered = sorted(zip(reports, paths), key=lambda rp: rp[0]["shard"]["shard_index"])
     rows = []
     for rep, path in ordered:
+        shard_rows = []
         with open(path, encoding="utf-8") as fh:
-            shard_rows = [json.loads(line) for line in fh if line.strip()]
+            for line_no, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        shard_rows.append(json.loads(line))
+                    except ValueError as exc:
+                        raise HfembError(f"{path}:{line_no}: invalid JSON ({exc.msg}); re-mine this shard") from None
         if len(shard_rows) != rep["rows_written"]:
             raise HfembError(f"{path}: {len(shard_rows)} rows but its report says {rep['rows_written']}")
         rows.extend(shard_rows)

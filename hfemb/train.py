@@ -281,6 +281,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
 
     resume_from = None
     if resume:
+        if isinstance(resume, str) and not os.path.isdir(resume):
+            raise HfembError(f"--resume {resume}: no such checkpoint folder")
         resume_from = resume if isinstance(resume, str) else get_last_checkpoint(str(out))
         if resume_from is None:
             raise HfembError(f"--resume: no checkpoint-* folder in {out} to resume from")

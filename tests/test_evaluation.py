@@ -358,3 +358,19 @@ def test_cli_eval_split_and_config(minilm, tmp_path, cache_dir, capsys):
     assert cli_main(["eval", "--config", str(config)]) == 2
     assert cli_main(["eval", "--data", str(data), "--model", f"m={minilm}", "--thresholds", "0.7:0.4"]) == 2
     assert "greater than stop" in capsys.readouterr().err
+
+
+def test_split_refuses_to_overwrite_its_input_and_bad_devices(tmp_path, capsys):
+    data = tmp_path / "pools.jsonl"
+    data.write_text("".join(json.dumps({"query": f"q{i}", "documents": [{"content": f"d{i}", "label": 1},
+                                                                         {"content": "x", "label": 0}]}) + "\n"
+                            for i in range(4)), encoding="utf-8")
+    before = data.read_text(encoding="utf-8")
+    assert cli_main(["split", str(data), "--dev-out", str(data), "--test-out", str(tmp_path / "t.jsonl")]) == 2
+    assert "must differ from the input" in capsys.readouterr().err
+    assert data.read_text(encoding="utf-8") == before and not (tmp_path / "t.jsonl").exists()
+    import torch
+
+    for device, message in (("foo", "not a device"), (f"cuda:{torch.cuda.device_count()}", "no such CUDA device")):
+        with pytest.raises(ConfigError, match=message):
+            eval_models._resolved_device_dtype(EvalSettings(device=device))

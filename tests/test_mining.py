@@ -202,13 +202,20 @@ def test_shards_equal_full_run_and_merge(sample, tmp_path):
     with pytest.raises(HfembError, match="expected each of 0..2 exactly once"):
         merge_shards(paths + paths[:1], tmp_path / "x.jsonl")
     write_output(mine(records, MiningConfig(cache_dir=cache, num_shards=3, seed=1)), tmp_path / "seed1.jsonl")
-    with pytest.raises(HfembError, match="different settings"):
+    with pytest.raises(HfembError, match=r"different settings than .* \(seed\)"):
         merge_shards([tmp_path / "seed1.jsonl", *paths[1:]], tmp_path / "x.jsonl")
     write_output(mine(records[:149], MiningConfig(cache_dir=cache, num_shards=3)), tmp_path / "other.jsonl")
     with pytest.raises(HfembError, match="different input"):
         merge_shards([tmp_path / "other.jsonl", *paths[1:]], tmp_path / "x.jsonl")
+    text = paths[0].read_text(encoding="utf-8")
+    paths[0].write_text(text[:len(text) // 2], encoding="utf-8")  # cut off mid-row
+    with pytest.raises(HfembError, match=rf"shard2.jsonl:\d+: invalid JSON"):
+        merge_shards(paths, tmp_path / "x.jsonl")
     paths[0].write_text("", encoding="utf-8")
     with pytest.raises(HfembError, match="0 rows but its report says 50"):
+        merge_shards(paths, tmp_path / "x.jsonl")
+    report_path(paths[0]).write_text("[1]", encoding="utf-8")
+    with pytest.raises(HfembError, match="not a shard report"):
         merge_shards(paths, tmp_path / "x.jsonl")
     assert not (tmp_path / "x.jsonl").exists()
 

@@ -46,8 +46,12 @@ def run(args) -> int:
     from hfemb.errors import ConfigError
     from hfemb.evaluation import EvalSettings, read_eval_records, split_by_query
 
-    if args.dev_out == args.test_out:
+    import os
+
+    if os.path.abspath(args.dev_out) == os.path.abspath(args.test_out):
         raise ConfigError("--dev-out and --test-out must differ")
+    if os.path.abspath(args.input) in (os.path.abspath(args.dev_out), os.path.abspath(args.test_out)):
+        raise ConfigError(f"{args.input}: --dev-out / --test-out must differ from the input (it would be overwritten)")
     settings = EvalSettings(data_format=args.data_format, on_error="skip" if args.skip_bad else "raise",
                             bad_label=args.bad_label, label_threshold=args.label_threshold)
     result = read_eval_records(args.input, settings)
