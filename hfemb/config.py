@@ -138,8 +138,29 @@ def _check_keys(section: str, given: dict, valid: set[str], where: str) -> None:
         )
 
 
-def _coerce(section: str, key: str, value: Any, default: Any, where: str) -> Any:
-    """Light type checking against the dataclass default (JSON has no tuples or None-typed hints)."""
+_ANNOTATION_CHECKS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                      "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                      "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+                      "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                      "None": lambda v: v is None}
+_ANNOTATION_NAMES = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
+                     "list[str]": "a list of strings", "None": "null"}
+
+
+def _check_optional(section: str, key: str, value: Any, annotation: str, where: str) -> Any:
+    """Fields whose default is None: check against the annotation's simple types (``int | None`` ...)."""
+    kinds = [t.strip() for t in str(annotation).split("|")]
+    if not all(k in _ANNOTATION_CHECKS for k in kinds) or any(_ANNOTATION_CHECKS[k](value) for k in kinds):
+        return float(value) if "float" in kinds and "int" not in kinds and isinstance(value, int) \
+            and not isinstance(value, bool) else value
+    raise ConfigError(f"{where}: '{section}.{key}' must be {' or '.join(_ANNOTATION_NAMES[k] for k in kinds)}, "
+                      f"got {value!r}")
+
+
+def _coerce(section: str, key: str, value: Any, default: Any, where: str, annotation: str | None = None) -> Any:
+    """Light type checking against the dataclass default, or its annotation when the default is None."""
+    if default is None and annotation is not None:
+        return _check_optional(section, key, value, annotation, where)
     if value is None or default is None:
         return value
     expected = type(default)
@@ -163,13 +184,18 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
             raise ConfigError(f"{where}: section '{name}' must be an object")
         defaults = cls()
         _check_keys(name, given, {f.name for f in dataclasses.fields(cls)}, where)
-        values = {k: _coerce(name, k, v, getattr(defaults, k), where) for k, v in given.items()}
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        values = {k: _coerce(name, k, v, getattr(defaults, k), where, types[k]) for k, v in given.items()}
         setattr(cfg, name, cls(**values))
     if raw.get("mining") is not None:
         if not isinstance(raw["mining"], dict):
             raise ConfigError(f"{where}: section 'mining' must be an object")
         _check_keys("mining", raw["mining"], _mining_field_names(), where)
-        cfg.mining = dict(raw["mining"])
+        from hfemb.mining import MiningConfig
+
+        fields = {f.name: f for f in dataclasses.fields(MiningConfig)}
+        cfg.mining = {k: _coerce("mining", k, v, fields[k].default if fields[k].default is not dataclasses.MISSING
+                                 else None, where, fields[k].type) for k, v in raw["mining"].items()}
     training = raw.get("training", {})
     if not isinstance(training, dict):
         raise ConfigError(f"{where}: section 'training' must be an object")
@@ -213,6 +239,10 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
     if cfg.lora.r <= 0:
         raise ConfigError(f"{where}: 'lora.r' must be > 0")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"{where}: 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.lora.bias not in ("none", "all", "lora_only"):
+        raise ConfigError(f"{where}: 'lora.bias' must be none, all or lora_only, got {cfg.lora.bias!r}")
     if t.get("remove_unused_columns"):
         raise ConfigError(f"{where}: 'training.remove_unused_columns' must stay false (the collator needs every field)")
     if t.get("bf16") and t.get("fp16"):
