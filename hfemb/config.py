@@ -153,8 +153,8 @@ def _check_optional(section: str, key: str, value: Any, annotation: str, where: 
     if not all(k in _ANNOTATION_CHECKS for k in kinds) or any(_ANNOTATION_CHECKS[k](value) for k in kinds):
         return float(value) if "float" in kinds and "int" not in kinds and isinstance(value, int) \
             and not isinstance(value, bool) else value
-    raise ConfigError(f"{where}: '{section}.{key}' must be {' or '.join(_ANNOTATION_NAMES[k] for k in kinds)}, "
-                      f"got {value!r}")
+    name = f"{section}.{key}" if section else key
+    raise ConfigError(f"{where}: '{name}' must be {' or '.join(_ANNOTATION_NAMES[k] for k in kinds)}, got {value!r}")
 
 
 def _coerce(section: str, key: str, value: Any, default: Any, where: str, annotation: str | None = None) -> Any:

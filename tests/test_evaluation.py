@@ -374,3 +374,17 @@ def test_split_refuses_to_overwrite_its_input_and_bad_devices(tmp_path, capsys):
     for device, message in (("foo", "not a device"), (f"cuda:{torch.cuda.device_count()}", "no such CUDA device")):
         with pytest.raises(ConfigError, match=message):
             eval_models._resolved_device_dtype(EvalSettings(device=device))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"symmetric": "false"}, "'symmetric' must be true or false, got 'false'"),
+    ({"thresholds": 0.5}, "'thresholds' must be a string like"),
+    ({"label_threshold": "1"}, "'label_threshold' must be a whole number, got '1'"),
+    ({"models": {}}, "'models' is empty"),
+])
+def test_eval_config_values_are_type_checked(tmp_path, capsys, config, message):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    assert cli_main(["eval", "--config", str(path), "--data", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: " in err and message in err

@@ -101,6 +101,22 @@ def load_config(path: str | Path | None) -> dict:
     models = config.get("models")
     if models is not None and (not isinstance(models, dict) or not all(isinstance(v, str) for v in models.values())):
         raise ConfigError(f"{path}: 'models' must be an object {{name: spec}}")
+    if models == {}:
+        raise ConfigError(f"{path}: 'models' is empty (leave it out for the defaults)")
+    from hfemb.config import _check_optional
+
+    types = {f.name: f.type for f in fields(EvalSettings)}
+    types.update(data="str | None", dev="str | None", split_dev="float | None", output_dir="str",
+                 train_output_root="str", thresholds="str | list[float]")
+    for key, value in config.items():
+        if key in types and key != "models":
+            if key == "thresholds" and not isinstance(value, str):
+                if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in value):
+                    continue
+                raise ConfigError(f"{path}: 'thresholds' must be a string like \"0.4:0.7\" or a list of numbers, "
+                                  f"got {value!r}")
+            _check_optional("", key, value, types[key], str(path))
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
