@@ -322,9 +322,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is fine, as in data files
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -80,6 +80,14 @@ class MiningConfig:
             raise ConfigError(f"num_hard ({self.num_hard}) exceeds num_negatives ({self.num_negatives})")
         if self.max_relative_score is not None and not self.max_relative_score > 0:
             raise ConfigError(f"max_relative_score must be > 0, got {self.max_relative_score}")
+        if self.num_hard > self.hard_top_k:
+            raise ConfigError(f"num_hard ({self.num_hard}) exceeds hard_top_k ({self.hard_top_k}): the hard pool "
+                              "is the top hard_top_k candidates")
+        if not self.k1 >= 0 or not 0 <= self.b <= 1 or not self.epsilon >= 0:
+            raise ConfigError(f"BM25 needs k1 >= 0, 0 <= b <= 1 and epsilon >= 0; got k1={self.k1}, b={self.b}, "
+                              f"epsilon={self.epsilon}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.num_shards < 1 or self.shard_index >= self.num_shards:
             raise ConfigError(f"shard_index must be in [0, num_shards), got {self.shard_index}/{self.num_shards}")
 

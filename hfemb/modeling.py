@@ -604,6 +604,9 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
     if max_length is None:
         st = next((c for c in (_read_json(s, "sentence_bert_config.json") for s in sources) if c), {})
         max_length = st.get("max_seq_length")
+    hidden = _text_config(config).hidden_size
+    if truncate_dim is not None and truncate_dim > hidden:
+        raise ConfigError(f"truncate_dim {truncate_dim} exceeds the model's dimension {hidden} ({name_or_path})")
     return EmbeddingModel(backbone, tokenizer, pooling=pooling, query_prompt=query_prompt,
                           document_prompt=document_prompt, append_eos=do_append,
                           eos_token_id_to_append=eos_id if do_append else None, truncate_dim=truncate_dim,

@@ -105,7 +105,8 @@ def test_normalize_text_and_shard_bounds():
 
 def test_config_validation():
     for bad in ({"mode": "both"}, {"num_hard": 4}, {"num_negatives": 0}, {"skip_top": -1}, {"idf": "x"},
-                {"max_relative_score": 0}, {"num_shards": 2, "shard_index": 2}, {"tokenizer": "nltk"}):
+                {"max_relative_score": 0}, {"num_shards": 2, "shard_index": 2}, {"tokenizer": "nltk"},
+                {"hard_top_k": 0}, {"k1": -1}, {"b": 2}, {"epsilon": -1}, {"workers": 0}):
         with pytest.raises(ConfigError):
             MiningConfig(**bad)
 

@@ -293,6 +293,8 @@ def test_clear_errors(tiny_qwen3, tmp_path):
             load_embedding_model(tiny_qwen3, quantization="4bit")
     with pytest.raises(ConfigError):
         load_embedding_model(tiny_qwen3, pooling="max")
+    with pytest.raises(ConfigError, match="truncate_dim 100000 exceeds the model's dimension 64"):
+        load_embedding_model(tiny_qwen3, truncate_dim=100000)
 
 
 # ---- saving: sentence-transformers layout -----------------------------------------------------------
