@@ -432,6 +432,8 @@ def _evaluation(m: _Model, eval_results, eval_model_name: str | None) -> tuple[P
         return None
     if eval_results is None:
         return discover_eval_results(m.folder, m.output_dir, eval_model_name)
+    if not Path(eval_results).is_file():
+        raise HfembError(f"{eval_results}: no such file (--eval-results takes a results.json written by run_eval.py)")
     hit = find_eval_entry(Path(eval_results), m.folder, m.output_dir, eval_model_name)
     if hit is None:
         names = ", ".join(_read_json(Path(eval_results))["models"])

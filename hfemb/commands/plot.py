@@ -19,8 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from hfemb.errors import HfembError
     from hfemb.plotting import log_path, plot_training_curves, read_train_log
 
+    if not Path(args.output_dir).exists():
+        raise HfembError(f"{args.output_dir}: no such folder (give a training output folder or its train_log.jsonl)")
     log = read_train_log(log_path(args.output_dir))
     png = plot_training_curves(args.output_dir, args.output, title=args.title)
     state = "finished" if log.finished else "in progress"
