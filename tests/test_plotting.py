@@ -128,5 +128,5 @@ def test_cli_plot_in_progress_run(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "run" / "train_log.jsonl"), "--output", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").is_file()
     assert main(["plot", str(tmp_path / "missing")]) == 2
-    assert "no training log" in capsys.readouterr().err
+    assert "missing: no such folder" in capsys.readouterr().err
 
