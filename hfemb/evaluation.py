@@ -63,6 +63,9 @@ class EvalSettings:
         for name in ("batch_size", "max_length", "n_bootstrap", "request_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name == "n_bootstrap" else 1):
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_tokens_per_batch is not None and (not isinstance(self.max_tokens_per_batch, int)
+                                                      or self.max_tokens_per_batch < 1):
+            raise ConfigError(f"max_tokens_per_batch must be a positive integer, got {self.max_tokens_per_batch!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization not in (None, "4bit", "8bit"):

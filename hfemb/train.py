@@ -298,12 +298,10 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     collator = MultiNegCollator(model=model, query_max_len=cfg.data.query_max_len,
                                 passage_max_len=cfg.data.passage_max_len, num_negatives=cfg.data.num_negatives)
     log_file = out / "train_log.jsonl"
-    if not resume_from and log_file.exists():
-        log_file.unlink()
     lengths = [len(r["query"]) + len(r["positive"]) + sum(map(len, r["negatives"])) for r in rows]
     trainer = MultiNegEmbeddingTrainer(
         model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None, data_collator=collator,
-        loss_config=cfg.loss, train_lengths=lengths, callbacks=[JsonlLogCallback(str(log_file))],
+        loss_config=cfg.loss, train_lengths=lengths, callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from)],
         grad_cache_mini_batch=cfg.training.get("grad_cache_mini_batch"),
     )
     # ZeRO-3 parameters are shards: ds_numel is the full size

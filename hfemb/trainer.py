@@ -252,10 +252,16 @@ def load_backbone_weights(model, folder: str) -> None:
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Append every log entry (train and eval) as one JSON line to ``path``."""
+    """Append every log entry (train and eval) as one JSON line to ``path``. ``fresh``: remove an old log when
+    training really begins (not before: a run that fails while setting up keeps the previous run's log)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, fresh: bool = False):
+        self.path, self.fresh = path, fresh
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.fresh and state.is_world_process_zero and os.path.exists(self.path):
+            os.remove(self.path)
+        self.fresh = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

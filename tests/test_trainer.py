@@ -204,3 +204,23 @@ def test_raw_data_is_mined_on_the_fly_and_cached(tiny_qwen3, zh_sample_csv, tmp_
     assert load_rows(cfg, str(raw), tmp_path / "cache", again, "train") == rows
     assert again["train"]["mining"]["cache"] == mined["cache"]
     assert len(list((tmp_path / "cache").glob("mined-*.jsonl"))) == 1
+
+
+def test_jsonl_log_is_replaced_only_when_training_begins(tmp_path):
+    from types import SimpleNamespace
+
+    from hfemb.trainer import JsonlLogCallback
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1}\n', encoding="utf-8")
+    state = SimpleNamespace(is_world_process_zero=True, global_step=2, epoch=1.0)
+    JsonlLogCallback(str(log), fresh=True)  # constructed (the run may still fail while setting up): kept
+    assert log.read_text(encoding="utf-8") == '{"step": 1}\n'
+    resumed = JsonlLogCallback(str(log), fresh=False)
+    resumed.on_train_begin(None, state, None)
+    resumed.on_log(None, state, None, logs={"loss": 0.5})
+    assert [json.loads(x)["step"] for x in log.read_text(encoding="utf-8").splitlines()] == [1, 2]
+    fresh = JsonlLogCallback(str(log), fresh=True)
+    fresh.on_train_begin(None, state, None)
+    fresh.on_log(None, state, None, logs={"loss": 0.5})
+    assert [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines()] == [{"step": 2, "epoch": 1.0, "loss": 0.5}]
