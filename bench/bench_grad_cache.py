@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (also puts the repository on sys.path)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "hfemb" / "resources" / "zh_medical_qa" / "internal_medicine_qa_sample.csv"
 
@@ -111,7 +112,7 @@ def main() -> None:
         print(json.dumps(measure(**json.loads(args.child))))
         return
 
-    load = Path("/proc/loadavg").read_text().split()[:3]
+    load = common.load_averages()
     results = []
     for batch in args.batches:
         pair = []
@@ -120,13 +121,10 @@ def main() -> None:
                 pair.append(None)
                 continue
             child = json.dumps({"model": args.model, "batch": batch, "mini_batch": mini_batch, "threads": args.threads})
-            out = subprocess.run([sys.executable, __file__, "--child", child], stdout=subprocess.PIPE, text=True,
-                                 check=True).stdout
-            pair.append(json.loads(out.strip().splitlines()[-1]))
+            pair.append(common.child_json([__file__, "--child", child]))
             print(json.dumps(pair[-1]), file=sys.stderr, flush=True)
         results.append(pair)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"load": load, "results": results}, indent=1))
+    common.save_results(args.output, load, results)
 
     print(f"\nOne training step, {args.model} full fine-tuning, 3 negatives, GradCache mini-batch "
           f"{args.mini_batch}, {args.threads} threads (load average {' '.join(load)}):\n")

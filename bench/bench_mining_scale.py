@@ -26,14 +26,15 @@ import json
 import re
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (also puts the repository on sys.path)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "zh_medical_qa"
 SENTENCE_END = re.compile(r"(?<=[。！？!?；;])")
@@ -115,19 +116,17 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.queries, args.workers, args.cache_dir, args.seed)))
         return
 
-    load = Path("/proc/loadavg").read_text().split()[:3]
+    load = common.load_averages()
     log(f"load average {' '.join(load)}")
     results = []
     for size in args.sizes:
         cache = Path(args.cache_dir) / str(size)  # cold = really cold
         shutil.rmtree(cache, ignore_errors=True)
-        cmd = [sys.executable, __file__, "--child", str(size), "--queries", str(args.queries),
-               "--workers", str(args.workers), "--cache-dir", str(cache), "--seed", str(args.seed)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        results.append(common.child_json([__file__, "--child", str(size), "--queries", str(args.queries),
+                                          "--workers", str(args.workers), "--cache-dir", str(cache),
+                                          "--seed", str(args.seed)]))
         shutil.rmtree(cache, ignore_errors=True)
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({"load": load, "results": results}, indent=1))
+        common.save_results(args.output, load, results)
 
     print(f"\nhfemb mine, corpus mode, jieba, {args.queries} queries, {args.workers} jieba workers "
           f"(load average at start {' '.join(load)}):\n")

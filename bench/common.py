@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -184,6 +185,26 @@ def training_flops(lengths: list[int], linear_params: int, layers: int, attn_wid
     squares = sum(L * L for L in lengths)
     forward = 2 * linear_params * tokens + 4 * layers * attn_width * squares
     return 3.0 * forward
+
+
+def load_averages() -> list[str]:
+    """The 1-, 5- and 15-minute load averages, as /proc/loadavg prints them."""
+    return Path("/proc/loadavg").read_text().split()[:3]
+
+
+def child_json(argv: list[str]) -> Any:
+    """Run ``python ARGV...`` in a fresh process (clean memory readings) and return the JSON on the last line
+    of its stdout; a failing child raises."""
+    out = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def save_results(path: str | os.PathLike, load: list[str], results: list) -> None:
+    """``{"load", "results"}`` to ``path`` (atomically), after each measurement so a cut-off run keeps the rest."""
+    from hfemb.io_utils import write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"load": load, "results": results}, indent=1)
 
 
 def write_outputs(name: str, markdown: str, data: dict[str, Any]) -> tuple[Path, Path]:
