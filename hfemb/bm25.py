@@ -150,19 +150,23 @@ def tokenize(
         tokens = _tokenize_parallel(texts, workers)
         stats.workers = workers
     else:
-        table: dict[str, str] = {}  # one shared str per distinct token (see _split_interned)
-        tokens = [[table.setdefault(t, t) for t in doc] for doc in _TOKENIZE[tokenizer](texts)]
+        tokens = _interned(_TOKENIZE[tokenizer](texts))
     if path is not None:
         _save_cache(path, tokens)
     stats.seconds = time.perf_counter() - start
     return tokens
 
 
-def _split_interned(joined_docs) -> list[list[str]]:
-    """Split space-joined token strings, one shared ``str`` per distinct token: a fresh string per token costs
-    ~80 bytes (Chinese), ~8 GB of token lists at 1M documents; shared ones leave the 8-byte list slots."""
+def _interned(docs) -> list[list[str]]:
+    """Token lists with one shared ``str`` per distinct token: a fresh string per token costs ~80 bytes
+    (Chinese), ~8 GB of token lists at 1M documents; shared ones leave the 8-byte list slots."""
     table: dict[str, str] = {}
-    return [[table.setdefault(t, t) for t in doc.split(" ")] if doc else [] for doc in joined_docs]
+    return [[table.setdefault(t, t) for t in doc] for doc in docs]
+
+
+def _split_interned(joined_docs) -> list[list[str]]:
+    """Split space-joined token strings (the cache's and the jieba workers' form) into interned token lists."""
+    return _interned(doc.split(" ") if doc else [] for doc in joined_docs)
 
 
 def _tokenize_parallel(texts: list[str], workers: int) -> list[list[str]]:

@@ -290,11 +290,8 @@ def _check_training_values(t: dict, where: str) -> None:
             else (hint,)
         if not all(a in _SCALARS for a in allowed):
             continue  # enums, lists, dicts: TrainingArguments checks or converts them
-        ok = (value is None and type(None) in allowed) or (isinstance(value, bool) and bool in allowed) or (
-            not isinstance(value, bool) and ((isinstance(value, int) and (int in allowed or float in allowed))
-                                             or (isinstance(value, float) and float in allowed)
-                                             or (isinstance(value, str) and str in allowed)))
-        if not ok:
+        kinds = [{bool: "bool", int: "int", float: "float", str: "str", type(None): "None"}[a] for a in allowed]
+        if not any(_ANNOTATION_CHECKS[k](value) for k in kinds):
             names = " or ".join({bool: "true/false", int: "a whole number", float: "a number", str: "a string",
                                  type(None): "null"}[a] for a in allowed)
             raise ConfigError(f"{where}: 'training.{key}' must be {names}, got {value!r}")

@@ -81,6 +81,7 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
     if doc_ids is not None:
         positive_ids = doc_ids[labels] if in_batch_negatives else doc_ids.view(b, g)[:, 0]  # [B]
     masking = mask_false_negatives or (mask_duplicates and doc_ids is not None)
+    rows = torch.arange(b, device=q.device)
 
     def candidate_mask(cand_sims, cand_ids, own_ids, self_cols):
         """[B, C] bool: True = not a negative (itself, same text as its own, or above positive + margin)."""
@@ -89,7 +90,7 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
             m |= cand_sims > positive_sim + false_negative_margin
         if mask_duplicates and cand_ids is not None and own_ids is not None:
             m |= cand_ids[None, :] == own_ids[:, None] if cand_ids.dim() == 1 else cand_ids == own_ids[:, None]
-        m[torch.arange(b, device=q.device), self_cols] = True  # never its own positive / itself
+        m[rows, self_cols] = True  # never its own positive / itself
         return m
 
     mask = None
@@ -98,9 +99,8 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
         with torch.no_grad():
             ids = doc_ids if (doc_ids is None or in_batch_negatives) else doc_ids.view(b, g)  # [M] or [B, G]
             mask = candidate_mask(sims, ids, positive_ids, labels)  # [B, C]
-            mask[torch.arange(b, device=q.device), labels] = False  # the positive itself stays
+            mask[rows, labels] = False  # the positive itself stays
         blocks[0] = blocks[0].masked_fill(mask, MASKED_LOGIT)
-    rows = torch.arange(b, device=q.device)
     if query_negatives:
         qs = q if all_queries is None else all_queries.float()  # [Mq, D]
         q_sims = q @ qs.T  # [B, Mq]

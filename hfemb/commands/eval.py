@@ -109,7 +109,7 @@ def load_config(path: str | Path | None) -> dict:
     types.update(data="str | None", dev="str | None", split_dev="float | None", output_dir="str",
                  train_output_root="str", thresholds="str | list[float]")
     for key, value in config.items():
-        if key in types and key != "models":
+        if key in types:
             if key == "thresholds" and not isinstance(value, str):
                 if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                    for v in value):
