@@ -96,13 +96,19 @@ def worker(kind: str, spec_json: str) -> None:
     print("RESULT " + json.dumps(result))
 
 
+def _settings(spec: dict) -> dict:
+    """A run's settings: its spec without ``out`` (the folder itself, however it was spelled)."""
+    return {k: v for k, v in spec.items() if k != "out"}
+
+
 def spawn(kind: str, spec: dict, log_dir: Path) -> dict:
     """Train in a fresh subprocess (clean peak-RSS reading); reuse a finished run with the same spec."""
     out = Path(spec["out"])
     done = out / "bench_result.json"
-    same = lambda a, b: {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}  # noqa: E731
-    if done.exists() and same(json.loads(done.read_text()).get("spec", {}), spec):  # out: the folder itself
-        return json.loads(done.read_text())["result"]
+    if done.exists():
+        previous = json.loads(done.read_text())
+        if _settings(previous.get("spec", {})) == _settings(spec):
+            return previous["result"]
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -219,13 +225,12 @@ def main() -> int:
               "seed": args.seed, "threads": args.threads, "train_file": str(train_file)}
 
     runs: dict[str, dict] = {}
+    label_2x = f"hfemb full, {2 * args.epochs:g} epochs (the peer's time budget)"
     plan = [("sentence-transformers MNRL", "st", {"name": "st"}),
             ("hfemb full", "hfemb", {"name": "hfemb-full"}),
             ("hfemb LoRA", "hfemb", {"name": "hfemb-lora", "finetune": "lora", "lr": LORA_LR}),
-            (f"hfemb full, {2 * args.epochs:g} epochs (the peer's time budget)", "hfemb",
-             {"name": "hfemb-full-2x", "epochs": 2 * args.epochs})]
-    skip = {"st": "sentence-transformers MNRL", "full": "hfemb full", "lora": "hfemb LoRA",
-            "2x": f"hfemb full, {2 * args.epochs:g} epochs (the peer's time budget)"}
+            (label_2x, "hfemb", {"name": "hfemb-full-2x", "epochs": 2 * args.epochs})]
+    skip = {"st": "sentence-transformers MNRL", "full": "hfemb full", "lora": "hfemb LoRA", "2x": label_2x}
     plan = [p for p in plan if p[0] not in {skip[s] for s in args.skip}]
     for label, kind, extra in plan:
         spec = {**shared, **extra, "out": str(out / "runs" / extra["name"])}
@@ -273,7 +278,8 @@ def main() -> int:
           f"seed {args.seed}, {args.threads} torch thread(s) per training, CPU.\n\n" + table + ablation_md +
           f"\n\nCommand: `{command.strip()}` ({time.time() - started:.0f} s).")
     print("\n" + md)
-    name = "bench_quality" + ("_quick" if args.quick else "") + (f"_{Path(args.out).name}" if Path(args.out).resolve() != Path(DEFAULT_OUT).resolve() else "")
+    other_out = Path(args.out).resolve() != Path(DEFAULT_OUT).resolve()
+    name = "bench_quality" + ("_quick" if args.quick else "") + (f"_{Path(args.out).name}" if other_out else "")
     path, _ = common.write_outputs(name, md + "\n", {
         "eval": report, "ablation_eval": ablation_report, "runs": runs, "mining_report": mining_report,
         "settings": vars(args), "seconds": round(time.time() - started, 1)})

@@ -121,7 +121,6 @@ def run_hfemb(model_path, mined, batch, warmup, steps, finetune="full") -> dict:
     rate, timed = common.rate_after_warmup(timer.durations, warmup, batch)
     timed_lengths = lengths[warmup:warmup + timed]  # batches are collated in step order
     seconds = timed * batch / rate
-
     flops = sum(common.training_flops(ls, linear, layers, width) for ls in timed_lengths)
     real = sum(sum(ls) for ls in timed_lengths)
     return {"samples_per_s": rate, "timed_steps": timed, "loaded_rss_mb": loaded_rss,

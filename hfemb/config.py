@@ -147,8 +147,10 @@ _ANNOTATION_NAMES = {"int": "a whole number", "float": "a number", "str": "a str
                      "list[str]": "a list of strings", "None": "null"}
 
 
-def _check_optional(section: str, key: str, value: Any, annotation: str, where: str) -> Any:
-    """Fields whose default is None: check against the annotation's simple types (``int | None`` ...)."""
+def check_annotated(section: str, key: str, value: Any, annotation: str, where: str) -> Any:
+    """``value`` against a string annotation of simple types (``int | None``, ``list[str] | str`` ...): the
+    fields whose default is None, and the eval config; other annotations are not checked. An int for a
+    float-only field comes back as a float."""
     kinds = [t.strip() for t in str(annotation).split("|")]
     if not all(k in _ANNOTATION_CHECKS for k in kinds) or any(_ANNOTATION_CHECKS[k](value) for k in kinds):
         return float(value) if "float" in kinds and "int" not in kinds and isinstance(value, int) \
@@ -160,7 +162,7 @@ def _check_optional(section: str, key: str, value: Any, annotation: str, where: 
 def _coerce(section: str, key: str, value: Any, default: Any, where: str, annotation: str | None = None) -> Any:
     """Light type checking against the dataclass default, or its annotation when the default is None."""
     if default is None and annotation is not None:
-        return _check_optional(section, key, value, annotation, where)
+        return check_annotated(section, key, value, annotation, where)
     if value is None or default is None:
         return value
     expected = type(default)

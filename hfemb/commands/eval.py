@@ -103,7 +103,7 @@ def load_config(path: str | Path | None) -> dict:
         raise ConfigError(f"{path}: 'models' must be an object {{name: spec}}")
     if models == {}:
         raise ConfigError(f"{path}: 'models' is empty (leave it out for the defaults)")
-    from hfemb.config import _check_optional
+    from hfemb.config import check_annotated
 
     types = {f.name: f.type for f in fields(EvalSettings)}
     types.update(data="str | None", dev="str | None", split_dev="float | None", output_dir="str",
@@ -116,7 +116,7 @@ def load_config(path: str | Path | None) -> dict:
                     continue
                 raise ConfigError(f"{path}: 'thresholds' must be a string like \"0.4:0.7\" or a list of numbers, "
                                   f"got {value!r}")
-            _check_optional("", key, value, types[key], str(path))
+            check_annotated("", key, value, types[key], str(path))
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
