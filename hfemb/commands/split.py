@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = "split a labelled eval file into dev/test by query"
 
@@ -45,8 +46,6 @@ def write_pools(path: str, rows: list[dict]) -> None:
 def run(args) -> int:
     from hfemb.errors import ConfigError
     from hfemb.evaluation import EvalSettings, read_eval_records, split_by_query
-
-    import os
 
     if os.path.abspath(args.dev_out) == os.path.abspath(args.test_out):
         raise ConfigError("--dev-out and --test-out must differ")
