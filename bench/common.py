@@ -33,7 +33,7 @@ def minilm_path() -> str:
 
 
 def tiny_qwen3() -> str:
-    from hfemb.tiny import tiny_qwen3_path
+    from hfemb.testing.tiny import tiny_qwen3_path
 
     return tiny_qwen3_path()
 
@@ -42,7 +42,7 @@ def tiny_qwen3() -> str:
 def wikiqa_split_file(split: str, out_dir: Path, data_dir: Path = WIKIQA) -> Path:
     """The official WikiQA ``split`` restricted to questions with at least one positive sentence, as a
     JSONL pool file ``{"query", "documents": [{"content", "label"}]}`` (what evaluation and mining read)."""
-    from hfemb.data import read_records
+    from hfemb.data.formats import read_records
     from hfemb.io_utils import write_jsonl
 
     out = out_dir / f"wikiqa-{split}.pos.jsonl"
@@ -74,9 +74,9 @@ def mine_wikiqa_train(out_dir: Path, data_dir: Path = WIKIQA, **overrides) -> tu
 
 
 def training_rows(path: Path, num_negatives: int = 3) -> list[dict]:
-    """Mined JSONL -> ``{"query","positive","negatives"}`` rows, as `hfemb.train.load_rows` builds them."""
-    from hfemb.data import read_records
-    from hfemb.train import rows_from_records
+    """Mined JSONL -> ``{"query","positive","negatives"}`` rows, as `hfemb.training.runner.load_rows` builds them."""
+    from hfemb.data.formats import read_records
+    from hfemb.training.runner import rows_from_records
 
     rows, _ = rows_from_records(read_records(str(path)).records, num_negatives, seed=0)
     return rows

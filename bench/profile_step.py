@@ -51,9 +51,9 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from hfemb.collator import MultiNegCollator
-    from hfemb.train import build_model, training_arguments
-    from hfemb.trainer import MultiNegEmbeddingTrainer
+    from hfemb.training.collator import MultiNegCollator
+    from hfemb.training.runner import build_model, training_arguments
+    from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     torch.set_num_threads(args.threads)
     model_path, mined = setting_data(args.setting)

@@ -44,7 +44,7 @@ def _run(argv: list[str]) -> None:
 
 
 def split_sample(out: Path, seed: int = 0, n_dev: int = 60, n_test: int = 60) -> None:
-    from hfemb.data import read_records, write_records
+    from hfemb.data.formats import read_records, write_records
 
     records = read_records(str(SAMPLE)).records
     queries = sorted({r.query for r in records})
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     _step("0. a tiny random Qwen3 with the real Qwen BPE (stand-in for Qwen/Qwen3-Embedding-0.6B, offline)")
-    from hfemb.tiny import tiny_qwen3_path
+    from hfemb.testing.tiny import tiny_qwen3_path
 
     tiny = tiny_qwen3_path(out / "tiny-qwen3")
     print(f"model: {tiny}")

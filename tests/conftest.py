@@ -20,7 +20,7 @@ SAMPLE_DIR = REPO / "hfemb" / "resources" / "zh_medical_qa"
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory) -> str:
     """Path of a tiny random Qwen3 embedding model (2 layers, hidden 64) with the real Qwen BPE."""
-    from hfemb.tiny import tiny_qwen3_path
+    from hfemb.testing.tiny import tiny_qwen3_path
 
     cache = os.environ.get("HFEMB_TEST_TINY_DIR")  # reuse across runs when set
     return tiny_qwen3_path(cache or tmp_path_factory.mktemp("tiny") / "tiny-qwen3")

@@ -1,4 +1,4 @@
-"""hfemb.bm25: tokenisers, token cache, and BM25 scores/rankings checked against rank_bm25.BM25Okapi."""
+"""hfemb.mining.bm25: tokenisers, token cache, and BM25 scores/rankings checked against rank_bm25.BM25Okapi."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from rank_bm25 import BM25Okapi
 
-from hfemb import bm25 as bm25_mod
-from hfemb.bm25 import BM25, TokenizeStats, default_cache_dir, tokenize
+from hfemb.mining import bm25 as bm25_mod
+from hfemb.mining.bm25 import BM25, TokenizeStats, default_cache_dir, tokenize
 from hfemb.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""hfemb.cases and `hfemb convert --knowledge`: query template, knowledge files, missing labels reported, the
+"""hfemb.data.cases and `hfemb convert --knowledge`: query template, knowledge files, missing labels reported, the
 per-case candidate layout as a labelled pool, corpus-mode mining over the knowledge base (hard negatives ==
 rank-bm25's best non-positive entry), and the real TCM-SD sample from ../shared (skipped when absent)."""
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from hfemb import cases
-from hfemb.bm25 import tokenize
+from hfemb.data import cases
+from hfemb.mining.bm25 import tokenize
 from hfemb.cli import main
-from hfemb.data import read_records
+from hfemb.data.formats import read_records
 from hfemb.errors import ConfigError, DataError
 
 TCM = Path(__file__).parent / "data" / "tcm"
@@ -274,8 +274,8 @@ def test_real_tcm_sd_sample(shared_data, tmp_path, capsys):
 
 def test_tcm_sd_config_trains_on_converted_and_mined_cases(tiny_qwen3, tmp_path, capsys):
     """configs/tcm_sd_lora.json (only the model, sizes and steps shrunk) on convert + corpus-mined cases."""
-    from hfemb.config import load_config
-    from hfemb.train import run_training
+    from hfemb.training.config import load_config
+    from hfemb.training.runner import run_training
 
     train, corpus, mined = tmp_path / "train.cases.jsonl", tmp_path / "knowledge.jsonl", tmp_path / "train.mined.jsonl"
     assert main(["convert", "--input", str(CASES), "--knowledge", str(KB_TSV), "--output", str(train),
@@ -295,7 +295,7 @@ def test_tcm_sd_config_trains_on_converted_and_mined_cases(tiny_qwen3, tmp_path,
     assert summary["data"]["train"]["rows"] == 5 and summary["global_step"] == 2
     assert np.isfinite(summary["final_eval"]["eval_loss"])
     # run_training draws the curves before the model cards, which copy and embed them
-    from hfemb.plotting import CURVES_FILE, read_train_log
+    from hfemb.publishing.plotting import CURVES_FILE, read_train_log
 
     out = tmp_path / "run"
     log = read_train_log(out / "train_log.jsonl")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from hfemb.collator import MultiNegCollator, length_of
+from hfemb.training.collator import MultiNegCollator, length_of
 from hfemb.errors import DataError
-from hfemb.loss import info_nce_loss
-from hfemb.modeling import load_embedding_model
+from hfemb.training.loss import info_nce_loss
+from hfemb.modeling.model import load_embedding_model
 
 ENDOFTEXT_ID = 151643
 ROWS = [

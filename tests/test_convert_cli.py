@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hfemb.cli import main
-from hfemb.data import read_records
+from hfemb.data.formats import read_records
 
 DATA = Path(__file__).parent / "data"
 

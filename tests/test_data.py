@@ -1,4 +1,4 @@
-"""hfemb.data: every format read into exact Records, detection, containers, errors, writers, real files."""
+"""hfemb.data.formats: every format read into exact Records, detection, containers, errors, writers, real files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hfemb.data import (FORMATS, ColumnMap, DataError, Record, read_corpus, read_records, record_to_row,
+from hfemb.data.formats import (FORMATS, ColumnMap, DataError, Record, read_corpus, read_records, record_to_row,
                         write_records)
 from hfemb.errors import ConfigError
 

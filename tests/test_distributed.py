@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hfemb.loss import MASKED_LOGIT, info_nce_loss
+from hfemb.training.loss import MASKED_LOGIT, info_nce_loss
 
 
 def _unit(*shape, seed=0):
@@ -64,7 +64,7 @@ def test_doc_offset_is_checked():
 
 
 def test_gather_rows_single_process_is_the_identity():
-    from hfemb.distributed import gather_rows, is_distributed, rank, world_size
+    from hfemb.training.distributed import gather_rows, is_distributed, rank, world_size
 
     t = torch.randn(3, 2, requires_grad=True)
     out, offset = gather_rows(t)
@@ -76,8 +76,8 @@ def test_doc_text_ids_identify_texts_across_batches(tiny_qwen3):
     batch or process, so a duplicate held by another process is recognised."""
     import hashlib
 
-    from hfemb.collator import MultiNegCollator, text_id
-    from hfemb.modeling import load_embedding_model
+    from hfemb.training.collator import MultiNegCollator, text_id
+    from hfemb.modeling.model import load_embedding_model
 
     collate = MultiNegCollator(load_embedding_model(tiny_qwen3), num_negatives=1)
     a = collate([{"query": "q1", "positive": "高血压", "negatives": ["糖尿病"]}])["doc_text_ids"]
@@ -95,7 +95,7 @@ B, N = 2, 2  # per process: 2 queries, 1 positive + 2 negatives each
 def ddp_rows(zh_sample_csv) -> list[dict]:
     """4 rows (2 per process); row 2 (process 1) has row 0's positive as a negative: a false negative
     that only the gathered documents reveal to process 0."""
-    from hfemb.data import read_records
+    from hfemb.data.formats import read_records
 
     recs = read_records(str(zh_sample_csv)).records[:12]
     rows = [{"query": r.query, "positive": r.positives[0],
@@ -116,10 +116,10 @@ def one_step(model_path: str, rows: list[dict], out: str, batch_size: int, loss:
     gradients before the optimizer step, the logged loss and accuracy, and how many logits were masked."""
     from transformers import TrainerCallback
 
-    from hfemb.collator import MultiNegCollator
-    from hfemb.config import config_from_dict
-    from hfemb.train import build_model, training_arguments
-    from hfemb.trainer import MultiNegEmbeddingTrainer
+    from hfemb.training.collator import MultiNegCollator
+    from hfemb.training.config import config_from_dict
+    from hfemb.training.runner import build_model, training_arguments
+    from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     cfg = config_from_dict({
         "model": {"name_or_path": model_path, "finetune_type": "full", "torch_dtype": "float32"},
@@ -167,7 +167,7 @@ def _torchrun_main(model_path: str, rows_file: str, out: str) -> None:
     """Entry point of each torchrun process: the scenarios, then the real CLI (`run_train.py CONFIG`) on each
     config of runs.json (plain DDP first, then DeepSpeed)."""
     from hfemb.cli import main
-    from hfemb.distributed import rank, world_size
+    from hfemb.training.distributed import rank, world_size
 
     rows = json.loads(Path(rows_file).read_text(encoding="utf-8"))
     results = {name: one_step(model_path, rows, f"{out}/{name}", B, loss, training)
@@ -318,7 +318,7 @@ def test_deepspeed_runs_save_the_same_model_as_ddp(torchrun_results, engine):
 def test_zero3_merged_model_encodes_like_its_adapter(torchrun_results, tiny_qwen3):
     import numpy as np
 
-    from hfemb.modeling import load_embedding_model
+    from hfemb.modeling.model import load_embedding_model
 
     out, _, _ = torchrun_results
     texts = ["高血压能吃党参吗？", "肝病患者的饮食"]
@@ -332,8 +332,8 @@ def test_zero3_merged_model_encodes_like_its_adapter(torchrun_results, tiny_qwen
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_configs_load_into_training_arguments(stage, tmp_path):
-    from hfemb.config import config_from_dict
-    from hfemb.train import training_arguments
+    from hfemb.training.config import config_from_dict
+    from hfemb.training.runner import training_arguments
 
     cfg = config_from_dict({"model": {"name_or_path": "m"}, "data": {"train_file": "t.jsonl"},
                             "training": {"output_dir": str(tmp_path), "report_to": "none",

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from hfemb import eval_models
-from hfemb.cases import CaseSettings, knowledge_from_candidates, read_knowledge, render_query
-from hfemb.eval_classification import (PAIRS_FILE, PREDICTIONS_FILE, RESULT_FILE, classification_set, classify,
+from hfemb.evaluation import encoders as eval_models
+from hfemb.data.cases import CaseSettings, knowledge_from_candidates, read_knowledge, render_query
+from hfemb.evaluation.classification import (PAIRS_FILE, PREDICTIONS_FILE, RESULT_FILE, classification_set, classify,
                                        evaluate_classification, right_entry_ranks, topk_accuracy)
 
 TCM = Path(__file__).parent / "data" / "tcm"
@@ -116,7 +116,7 @@ def test_classify_checks_shapes_and_set_reports_duplicates(tmp_path):
 
 
 def test_tiny_qwen3_on_the_real_tcm_sd_sample(shared_data, tiny_qwen3, tmp_path, monkeypatch):
-    from hfemb.modeling import load_embedding_model
+    from hfemb.modeling.model import load_embedding_model
 
     loads, real_load = [], eval_models.load_encoder
     monkeypatch.setattr(eval_models, "load_encoder", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
-from hfemb import eval_models, evaluation
+from hfemb.evaluation import encoders as eval_models; from hfemb.evaluation import evaluate as evaluation
 from hfemb.cli import main as cli_main
-from hfemb.data import Record
+from hfemb.data.formats import Record
 from hfemb.errors import ConfigError, DataError, HfembError
-from hfemb.evaluation import (EvalSettings, default_models, encode_texts, evaluate, latest_training_output,
+from hfemb.evaluation.evaluate import (EvalSettings, default_models, encode_texts, evaluate, latest_training_output,
                               pairs_from_records, parse_model_args, split_by_query)
 
 TOPICS = {
@@ -61,7 +61,7 @@ def cache_dir(tmp_path):
 
 def _reference_scores(model_path: str, rows: list[dict]):
     """The reference blog's way: encode each query with its whole document list, per query."""
-    from hfemb.modeling import load_embedding_model
+    from hfemb.modeling.model import load_embedding_model
 
     model = load_embedding_model(model_path)
     labels, scores = [], []

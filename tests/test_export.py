@@ -27,7 +27,7 @@ def adapter_dir(tmp_path_factory, tiny_qwen3):
     """A bare LoRA adapter folder on the tiny Qwen3 with random (non-zero) LoRA B weights."""
     from peft import LoraConfig, get_peft_model
 
-    from hfemb.modeling import load_embedding_model
+    from hfemb.modeling.model import load_embedding_model
 
     model = load_embedding_model(tiny_qwen3)
     model.backbone = get_peft_model(model.backbone, LoraConfig(
@@ -43,7 +43,7 @@ def adapter_dir(tmp_path_factory, tiny_qwen3):
 
 
 def _encode(path: str | Path):
-    from hfemb.modeling import load_embedding_model
+    from hfemb.modeling.model import load_embedding_model
 
     model = load_embedding_model(str(path))
     return model.encode(QUERIES, is_query=True), model.encode(DOCS, is_query=False)
@@ -133,7 +133,7 @@ def _make_config(tiny_qwen3, train_file, out, **training):
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory, zh_sample_csv):
-    from hfemb.data import read_records
+    from hfemb.data.formats import read_records
 
     recs = read_records(str(zh_sample_csv)).records[:8]
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
@@ -186,7 +186,7 @@ def online(monkeypatch, tmp_path_factory):
 def test_training_arguments_never_let_the_trainer_push(tiny_qwen3, train_file, tmp_path, online, monkeypatch):
     import huggingface_hub.constants as constants
 
-    from hfemb.train import training_arguments
+    from hfemb.training.runner import training_arguments
 
     cfg = _make_config(tiny_qwen3, train_file, tmp_path, push_to_hub=True, hub_model_id="alice/tiny",
                        hub_private_repo=True, hub_strategy="every_save")
@@ -206,7 +206,7 @@ def test_training_arguments_never_let_the_trainer_push(tiny_qwen3, train_file, t
 
 
 def test_run_training_pushes_the_final_model(tiny_qwen3, train_file, tmp_path, online, capsys):
-    from hfemb.train import run_training
+    from hfemb.training.runner import run_training
 
     api, calls = online
     out = tmp_path / "run"

@@ -9,8 +9,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from hfemb.config import config_from_dict
-from hfemb.data import read_records
+from hfemb.training.config import config_from_dict
+from hfemb.data.formats import read_records
 from hfemb.errors import ConfigError
 
 B, N = 4, 2  # 4 queries, 1 positive + 2 negatives each: 12 documents
@@ -25,9 +25,9 @@ def rows(zh_sample_csv):
 
 
 def make_trainer(model_path, tmp_path, rows, finetune="full", dropout=0.0, loss=None, training=None):
-    from hfemb.collator import MultiNegCollator
-    from hfemb.train import build_model, training_arguments
-    from hfemb.trainer import MultiNegEmbeddingTrainer
+    from hfemb.training.collator import MultiNegCollator
+    from hfemb.training.runner import build_model, training_arguments
+    from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     cfg = config_from_dict({
         "model": {"name_or_path": model_path, "finetune_type": finetune, "torch_dtype": "float32"},
@@ -74,7 +74,7 @@ def assert_same_grads(a, b, atol=1e-5, rtol=1e-4):
 def reference_with_graphs(trainer, batch, mini_batch, seed=0):
     """The plain loss and gradient with the batch embedded in GradCache's mini-batches, all graphs kept:
     from the same seed, the same dropout masks as GradCache's no-grad pass."""
-    from hfemb.grad_cache import mini_batches
+    from hfemb.training.grad_cache import mini_batches
 
     model = trainer.model
     model.zero_grad(set_to_none=True)
@@ -118,7 +118,7 @@ def test_lora_dropout_masks_are_replayed(tiny_qwen3, tmp_path, rows):
     assert whole_loss == pytest.approx(plain_loss, abs=1e-5)
     assert_same_grads(whole, plain)
     # the test has teeth: dropout is active and the replay is what makes the gradients match
-    from hfemb import grad_cache
+    from hfemb.training import grad_cache
 
     original = grad_cache.RngState.replay
     grad_cache.RngState.replay = lambda self: nullcontext()
@@ -165,7 +165,7 @@ def test_trained_weights_match_with_accumulation(tiny_qwen3, tmp_path, rows):
 
 
 def test_rng_state_replays_cpu_dropout():
-    from hfemb.grad_cache import RngState
+    from hfemb.training.grad_cache import RngState
 
     state = RngState(torch.device("cpu"))
     first = torch.nn.functional.dropout(torch.ones(1000), 0.5)
@@ -179,7 +179,7 @@ def test_rng_state_replays_cpu_dropout():
 
 
 def test_mini_batches_trim_all_padding_columns():
-    from hfemb.grad_cache import mini_batches
+    from hfemb.training.grad_cache import mini_batches
 
     ids = torch.tensor([[0, 0, 5, 6], [0, 7, 8, 9], [0, 0, 0, 4]])
     mask = (ids != 0).long()
@@ -199,7 +199,7 @@ def test_config_rejects_bad_mini_batch(value, tmp_path):
 
 
 def test_config_accepts_mini_batch_and_keeps_it_out_of_training_arguments(tmp_path):
-    from hfemb.train import training_arguments
+    from hfemb.training.runner import training_arguments
 
     raw = {"model": {"name_or_path": "m"}, "data": {"train_file": "t.jsonl"},
            "training": {"output_dir": str(tmp_path), "grad_cache_mini_batch": 8, "report_to": "none"}}

@@ -18,7 +18,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from hfemb.cli import main
 from hfemb.errors import ConfigError, HfembError
-from hfemb.hub import PushSettings, push, push_settings, stage_upload
+from hfemb.publishing.hub import PushSettings, push, push_settings, stage_upload
 
 SECRET = "hf_TESTsecretTOKENvalue0123456789"
 
@@ -29,8 +29,8 @@ def run_dir(tmp_path_factory, tiny_qwen3, zh_sample_csv):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_trainer import make_config
 
-    from hfemb.data import read_records
-    from hfemb.train import run_training
+    from hfemb.data.formats import read_records
+    from hfemb.training.runner import run_training
 
     root = tmp_path_factory.mktemp("hub")
     recs = read_records(str(zh_sample_csv)).records[:16]

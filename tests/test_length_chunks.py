@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from hfemb.modeling import length_chunks, load_embedding_model
+from hfemb.modeling.model import length_chunks, load_embedding_model
 
 TEXTS = ["short", "a somewhat longer sentence about glaciers and caves", "x",
          "一个中文句子，关于高血压的治疗和饮食建议，还有一些额外的文字使它更长一些。",

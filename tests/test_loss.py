@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hfemb.loss import MASKED_LOGIT, info_nce_loss
+from hfemb.training.loss import MASKED_LOGIT, info_nce_loss
 
 # Two queries, G = 2 documents each (positive, hard negative), unit vectors in 2-D.
 Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

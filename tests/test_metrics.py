@@ -1,4 +1,4 @@
-"""hfemb.metrics against sklearn and hand computations."""
+"""hfemb.evaluation.metrics against sklearn and hand computations."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, 
                              recall_score, roc_auc_score)
 
 from hfemb.errors import ConfigError
-from hfemb.metrics import (best_f1, bootstrap_best_threshold, bootstrap_f1, grouped_metrics, parse_thresholds,
+from hfemb.evaluation.metrics import (best_f1, bootstrap_best_threshold, bootstrap_f1, grouped_metrics, parse_thresholds,
                            query_confusion, roc_auc, threshold_sweep, average_precision)
 
 

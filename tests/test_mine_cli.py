@@ -10,7 +10,7 @@ from collections import defaultdict
 import pytest
 
 from hfemb.cli import build_parser, main
-from hfemb.data import read_records
+from hfemb.data.formats import read_records
 
 
 def _rows(path):

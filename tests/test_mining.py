@@ -1,4 +1,4 @@
-"""hfemb.mining: selection on hand-built rankings, and the mine pipeline checked against rank-bm25."""
+"""hfemb.mining.mine: selection on hand-built rankings, and the mine pipeline checked against rank-bm25."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from hfemb.bm25 import tokenize
-from hfemb.data import Record, read_records
+from hfemb.mining.bm25 import tokenize
+from hfemb.data.formats import Record, read_records
 from hfemb.errors import ConfigError, HfembError
-from hfemb.mining import (MiningConfig, merge_shards, mine, normalize_text, rank_candidates, report_path,
+from hfemb.mining.mine import (MiningConfig, merge_shards, mine, normalize_text, rank_candidates, report_path,
                           select_negatives, shard_bounds, write_output)
 
 

@@ -16,7 +16,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from hfemb.errors import HfembError
-from hfemb.model_card import (THRESHOLD_FILE, _fmt, build_model_card, read_threshold, training_curve_summary,
+from hfemb.publishing.model_card import (THRESHOLD_FILE, _fmt, build_model_card, read_threshold, training_curve_summary,
                               write_model_card)
 
 QUERIES = ["高血压患者日常饮食需要注意什么？", "头痛", "How long should a cough last before I see a doctor about it at all?"]
@@ -40,9 +40,9 @@ def trained(tmp_path_factory, tiny_qwen3, zh_sample_csv):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_trainer import make_config
 
-    from hfemb.data import read_records
-    from hfemb.evaluation import evaluate
-    from hfemb.train import run_training
+    from hfemb.data.formats import read_records
+    from hfemb.evaluation.evaluate import evaluate
+    from hfemb.training.runner import run_training
 
     root = tmp_path_factory.mktemp("card")
     records = read_records(str(zh_sample_csv)).records
@@ -113,7 +113,7 @@ def test_card_values_come_from_the_run(trained):
     eval_losses = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
     assert summary_curves["eval_loss"]["last"] == (max(eval_losses), eval_losses[max(eval_losses)])
     # evaluation: run_eval's own table, this model's chosen threshold
-    from hfemb.eval_report import summary_table
+    from hfemb.evaluation.report import summary_table
 
     tuned = report["models"]["tuned"]
     assert summary_table(report) in result.text
@@ -146,7 +146,7 @@ def test_threshold_file_and_training_curves_png(trained, tmp_path):
 
 @pytest.mark.parametrize("sub", ["merged", "adapter"])
 def test_usage_snippets_reproduce_hfemb(trained, sub):
-    from hfemb.modeling import load_embedding_model
+    from hfemb.modeling.model import load_embedding_model
 
     folder = trained["out"] / sub
     model = load_embedding_model(str(folder))
@@ -163,7 +163,7 @@ def test_usage_snippets_reproduce_hfemb(trained, sub):
 
 
 def test_snippet_for_mean_pooling_model(minilm, tmp_path):
-    from hfemb.modeling import load_embedding_model
+    from hfemb.modeling.model import load_embedding_model
 
     model = load_embedding_model(minilm)
     model.save_pretrained(tmp_path / "m")
@@ -290,7 +290,7 @@ def test_failed_card_leaves_the_folder_unchanged(trained, tmp_path):
 
 
 def test_command_line(trained, tmp_path, capsys):
-    from hfemb.model_card import main
+    from hfemb.publishing.model_card import main
 
     out = tmp_path / "run"
     shutil.copytree(trained["out"], out, ignore=shutil.ignore_patterns("checkpoint-*"))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hfemb.errors import ConfigError, HfembError
-from hfemb.modeling import (
+from hfemb.modeling.model import (
     QWEN3_WEB_SEARCH_TASK, EmbeddingModel, _length_batches, format_instruction, load_embedding_model, pool,
 )
 
@@ -201,7 +201,7 @@ def test_prompt_options(tiny_qwen3):
 
 
 def test_prompts_from_sentence_transformers_config(tmp_path):
-    from hfemb.modeling import _resolve_prompts
+    from hfemb.modeling.model import _resolve_prompts
 
     (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(
         {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": None}))

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from hfemb.errors import HfembError
-from hfemb.evaluation import evaluate
-from hfemb.modeling import load_embedding_model
-from hfemb.openai_client import (OpenAIEmbeddingClient, default_query_prompt, embeddings_url, openai_encoder,
+from hfemb.evaluation.evaluate import evaluate
+from hfemb.modeling.model import load_embedding_model
+from hfemb.evaluation.openai_client import (OpenAIEmbeddingClient, default_query_prompt, embeddings_url, openai_encoder,
                                  parse_openai_spec)
 
 QUERIES = ["what helps a dry cough", "咳嗽怎么办"]

@@ -12,7 +12,7 @@ import pytest
 
 from hfemb.cli import main
 from hfemb.errors import DataError
-from hfemb.plotting import CURVES_FILE, draw_training_curves, plot_training_curves, read_train_log
+from hfemb.publishing.plotting import CURVES_FILE, draw_training_curves, plot_training_curves, read_train_log
 
 
 def train_row(step, loss, grad, lr, acc, epoch=None):

@@ -10,8 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from hfemb.modeling import load_embedding_model
-from hfemb.serve import EmbeddingService, make_server
+from hfemb.modeling.model import load_embedding_model
+from hfemb.publishing.serve import EmbeddingService, make_server
 
 TEXTS = ["What helps with a dry cough?", "多喝温水，注意休息。", "a"]
 

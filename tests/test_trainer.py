@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hfemb.config import config_from_dict
-from hfemb.data import read_records
+from hfemb.training.config import config_from_dict
+from hfemb.data.formats import read_records
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,9 @@ def make_config(model_path, train_file, out, finetune="lora", training=None, **s
 
 
 def build_trainer(cfg, rows=None):
-    from hfemb.collator import MultiNegCollator
-    from hfemb.train import build_model, load_rows, training_arguments
-    from hfemb.trainer import MultiNegEmbeddingTrainer
+    from hfemb.training.collator import MultiNegCollator
+    from hfemb.training.runner import build_model, load_rows, training_arguments
+    from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     if rows is None:
         rows = load_rows(cfg, cfg.data.train_file, Path(cfg.training["output_dir"]) / "cache", {}, "train")
@@ -122,8 +122,8 @@ def test_gradient_checkpointing_with_lora_trains(tiny_qwen3, mined_file, tmp_pat
 
 
 def test_run_training_outputs_and_eval_metrics(tiny_qwen3, mined_file, tmp_path):
-    from hfemb.modeling import load_embedding_model
-    from hfemb.train import run_training
+    from hfemb.modeling.model import load_embedding_model
+    from hfemb.training.runner import run_training
 
     cfg = make_config(tiny_qwen3, mined_file, tmp_path / "run", data={"eval_ratio": 0.25},
                       training={"num_train_epochs": 2, "eval_strategy": "epoch", "save_strategy": "epoch"})
@@ -152,7 +152,7 @@ def test_run_training_outputs_and_eval_metrics(tiny_qwen3, mined_file, tmp_path)
 
 
 def test_resume_continues_from_saved_step(tiny_qwen3, mined_file, tmp_path):
-    from hfemb.train import run_training
+    from hfemb.training.runner import run_training
 
     def cfg(out, steps):
         # constant LR: a 2-step and a 4-step cosine schedule differ from the first step on
@@ -172,7 +172,7 @@ def test_resume_continues_from_saved_step(tiny_qwen3, mined_file, tmp_path):
 
 
 def test_per_query_stats_by_hand():
-    from hfemb.trainer import aggregate_eval_stats, per_query_stats
+    from hfemb.training.trainer import aggregate_eval_stats, per_query_stats
 
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     d = torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.0, 1.0], [1.0, 0.0]])  # groups of 2: (pos, neg)
@@ -184,7 +184,7 @@ def test_per_query_stats_by_hand():
 
 
 def test_raw_data_is_mined_on_the_fly_and_cached(tiny_qwen3, zh_sample_csv, tmp_path):
-    from hfemb.train import load_rows
+    from hfemb.training.runner import load_rows
 
     recs = read_records(str(zh_sample_csv)).records[:30]
     raw = tmp_path / "raw.jsonl"
@@ -209,7 +209,7 @@ def test_raw_data_is_mined_on_the_fly_and_cached(tiny_qwen3, zh_sample_csv, tmp_
 def test_jsonl_log_is_replaced_only_when_training_begins(tmp_path):
     from types import SimpleNamespace
 
-    from hfemb.trainer import JsonlLogCallback
+    from hfemb.training.trainer import JsonlLogCallback
 
     log = tmp_path / "train_log.jsonl"
     log.write_text('{"step": 1}\n', encoding="utf-8")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from hfemb.data import FORMATS, READ_FORMATS, ColumnMap, read_records, write_records
+from hfemb.data.formats import FORMATS, READ_FORMATS, ColumnMap, read_records, write_records
 from hfemb.errors import ConfigError, DataError
 
 HELP = "convert training data between formats (hfemb, FlagEmbedding, ms-swift)"
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for hfemb, FlagEmbedding's optional keys (prompt, type, pos_scores, neg_scores) for "
                              "flagembedding, none for swift; 'all'; 'none'")
     cases = parser.add_argument_group(
-        "case records (hfemb.cases)",
+        "case records (hfemb.data.cases)",
         "Case records with a label (TCM-SD: chief_complaint, medical_history, FDMR, norm_syndrome) become "
         "rows query = the case fields, one 'name：value' line each (empty fields skipped), positive = the "
         "knowledge text of the case's label. Cases whose label is not in the knowledge base are counted and "
@@ -81,7 +81,7 @@ def _case_mode(args) -> bool:
 
 
 def _run_cases(args) -> int:
-    from hfemb import cases
+    from hfemb.data import cases
 
     if args.query_columns or args.positive_column or args.from_format != "auto":
         raise ConfigError("case records (--knowledge/--query-fields/--label-field/--query-template) exclude "

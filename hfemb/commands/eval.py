@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--skip-failed", action="store_const", const=True, help="report and skip a model that fails to load")
     a("--no-plots", dest="plots", action="store_const", const=False, help="do not draw the PNG plots")
     a("--quiet", dest="show_progress", action="store_const", const=False, help="no progress bars")
-    cases = parser.add_argument_group("classification over a knowledge base (hfemb.eval_classification)")
+    cases = parser.add_argument_group("classification over a knowledge base (hfemb.evaluation.classification)")
     cases.add_argument("--classify-knowledge", metavar="FILE", help="knowledge base (TSV 'name<TAB>text' or JSONL "
                        "{name, text}): --data (and --dev) are then case records, each scored against every entry "
                        "(label 1 for its own): the threshold sweep plus top-1/top-5 accuracy (classification.md)")
@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_config(path: str | Path | None) -> dict:
     """The JSON config as a dict; unknown keys are an error naming them."""
     from hfemb.errors import ConfigError
-    from hfemb.evaluation import EvalSettings
+    from hfemb.evaluation.evaluate import EvalSettings
 
     if path is None:
         if not DEFAULT_CONFIG.is_file():
@@ -103,7 +103,7 @@ def load_config(path: str | Path | None) -> dict:
         raise ConfigError(f"{path}: 'models' must be an object {{name: spec}}")
     if models == {}:
         raise ConfigError(f"{path}: 'models' is empty (leave it out for the defaults)")
-    from hfemb.config import check_annotated
+    from hfemb.training.config import check_annotated
 
     types = {f.name: f.type for f in fields(EvalSettings)}
     types.update(data="str | None", dev="str | None", split_dev="float | None", output_dir="str",
@@ -121,7 +121,7 @@ def load_config(path: str | Path | None) -> dict:
 
 
 def resolve_models(cli_models: list[str] | None, config_models: dict | None, train_output_root: str) -> dict[str, str]:
-    from hfemb.eval_models import default_models, latest_training_output, parse_model_args
+    from hfemb.evaluation.encoders import default_models, latest_training_output, parse_model_args
 
     if cli_models:
         return parse_model_args(cli_models)
@@ -146,7 +146,7 @@ def resolve_models(cli_models: list[str] | None, config_models: dict | None, tra
 
 def run(args) -> int:
     from hfemb.errors import ConfigError
-    from hfemb.evaluation import EvalSettings, evaluate
+    from hfemb.evaluation.evaluate import EvalSettings, evaluate
 
     config = load_config(args.config)
     cli = {k: v for k, v in vars(args).items() if v is not None and not k.startswith("_")
@@ -158,8 +158,8 @@ def run(args) -> int:
     settings = EvalSettings(**{k: v for k, v in values.items() if k in setting_names})
     models = resolve_models(args.model, config.get("models"), values["train_output_root"])
     if getattr(args, "classify_knowledge", None):
-        from hfemb.cases import case_settings
-        from hfemb.eval_classification import evaluate_classification
+        from hfemb.data.cases import case_settings
+        from hfemb.evaluation.classification import evaluate_classification
 
         evaluate_classification(models, values["data"], args.classify_knowledge, dev_cases=values["dev"],
                                 split_dev=values["split_dev"], output_dir=values["output_dir"], settings=settings,

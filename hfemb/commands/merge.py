@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hfemb.errors import HfembError
-    from hfemb.export import merge_adapter_folder
-    from hfemb.model_card import write_model_card
+    from hfemb.training.outputs import merge_adapter_folder
+    from hfemb.publishing.model_card import write_model_card
 
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file() and (adapter / "adapter" / "adapter_config.json").is_file():

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.merge:
         if args.input:
             raise ConfigError("--merge and --input exclude each other")
-        from hfemb.mining import merge_shards
+        from hfemb.mining.mine import merge_shards
 
         if os.path.abspath(args.output) in {os.path.abspath(p) for p in args.merge}:
             raise ConfigError("--output must not be one of the shards")
@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--input is required (or --merge SHARD...)")
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise ConfigError("--output must differ from --input")
-    from hfemb.data import ColumnMap, read_corpus, read_records
-    from hfemb.mining import MiningConfig, mine, report_path, write_output
+    from hfemb.data.formats import ColumnMap, read_corpus, read_records
+    from hfemb.mining.mine import MiningConfig, mine, report_path, write_output
 
     columns = None
     if args.query_columns or args.positive_column:

@@ -22,7 +22,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from hfemb.errors import HfembError
-    from hfemb.plotting import log_path, plot_training_curves, read_train_log
+    from hfemb.publishing.plotting import log_path, plot_training_curves, read_train_log
 
     if not Path(args.output_dir).exists():
         raise HfembError(f"{args.output_dir}: no such folder (give a training output folder or its train_log.jsonl)")

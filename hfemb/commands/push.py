@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hfemb.hub import PushSettings, push
+    from hfemb.publishing.hub import PushSettings, push
 
     settings = PushSettings(args.repo_id, private=True if args.private else None, revision=args.revision,
                             commit_message=args.commit_message)

@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from hfemb.errors import ConfigError
-    from hfemb.eval_models import resolve_model_path
-    from hfemb.modeling import load_embedding_model
-    from hfemb.serve import EmbeddingService, make_server
+    from hfemb.evaluation.encoders import resolve_model_path
+    from hfemb.modeling.model import load_embedding_model
+    from hfemb.publishing.serve import EmbeddingService, make_server
 
     if args.max_batch < 1 or args.max_request_bytes < 1 or args.max_length < 2:
         raise ConfigError("--max-batch and --max-request-bytes must be >= 1, --max-length >= 2")

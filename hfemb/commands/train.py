@@ -21,14 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from hfemb.config import load_config
+    from hfemb.training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from hfemb.train import run_training
+    from hfemb.training.runner import run_training
 
     summary = run_training(cfg, resume=args.resume)
     outs = ", ".join(f"{k}: {v}" for k, v in summary["outputs"].items())

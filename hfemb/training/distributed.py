@@ -109,7 +109,7 @@ class _BackboneWithWeights:
 
 
 def with_gathered_weights(model, state_dict: dict):
-    """A shallow copy of an `hfemb.modeling.EmbeddingModel` whose ``save_pretrained`` (adapter or full
+    """A shallow copy of an `hfemb.modeling.model.EmbeddingModel` whose ``save_pretrained`` (adapter or full
     model, not ``merged=True``) writes ``state_dict`` -- the full weights gathered from every process, keys
     as in ``model.state_dict()`` (``backbone.``...), e.g. from ``Trainer.save_model`` under ZeRO-3."""
     prefix = "backbone."

@@ -21,7 +21,7 @@ Readable formats (``fmt=``; ``"auto"`` detects them from the keys of the first v
 * ``wikiqa``         WikiQA TSV (``QuestionID, Question, ..., Sentence, Label``), grouped by QuestionID.
 * ``case_candidates`` case records with per-case candidates ``{"knowledge_option": [names], "knowledge_para":
   texts, "norm_syndrome", ...}`` (TCM-SD's ``_with_knowledge`` file), read as a labelled pool by
-  ``hfemb.cases.candidate_record`` (default query template; label 1 for the case's own syndrome).
+  ``hfemb.data.cases.candidate_record`` (default query template; label 1 for the case's own syndrome).
 
 Containers: JSONL, a JSON array, ``.csv`` / ``.tsv`` (TSV read with ``QUOTE_NONE``), ``.txt`` (QA blocks), each
 optionally ``.gz``; the whole file is read into memory. Labels are ints, bools, integral floats or integer
@@ -311,7 +311,7 @@ def _row_wikiqa(row, where, ctx):
 
 
 def _row_case_candidates(row, where, ctx):
-    from hfemb.cases import candidate_record  # hfemb.cases imports this module
+    from hfemb.data.cases import candidate_record  # hfemb.data.cases imports this module
 
     return candidate_record(row, where, label_threshold=ctx["label_threshold"])
 

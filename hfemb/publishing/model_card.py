@@ -25,7 +25,7 @@ from typing import Any
 from hfemb.errors import HfembError
 from hfemb.io_utils import atomic_open, write_json
 
-log = logging.getLogger("hfemb.model_card")
+log = logging.getLogger("hfemb.publishing.model_card")
 
 THRESHOLD_FILE = "hfemb_threshold.json"
 CURVES_FILE = "training_curves.png"
@@ -122,7 +122,7 @@ def training_curve_summary(log_file: Path) -> list[dict]:
 
 
 def _same_model(spec: str, identities: set[Path], bases: list[Path]) -> bool:
-    from hfemb.evaluation import resolve_model_path
+    from hfemb.evaluation.evaluate import resolve_model_path
 
     for base in bases:
         path = Path(resolve_model_path(str(base / spec)))
@@ -282,7 +282,7 @@ def _mining_report(summary: dict) -> dict | None:
     train = (summary.get("data") or {}).get("train") or {}
     if isinstance(train.get("mining"), dict):
         return train["mining"]
-    from hfemb.mining import report_path
+    from hfemb.mining.mine import report_path
 
     file = train.get("file")
     return _read_json(report_path(file)) if file and report_path(file).is_file() else None
@@ -317,7 +317,7 @@ def _curves_section(curves: list[dict], has_png: bool) -> list[str]:
 
 
 def _eval_section(report: dict, name: str, results_file: Path) -> tuple[list[str], dict]:
-    from hfemb.eval_report import summary_table
+    from hfemb.evaluation.report import summary_table
 
     m = report["models"][name]
     data = (report.get("data") or {}).get("eval") or {}
@@ -409,7 +409,7 @@ class _Model:
 
 
 def _describe(model_dir: Path, output_dir, base_model: str | None, finetune_type: str | None) -> _Model:
-    from hfemb.modeling import _st_pooling
+    from hfemb.modeling.model import _st_pooling
 
     if output_dir is None and (model_dir.parent / "train_summary.json").is_file():
         output_dir = model_dir.parent
@@ -535,7 +535,7 @@ def build_model_card(model_dir: str | os.PathLike, *, output_dir: str | os.PathL
         lines += _training(m, mining)
     lines += ["## Evaluation", ""]
     lines += eval_lines or ["Not evaluated yet. Run `python run_eval.py --model tuned=OUTPUT_DIR ...`, then "
-                            "`python -m hfemb.model_card OUTPUT_DIR` to add the table here (`hfemb push` "
+                            "`python -m hfemb.publishing.model_card OUTPUT_DIR` to add the table here (`hfemb push` "
                             "regenerates the card and finds the results too; `--eval-results FILE` names them)."]
     lines += ["", "## Usage", "", *_usage_section(repo_id or str(m.folder), m.prompts, m.pooling, m.max_length,
                                                   threshold["threshold"] if threshold else None,
@@ -576,7 +576,7 @@ def read_threshold(model_dir: str | os.PathLike) -> float | None:
     return float(data["threshold"]) if isinstance(data, dict) and data.get("threshold") is not None else None
 
 
-# ---- command line: `python -m hfemb.model_card OUTPUT_DIR` (also usable as an `hfemb` command module) ----
+# ---- command line: `python -m hfemb.publishing.model_card OUTPUT_DIR` (also usable as an `hfemb` command module) ----
 HELP = "write the model cards (README.md) of a training output, with its evaluation results"
 
 
@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m hfemb.model_card", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m hfemb.publishing.model_card", description=HELP)
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))

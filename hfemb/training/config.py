@@ -27,7 +27,7 @@ class ModelConfig:
     pooling: str | None = None  # None: from the model's sentence-transformers config, else last/mean by architecture
     query_instruction: str | None = None  # None: the model's own prompt; "": no instruction; else the task text
     symmetric: bool = False  # instruction on documents too (pair classification, STS)
-    torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: see hfemb.train.resolve_dtype)
+    torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: see hfemb.training.runner.resolve_dtype)
     attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2
     trust_remote_code: bool = False
     append_eos: bool | None = None  # None: append the end-of-text token only if the tokenizer does not
@@ -70,7 +70,7 @@ class LossConfig:
     query_negatives: bool = False  # other in-batch queries as negatives (improved contrastive loss)
     document_negatives: bool = False  # positive vs the other in-batch documents (improved contrastive loss)
     # Multi-process training (DDP, DeepSpeed): score each query against the documents of every process
-    # (gathered with gradients, hfemb.distributed); no effect in one process or without in-batch negatives.
+    # (gathered with gradients, hfemb.training.distributed); no effect in one process or without in-batch negatives.
     cross_device_negatives: bool = True
 
 
@@ -94,7 +94,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 # Keys hfemb accepts in `training` although this transformers version spells them differently.
 TRAINING_ALIASES = {"warmup_ratio", "gradient_checkpointing", "gradient_checkpointing_kwargs", "group_by_length"}
 # hfemb's own keys in `training` (removed before TrainingArguments): rows per forward pass with GradCache
-# (hfemb.grad_cache); null or 0 = off.
+# (hfemb.training.grad_cache); null or 0 = off.
 HFEMB_TRAINING_KEYS = {"grad_cache_mini_batch"}
 
 
@@ -124,7 +124,7 @@ def _training_argument_names() -> set[str]:
 
 
 def _mining_field_names() -> set[str]:
-    from hfemb.mining import MiningConfig
+    from hfemb.mining.mine import MiningConfig
 
     return {f.name for f in dataclasses.fields(MiningConfig)}
 
@@ -193,7 +193,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
         if not isinstance(raw["mining"], dict):
             raise ConfigError(f"{where}: section 'mining' must be an object")
         _check_keys("mining", raw["mining"], _mining_field_names(), where)
-        from hfemb.mining import MiningConfig
+        from hfemb.mining.mine import MiningConfig
 
         fields = {f.name: f for f in dataclasses.fields(MiningConfig)}
         cfg.mining = {k: _coerce("mining", k, v, fields[k].default if fields[k].default is not dataclasses.MISSING
@@ -252,7 +252,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if not t.get("output_dir"):
         raise ConfigError(f"{where}: 'training.output_dir' is required")
     _check_training_values(t, where)
-    from hfemb.hub import push_settings
+    from hfemb.publishing.hub import push_settings
 
     try:
         push_settings(t)  # refuses hub_token in files, needs hub_model_id with push_to_hub

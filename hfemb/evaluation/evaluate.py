@@ -1,13 +1,13 @@
 """Threshold-sweep evaluation of several embedding models on labelled (query, document) pairs.
 
 ``evaluate({"base": "Qwen/Qwen3-Embedding-0.6B", "tuned": "output/run/merged"}, "test.jsonl", dev_path="dev.jsonl")``
-reads the pairs (any eval format ``hfemb.data.read_records`` knows), encodes each distinct text once per
+reads the pairs (any eval format ``hfemb.data.formats.read_records`` knows), encodes each distinct text once per
 model (queries and documents apart, since their prompts differ; an on-disk cache makes re-runs free),
 scores pairs by cosine similarity, and reports per model: precision/recall/F1/accuracy at each threshold
 (``score >= threshold`` is positive), best F1 over all thresholds (sklearn's PR curve), ROC-AUC, AP,
 MRR@10/nDCG@10/Recall@k per query, the threshold to deploy (best F1 on ``dev`` when given, else on the
 eval set itself: optimistic) with bootstrap intervals. Models are loaded and encoded by
-``hfemb.eval_models`` (cache: ``hfemb.eval_cache``); files are written by ``hfemb.eval_report``.
+``hfemb.evaluation.encoders`` (cache: ``hfemb.evaluation.cache``); files are written by ``hfemb.evaluation.report``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from hfemb import metrics
+from hfemb.evaluation import metrics
 from hfemb.errors import ConfigError, HfembError
-from hfemb.eval_models import (DEFAULT_BASE_MODELS, EncodedTexts, default_models, encode_texts,  # noqa: F401
+from hfemb.evaluation.encoders import (DEFAULT_BASE_MODELS, EncodedTexts, default_models, encode_texts,  # noqa: F401
                                latest_training_output, load_encoder, model_fingerprint, parse_model_args,
                                resolve_model_path)
 
@@ -120,7 +120,7 @@ def pairs_from_records(records, *, label_threshold: int = 1) -> EvalPairs:
 
 def read_eval_records(path, settings: EvalSettings):
     """``read_records`` with the settings' format, bad-row policy and label threshold."""
-    from hfemb.data import read_records
+    from hfemb.data.formats import read_records
 
     return read_records(path, fmt=settings.data_format, on_error=settings.on_error,
                         label_threshold=settings.label_threshold, bad_label=settings.bad_label)
@@ -224,7 +224,7 @@ def evaluate(models: dict[str, str], data_path, *, dev_path=None, split_dev: flo
     eval file's queries (seeded) as dev. ``options`` are ``EvalSettings`` fields. Returns the
     ``results.json`` content. The first model is the reference for the paired F1 differences.
     """
-    from hfemb.eval_report import write_report
+    from hfemb.evaluation.report import write_report
 
     if not models:
         raise ConfigError("no model to evaluate")

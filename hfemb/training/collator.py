@@ -1,7 +1,7 @@
 """`MultiNegCollator`: training rows -> one query batch and one document batch, padded to their longest text.
 
 A row is ``{"query": str, "positive": str, "negatives": [str] * num_negatives}``. Documents are ordered
-``[pos_0, neg_0_1 .. neg_0_N, pos_1, ...]`` (B*(1+N) rows), matching `hfemb.loss.info_nce_loss`.
+``[pos_0, neg_0_1 .. neg_0_N, pos_1, ...]`` (B*(1+N) rows), matching `hfemb.training.loss.info_nce_loss`.
 Batches never carry a ``labels`` key: with one, HF Trainer would not divide the loss by the
 gradient-accumulation steps.
 """
@@ -40,7 +40,7 @@ def _where(feature: dict[str, Any], position: int) -> str:
 
 @dataclass
 class MultiNegCollator:
-    model: Any  # hfemb.modeling.EmbeddingModel: its `tokenize` adds prompts and the end token, pads per pooling
+    model: Any  # hfemb.modeling.model.EmbeddingModel: its `tokenize` adds prompts and the end token, pads per pooling
     query_max_len: int = 64
     passage_max_len: int = 512
     num_negatives: int = 3

@@ -33,7 +33,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
-from hfemb.data import Record, _bad, _clean, _json_array_rows, _jsonl_rows, _read_text, _table_rows
+from hfemb.data.formats import Record, _bad, _clean, _json_array_rows, _jsonl_rows, _read_text, _table_rows
 from hfemb.errors import ConfigError, DataError
 from hfemb.io_utils import write_jsonl
 

@@ -1,6 +1,6 @@
 """BM25 hard/easy negative mining.
 
-Each query's irrelevant candidates are ranked by BM25 (:mod:`hfemb.bm25`); every (query, positive) pair
+Each query's irrelevant candidates are ranked by BM25 (:mod:`hfemb.mining.bm25`); every (query, positive) pair
 becomes one row with ``num_negatives`` negatives: ``num_hard`` sampled from the ``hard_top_k`` best-ranked
 (after skipping ``skip_top`` ranks) and the rest from the ``easy_bottom_k`` worst-ranked, topping up with
 more hard ones, then with random irrelevant ones, when a pool runs short (:func:`select_negatives`).
@@ -34,8 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
-from hfemb.bm25 import BM25, IDF_KINDS, TokenizeStats, check_tokenizer, tokenize
-from hfemb.data import Record
+from hfemb.mining.bm25 import BM25, IDF_KINDS, TokenizeStats, check_tokenizer, tokenize
+from hfemb.data.formats import Record
 from hfemb.errors import ConfigError, HfembError
 
 MODES = ("pool", "corpus")
@@ -50,7 +50,7 @@ class MiningConfig:
     k1: float = 1.5
     b: float = 0.75
     epsilon: float = 0.25
-    idf: str = "okapi"  # or "lucene" (never zero or negative; see hfemb.bm25.BM25)
+    idf: str = "okapi"  # or "lucene" (never zero or negative; see hfemb.mining.bm25.BM25)
     hard_top_k: int = 10
     easy_bottom_k: int = 10
     num_negatives: int = 3

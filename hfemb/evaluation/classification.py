@@ -3,14 +3,14 @@
 Every case is scored against every knowledge entry (cosine similarity of the case query and the entry
 text; label 1 for the case's own entry). Two views of the same scores:
 
-* the standard threshold-sweep report of ``hfemb.evaluation.evaluate`` on those labelled pairs (written as
+* the standard threshold-sweep report of ``hfemb.evaluation.evaluate.evaluate`` on those labelled pairs (written as
   ``classification_pairs.jsonl``, one pool row per case with all entries: cases x entries pairs, so the
   file grows with both; the report, plots, threshold choice and bootstrap are evaluate()'s own);
 * top-k accuracy of differentiation: a case is right at k when fewer than k *other* entries score at least
   as high as its own entry (ties count against the model), plus the mean rank of the right entry and the
   most frequent (label -> top-1 prediction) confusions.
 
-The second pass encodes through ``hfemb.eval_models.encode_texts`` with the same settings, so with the
+The second pass encodes through ``hfemb.evaluation.encoders.encode_texts`` with the same settings, so with the
 embedding cache on (the default) it reads the vectors the first pass wrote instead of running the model.
 """
 
@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from hfemb.cases import CaseSettings, read_cases, read_knowledge
+from hfemb.data.cases import CaseSettings, read_cases, read_knowledge
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import atomic_open, write_json, write_jsonl
 
@@ -137,8 +137,8 @@ def evaluate_classification(models: dict[str, str], cases_path, knowledge, *, ou
     to ``classification_predictions.jsonl``. ``dev_cases`` (classified over the same knowledge) or
     ``split_dev`` choose the threshold of the sweep as in evaluate(). ``options`` are ``EvalSettings`` fields.
     """
-    from hfemb.eval_models import encode_texts
-    from hfemb.evaluation import EvalSettings, evaluate
+    from hfemb.evaluation.encoders import encode_texts
+    from hfemb.evaluation.evaluate import EvalSettings, evaluate
 
     top_k = sorted({int(k) for k in top_k})
     if not top_k or top_k[0] < 1:

@@ -1,4 +1,4 @@
-"""InfoNCE over hard and in-batch negatives: a pure function (batch statistics: hfemb.trainer.per_query_stats).
+"""InfoNCE over hard and in-batch negatives: a pure function (batch statistics: hfemb.training.trainer.per_query_stats).
 
 Shapes: B queries, G = 1 + N documents per query (its positive, then its N hard negatives), D dims.
 ``q``: [B, D], ``d``: [B*G, D], both L2-normalised; the positive of query i is row ``i*G`` of ``d``.

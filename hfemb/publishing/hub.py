@@ -25,7 +25,7 @@ from typing import Callable
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json
 
-log = logging.getLogger("hfemb.hub")
+log = logging.getLogger("hfemb.publishing.hub")
 
 # TrainingArguments' Hub fields: hfemb pushes once, itself, after training; the HF Trainer never pushes.
 PUSH_KEYS = ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_always_push", "hub_revision",
@@ -144,7 +144,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def stage_upload(source: str | os.PathLike, staging_dir: str | os.PathLike, *, adapter_only: bool = False,
                  repo_id: str | None = None, eval_results=None, eval_model_name: str | None = None) -> list[StagedFile]:
     """Fill the empty ``staging_dir`` with exactly what will be uploaded; returns the files, sorted."""
-    from hfemb.model_card import clean_config, write_model_card
+    from hfemb.publishing.model_card import clean_config, write_model_card
 
     model_dir, output_dir = resolve_push_source(source, adapter_only)
     staging = Path(staging_dir)
@@ -276,11 +276,11 @@ def _adapter_base(folder: Path) -> str | None:
 
 
 def _is_hub_base(name: str) -> bool:
-    from hfemb.model_card import is_hub_id
+    from hfemb.publishing.model_card import is_hub_id
 
     return is_hub_id(name)
 
 
 def push_training_output(output_dir: str | os.PathLike, settings: PushSettings) -> str:
-    """The configured push at the end of `hfemb.train.run_training` (merged model + card)."""
+    """The configured push at the end of `hfemb.training.runner.run_training` (merged model + card)."""
     return push(output_dir, settings, echo=log.info)["url"]

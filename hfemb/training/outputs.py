@@ -1,7 +1,7 @@
 """Export: atomic model folders, merging a LoRA adapter onto its base, model cards for a training output.
 
 A merged folder is a plain full model in the sentence-transformers layout with no ``adapter_config.json``
-(loaders would otherwise re-attach the adapter). Model cards: `hfemb.model_card`; Hub upload: `hfemb.hub`.
+(loaders would otherwise re-attach the adapter). Model cards: `hfemb.publishing.model_card`; Hub upload: `hfemb.publishing.hub`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 
 from hfemb.errors import HfembError
 
-log = logging.getLogger("hfemb.export")
+log = logging.getLogger("hfemb.training.outputs")
 MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -77,7 +77,7 @@ def merge_adapter_folder(adapter_dir: str | os.PathLike, output_dir: str | os.Pa
                          trust_remote_code: bool = False) -> Path:
     """Load ``adapter_dir`` on its base model (unquantized), merge, and save a plain model to ``output_dir``
     (replaced atomically). ``torch_dtype="auto"``: the base checkpoint's dtype. A quantized base is refused."""
-    from hfemb.modeling import load_embedding_model
+    from hfemb.modeling.model import load_embedding_model
 
     adapter_dir = Path(adapter_dir)
     cfg_file = adapter_dir / "adapter_config.json"
@@ -100,7 +100,7 @@ def merge_adapter_folder(adapter_dir: str | os.PathLike, output_dir: str | os.Pa
 def write_model_cards(output_dir: str | os.PathLike, **options) -> list[Path]:
     """``README.md`` model cards in a training output's ``merged/`` and ``adapter/`` (replacing peft's empty
     template). A card that cannot be written is reported as a warning: the trained model is already saved."""
-    from hfemb.model_card import write_model_card
+    from hfemb.publishing.model_card import write_model_card
 
     written = []
     for sub in ("merged", "adapter"):

@@ -2,7 +2,7 @@
 
 The output folder gets ``adapter/`` (LoRA/QLoRA), ``merged/`` (a plain full model in the
 sentence-transformers layout, no adapter files), checkpoints, ``train_log.jsonl`` (one line per logging
-step), ``training_curves.png`` (``hfemb.plotting``), ``train_summary.json`` and TensorBoard logs.
+step), ``training_curves.png`` (``hfemb.publishing.plotting``), ``train_summary.json`` and TensorBoard logs.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hfemb.config import QWEN3_LORA_TARGETS, TrainConfig
-from hfemb.data import Record
+from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
+from hfemb.data.formats import Record
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json
 
-log = logging.getLogger("hfemb.train")
+log = logging.getLogger("hfemb.training.runner")
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -59,10 +59,10 @@ def _file_digest(path: str) -> str:
 
 
 def mine_cached(records: list[Record], source_file: str, mining: dict, num_negatives: int, cache_dir: Path) -> tuple[list[Record], dict]:
-    """Mine ``records`` with `hfemb.mining.mine`, cached on disk by (file content, mining settings)."""
-    from hfemb.data import read_records
+    """Mine ``records`` with `hfemb.mining.mine.mine`, cached on disk by (file content, mining settings)."""
+    from hfemb.data.formats import read_records
     from hfemb.io_utils import write_jsonl
-    from hfemb.mining import MiningConfig, mine
+    from hfemb.mining.mine import MiningConfig, mine
 
     settings = {**(mining or {}), "num_negatives": num_negatives}
     settings.setdefault("mode", "pool" if any(r.candidates for r in records) else "corpus")
@@ -93,7 +93,7 @@ def split_by_query(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict
 
 
 def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str) -> list[dict]:
-    from hfemb.data import ColumnMap, read_records
+    from hfemb.data.formats import ColumnMap, read_records
 
     d = cfg.data
     columns = ColumnMap(query=list(d.query_columns), positive=d.positive_column) if d.query_columns else None
@@ -162,7 +162,7 @@ def lora_targets(backbone, requested) -> list[str] | str:
 def build_model(cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
-    from hfemb.modeling import load_embedding_model
+    from hfemb.modeling.model import load_embedding_model
 
     m = cfg.model
     model = load_embedding_model(
@@ -191,7 +191,7 @@ def build_model(cfg: TrainConfig):
 def training_arguments(cfg: TrainConfig, has_eval: bool):
     from transformers import TrainingArguments
 
-    from hfemb.hub import PUSH_KEYS, check_can_push, push_settings
+    from hfemb.publishing.hub import PUSH_KEYS, check_can_push, push_settings
 
     t = dict(cfg.training)
     if push_settings(t):  # hfemb pushes the final model itself (run_training); the Trainer never pushes
@@ -259,8 +259,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from hfemb.collator import MultiNegCollator
-    from hfemb.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
+    from hfemb.training.collator import MultiNegCollator
+    from hfemb.training.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
 
     check_hardware(cfg)
     out = Path(cfg.training["output_dir"])
@@ -330,8 +330,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         "versions": _versions(),
         "outputs": {k: str(out / k) for k in (("adapter", "merged") if cfg.model.finetune_type != "full" else ("merged",))},
     }
-    from hfemb.export import write_model_cards
-    from hfemb.hub import push_settings, push_training_output
+    from hfemb.training.outputs import write_model_cards
+    from hfemb.publishing.hub import push_settings, push_training_output
 
     main_process = trainer.is_world_process_zero()
     if main_process:
@@ -354,7 +354,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
 
 def plot_curves(out: Path) -> None:
     """``training_curves.png`` from ``train_log.jsonl``; a drawing failure only warns (the run is saved)."""
-    from hfemb.plotting import plot_training_curves
+    from hfemb.publishing.plotting import plot_training_curves
 
     try:
         plot_training_curves(out)
@@ -364,7 +364,7 @@ def plot_curves(out: Path) -> None:
 
 def save_outputs(model, cfg: TrainConfig, out: Path) -> None:
     """``adapter/`` (LoRA) and ``merged/`` (full weights, no adapter files), each written atomically."""
-    from hfemb.export import merge_adapter_folder, save_atomically
+    from hfemb.training.outputs import merge_adapter_folder, save_atomically
 
     if cfg.model.finetune_type == "full":
         save_atomically(lambda d: model.save_pretrained(d), out / "merged")
@@ -391,7 +391,7 @@ def save_outputs_zero3(trainer, cfg: TrainConfig, out: Path) -> None:
 
     from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-    from hfemb.export import merge_adapter_folder, save_atomically
+    from hfemb.training.outputs import merge_adapter_folder, save_atomically
 
     target = out / ("merged" if cfg.model.finetune_type == "full" else "adapter")
     staging = out / f".{target.name}.gathered"

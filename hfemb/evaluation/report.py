@@ -151,7 +151,7 @@ def write_plots(report: dict, eval_scores: dict, eval_labels: np.ndarray, output
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hfemb.metrics import pr_curve, threshold_sweep
+    from hfemb.evaluation.metrics import pr_curve, threshold_sweep
 
     lt = report["settings"]["label_threshold"]
     thresholds = report["settings"]["thresholds"]

@@ -79,7 +79,7 @@ def grad_cache_step(model, inputs: dict[str, torch.Tensor], loss_fn: Callable, m
                     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward, *, scale: float = 1.0,
                     no_sync: Callable[[], ContextManager] | None = None):
     """One GradCache forward/backward on a `MultiNegCollator` batch; returns what ``loss_fn(q, d)`` returned
-    (an object with a ``loss`` attribute, e.g. `hfemb.loss.LossOutput`), computed on the full batch.
+    (an object with a ``loss`` attribute, e.g. `hfemb.training.loss.LossOutput`), computed on the full batch.
 
     Parameter gradients accumulate into ``.grad`` as ``scale * d(loss)/d(params)``, as after
     ``backward(scale * loss)`` on the plain path. ``backward`` runs each mini-batch's surrogate backward

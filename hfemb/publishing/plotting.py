@@ -2,7 +2,7 @@
 
 Six panels against the optimizer step (epochs on the top axis): learning rate, gradient norm (log scale),
 train and eval loss, train and eval accuracy, eval cosine similarity of positives and negatives, and the
-eval margin. Drawn at the end of training (``hfemb.train.run_training``) and by ``hfemb plot OUTPUT_DIR``
+eval margin. Drawn at the end of training (``hfemb.training.runner.run_training``) and by ``hfemb plot OUTPUT_DIR``
 for any run, also one still in progress: lines that are not JSON objects (a half-written last line) are
 skipped and counted. A step logged twice (a resumed run re-logs the steps after its checkpoint) keeps its
 last value; the evaluation after training (the best checkpoint reloaded) is drawn as a star.
@@ -56,7 +56,7 @@ def _number(value) -> float | None:
 
 
 def read_train_log(path) -> TrainLog:
-    """Parse ``train_log.jsonl`` (rows of ``hfemb.trainer.JsonlLogCallback``)."""
+    """Parse ``train_log.jsonl`` (rows of ``hfemb.training.trainer.JsonlLogCallback``)."""
     path = os.fspath(path)
     try:
         text = Path(path).read_bytes().decode("utf-8", errors="replace")

@@ -1,8 +1,8 @@
 """`MultiNegEmbeddingTrainer`: a `transformers.Trainer` for contrastive embedding training.
 
-Each batch (from `hfemb.collator.MultiNegCollator`) holds B queries and, for each, its positive and N mined
+Each batch (from `hfemb.training.collator.MultiNegCollator`) holds B queries and, for each, its positive and N mined
 negatives. Queries go through the model in one forward pass and all B*(1+N) documents in another; the
-loss is `hfemb.loss.info_nce_loss`. Everything else -- AdamW, cosine schedule with warmup, weight-decay
+loss is `hfemb.training.loss.info_nce_loss`. Everything else -- AdamW, cosine schedule with warmup, weight-decay
 groups that exclude biases and every norm weight (`Trainer.get_decay_parameter_names`), mixed precision,
 gradient accumulation, checkpoints, best-model tracking, resuming -- is the stock Trainer's.
 
@@ -12,9 +12,9 @@ Gradient accumulation: the loss is a mean over the queries of a micro-batch and 
 
 Multi-process (torchrun / accelerate DDP, DeepSpeed): with ``loss.cross_device_negatives`` (and in-batch
 negatives) every process scores its queries against the documents of all processes
-(`hfemb.distributed.gather_rows`, gradients flow back to their owners, labels offset by the rank); the
+(`hfemb.training.distributed.gather_rows`, gradients flow back to their owners, labels offset by the rank); the
 gradient then equals the single-process gradient on the concatenated batch.
-GradCache (``grad_cache_mini_batch``): see `hfemb.grad_cache`.
+GradCache (``grad_cache_mini_batch``): see `hfemb.training.grad_cache`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from hfemb.config import LossConfig
-from hfemb.distributed import gather_rows, with_gathered_weights, world_size
-from hfemb.loss import LossOutput, info_nce_loss
+from hfemb.training.config import LossConfig
+from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
+from hfemb.training.loss import LossOutput, info_nce_loss
 
 # Columns of the per-query statistics returned by `prediction_step` (aggregated by `aggregate_eval_stats`).
 STAT_COLUMNS = ("correct", "positive_similarity", "negative_similarity", "hardest_negative_similarity")
@@ -74,7 +74,7 @@ def aggregate_eval_stats(eval_pred) -> dict[str, float]:
 
 
 class MultiNegEmbeddingTrainer(Trainer):
-    """Trainer for `hfemb.modeling.EmbeddingModel` on `MultiNegCollator` batches.
+    """Trainer for `hfemb.modeling.model.EmbeddingModel` on `MultiNegCollator` batches.
 
     Extra arguments: ``loss_config`` (temperature, in-batch and cross-device negatives, false-negative
     masking), ``train_lengths`` (per-row lengths for ``train_sampling_strategy="group_by_length"``) and
@@ -138,11 +138,11 @@ class MultiNegEmbeddingTrainer(Trainer):
         return (out.loss, {"query_embeddings": q, "doc_embeddings": d}) if return_outputs else out.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The stock step, or with ``grad_cache_mini_batch`` a GradCache step (`hfemb.grad_cache`): same
+        """The stock step, or with ``grad_cache_mini_batch`` a GradCache step (`hfemb.training.grad_cache`): same
         loss and gradients, activations of one mini-batch at a time."""
         if not self.grad_cache_mini_batch:
             return super().training_step(model, inputs, num_items_in_batch)
-        from hfemb.grad_cache import grad_cache_step
+        from hfemb.training.grad_cache import grad_cache_step
 
         model.train()
         if callable(getattr(self.optimizer, "train", None)):

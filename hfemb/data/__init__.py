@@ -1,0 +1,1 @@
+"""Data: the Record, readers per format, writers, case records, splits."""

@@ -1,0 +1,1 @@
+"""Evaluation: encoders, embedding cache, metrics, threshold sweeps, reports, classification."""

@@ -1,0 +1,1 @@
+"""Negative mining: tokenisers with a token cache, sparse BM25, selection, shards."""

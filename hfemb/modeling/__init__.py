@@ -1,0 +1,1 @@
+"""The EmbeddingModel: a backbone + pooling + prompts; loading and the sentence-transformers layout."""

@@ -1,0 +1,1 @@
+"""Publishing: model card, Hub push, training-curve plots, the embeddings server."""

@@ -1,0 +1,1 @@
+"""Training: config, collator, loss, trainer, GradCache, distributed helpers, the runner, outputs."""
