@@ -16,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("adapter", metavar="ADAPTER", help="LoRA adapter folder (adapter_config.json) or training output folder")
     a("--output", required=True, metavar="DIR", help="folder for the merged model")
     a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-      help="dtype to merge and save in; auto = the base checkpoint's own dtype")
+      help="dtype to store the merged model in (the merge itself runs in fp32 on the CPU); auto = the base's "
+           "dtype when the LoRA delta survives it (<= 1%% lost), else float32")
+    a("--base-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+      help="dtype the base was trained in (its weights are rounded to it before merging); auto = the "
+           "checkpoint's own dtype")
     a("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
     a("--trust-remote-code", action="store_true", help="allow the base model's custom code")
 
@@ -25,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hfemb.errors import HfembError
-    from hfemb.training.outputs import merge_adapter_folder
+    from hfemb.training.merging import merge_adapter
     from hfemb.publishing.model_card import write_model_card
 
     adapter = Path(args.adapter)
@@ -36,11 +40,14 @@ def run(args: argparse.Namespace) -> int:
         raise HfembError(f"--output {output} must not be the adapter folder or inside it")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise HfembError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
-    merge_adapter_folder(adapter, output, torch_dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    report = merge_adapter(adapter, output, base_dtype=args.base_dtype, merged_dtype=args.dtype,
+                           trust_remote_code=args.trust_remote_code)
     summary_dir = adapter.parent if (adapter.parent / "train_summary.json").is_file() else None
     write_model_card(output, output_dir=summary_dir, eval_results=False,
                      base_model=None if summary_dir else _base_of(adapter), finetune_type=None if summary_dir else "lora")
-    print(f"merged {adapter} onto its base -> {output}")
+    error = report["merge_error"]
+    print(f"merged {adapter} onto its base -> {output} ({report['merged_dtype']}; merge error "
+          f"{'n/a' if error is None else f'{100 * error:.3g}%'} of the adapter's shift from the base)")
     return 0
 
 

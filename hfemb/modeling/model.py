@@ -286,7 +286,7 @@ class EmbeddingModel(torch.nn.Module):
             if merged and self.is_peft:
                 if getattr(self._hf_model(), "is_quantized", False):
                     raise HfembError("cannot merge a LoRA adapter into 4/8-bit weights: save the adapter and merge "
-                                     "it onto the unquantized base (hfemb.training.outputs.merge_adapter_folder)")
+                                     "it onto the unquantized base (hfemb.training.merging.merge_adapter)")
                 backbone = copy.deepcopy(self.backbone).merge_and_unload()
             backbone.save_pretrained(str(tmp), safe_serialization=safe_serialization)
             self.tokenizer.save_pretrained(str(tmp))

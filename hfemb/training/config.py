@@ -1,6 +1,7 @@
 """Training configuration: one JSON file with sections, plus ``section.key=value`` overrides.
 
-Sections: ``model``, ``data``, ``mining`` (optional: mine raw data on the fly), ``lora``, ``loss`` and
+Sections: ``model``, ``data``, ``mining`` (optional: mine raw data on the fly), ``lora``, ``loss``, ``export``
+(``merged_dtype``) and
 ``training`` (``transformers.TrainingArguments`` fields, passed through). Unknown keys stop with an error
 listing the valid ones.
 """
@@ -74,6 +75,13 @@ class LossConfig:
     cross_device_negatives: bool = True
 
 
+@dataclass
+class ExportConfig:
+    # dtype of merged/ (the merge runs in fp32 on the CPU, hfemb.training.merging): auto = the base's dtype when
+    # the LoRA delta survives it (<= 1 % lost), else float32 | float32 | bfloat16 | float16
+    merged_dtype: str = "auto"
+
+
 # hfemb's defaults for TrainingArguments (the reference recipe), under the user's `training` section.
 TRAINING_DEFAULTS: dict[str, Any] = {
     "output_dir": "output/run",
@@ -105,6 +113,7 @@ class TrainConfig:
     mining: dict[str, Any] | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     loss: LossConfig = field(default_factory=LossConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     training: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the JSON file it came from
 
@@ -114,7 +123,9 @@ class TrainConfig:
         return d
 
 
-SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "loss": LossConfig}
+SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "loss": LossConfig,
+                 "export": ExportConfig}
+MERGED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _training_argument_names() -> set[str]:
@@ -245,6 +256,9 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.lora.bias not in ("none", "all", "lora_only"):
         raise ConfigError(f"{where}: 'lora.bias' must be none, all or lora_only, got {cfg.lora.bias!r}")
+    if cfg.export.merged_dtype not in MERGED_DTYPES:
+        raise ConfigError(f"{where}: 'export.merged_dtype' must be one of {', '.join(MERGED_DTYPES)}, "
+                          f"got {cfg.export.merged_dtype!r}")
     if t.get("remove_unused_columns"):
         raise ConfigError(f"{where}: 'training.remove_unused_columns' must stay false (the collator needs every field)")
     if t.get("bf16") and t.get("fp16"):

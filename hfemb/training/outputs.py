@@ -1,4 +1,5 @@
-"""Export: atomic model folders, merging a LoRA adapter onto its base, model cards for a training output.
+"""Export: atomic model folders, the base quantization check, model cards for a training output (merging a LoRA
+adapter onto its base: `hfemb.training.merging`).
 
 A merged folder is a plain full model in the sentence-transformers layout with no ``adapter_config.json``
 (loaders would otherwise re-attach the adapter). Model cards: `hfemb.publishing.model_card`; Hub upload: `hfemb.publishing.hub`.
@@ -17,7 +18,6 @@ from typing import Callable
 from hfemb.errors import HfembError
 
 log = logging.getLogger("hfemb.training.outputs")
-MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def save_atomically(write: Callable[[str], None], target: str | os.PathLike) -> Path:
@@ -56,45 +56,6 @@ def base_quantization(base: str, trust_remote_code: bool = False) -> dict | None
         return None  # not reachable here: load_embedding_model reports it
     quant = getattr(config, "quantization_config", None)
     return quant.to_dict() if hasattr(quant, "to_dict") else quant
-
-
-def _base_dtype(base: str) -> str:
-    """The base checkpoint's own dtype (config.json ``dtype`` / ``torch_dtype``) when it is a float type, else fp32."""
-    path = Path(base, "config.json")
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    if not config:
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(base).to_dict()
-        except (OSError, ValueError):
-            config = {}
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
-    return dtype if dtype in MERGE_DTYPES[1:] else "float32"
-
-
-def merge_adapter_folder(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *, torch_dtype: str = "float32",
-                         trust_remote_code: bool = False) -> Path:
-    """Load ``adapter_dir`` on its base model (unquantized), merge, and save a plain model to ``output_dir``
-    (replaced atomically). ``torch_dtype="auto"``: the base checkpoint's dtype. A quantized base is refused."""
-    from hfemb.modeling.model import load_embedding_model
-
-    adapter_dir = Path(adapter_dir)
-    cfg_file = adapter_dir / "adapter_config.json"
-    if not cfg_file.exists():
-        raise HfembError(f"{adapter_dir}: not a LoRA adapter folder (no adapter_config.json)")
-    base = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise HfembError(f"{cfg_file}: no 'base_model_name_or_path' to merge onto")
-    if base_quantization(base, trust_remote_code):
-        raise HfembError(f"{base}: the base model is quantized; merging into 4/8-bit weights loses precision. "
-                         "Point the adapter at the unquantized base (adapter_config.json base_model_name_or_path).")
-    if torch_dtype not in MERGE_DTYPES:
-        raise HfembError(f"dtype must be one of {', '.join(MERGE_DTYPES)}, got {torch_dtype!r}")
-    if torch_dtype == "auto":
-        torch_dtype = _base_dtype(base)
-    model = load_embedding_model(str(adapter_dir), torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    return save_atomically(lambda d: model.save_pretrained(d, merged=True), output_dir)
 
 
 def write_model_cards(output_dir: str | os.PathLike, **options) -> list[Path]:

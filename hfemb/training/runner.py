@@ -8,6 +8,7 @@ step), ``training_curves.png`` (``hfemb.publishing.plotting``), ``train_summary.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -310,7 +311,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     result = trainer.train(resume_from_checkpoint=resume_from)
     final_eval = trainer.evaluate() if eval_rows else {}
 
-    if zero3_enabled():
+    zero3 = zero3_enabled()
+    if zero3:
         save_outputs_zero3(trainer, cfg, out)  # every process takes part in gathering the weights
     elif trainer.is_world_process_zero():
         save_outputs(trainer.model, cfg, out)
@@ -325,7 +327,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         "best_model_checkpoint": trainer.state.best_model_checkpoint,
         "final_eval": final_eval,
         "resumed_from": resume_from,
-        "seconds": round(time.time() - started, 2),
+        "seconds": None,
         "device": str(args.device),
         "versions": _versions(),
         "outputs": {k: str(out / k) for k in (("adapter", "merged") if cfg.model.finetune_type != "full" else ("merged",))},
@@ -334,13 +336,26 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     from hfemb.publishing.hub import push_settings, push_training_output
 
     main_process = trainer.is_world_process_zero()
+    ds_config = args.hf_deepspeed_config if zero3 else None
+    # free the trainer, the optimizer and the trained model (GPU memory) before merging on the CPU
+    del trainer, model, collator
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if main_process and cfg.model.finetune_type != "full":
+        probe = [r["query"] for r in rows[:4]] + [r["positive"] for r in rows[:4]]
+        try:
+            summary["merge"] = merge_outputs(cfg, out, probe, ds_config)
+        except Exception as exc:  # noqa: BLE001 - the adapter is saved: say how to merge it later
+            summary["merge"] = {"error": str(exc)}
+            write_json(out / "train_summary.json", summary)
+            raise HfembError(f"training finished and {out}/adapter was saved, but merging failed: {exc}. Retry with "
+                             f"`hfemb merge {out} --output {out}/merged --overwrite`") from exc
+    summary["seconds"] = round(time.time() - started, 2)
     if main_process:
         write_json(out / "train_summary.json", summary)
         plot_curves(out)  # before the cards, which embed training_curves.png
         write_model_cards(out)
-    del trainer
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     push = push_settings(cfg.training)
     if push and main_process:
         try:
@@ -363,17 +378,33 @@ def plot_curves(out: Path) -> None:
 
 
 def save_outputs(model, cfg: TrainConfig, out: Path) -> None:
-    """``adapter/`` (LoRA) and ``merged/`` (full weights, no adapter files), each written atomically."""
-    from hfemb.training.outputs import merge_adapter_folder, save_atomically
+    """``merged/`` (full fine-tuning) or ``adapter/`` (LoRA, QLoRA), written atomically; LoRA's ``merged/`` is
+    written by `merge_outputs` once the trainer is freed."""
+    from hfemb.training.outputs import save_atomically
 
-    if cfg.model.finetune_type == "full":
-        save_atomically(lambda d: model.save_pretrained(d), out / "merged")
-        return
-    save_atomically(lambda d: model.save_pretrained(d), out / "adapter")
-    if cfg.model.finetune_type == "qlora":  # never merge into 4/8-bit weights: reload the base in bf16
-        merge_adapter_folder(out / "adapter", out / "merged", torch_dtype="bfloat16")
-    else:
-        save_atomically(lambda d: model.save_pretrained(d, merged=True), out / "merged")
+    save_atomically(lambda d: model.save_pretrained(d), out / ("merged" if cfg.model.finetune_type == "full" else "adapter"))
+
+
+def merge_outputs(cfg: TrainConfig, out: Path, texts: list[str], ds_config=None) -> dict:
+    """``merged/`` from ``adapter/``: the base reloaded on the CPU in the dtype it was trained in (QLoRA: the
+    unquantized checkpoint's dtype), merged in fp32, stored in ``export.merged_dtype``
+    (`hfemb.training.merging`). Returns the merge report for ``train_summary.json``. ``ds_config``: the
+    DeepSpeed ZeRO-3 config to switch off while the base loads (whole, not into shards)."""
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    from hfemb.training.merging import merge_adapter
+
+    base_dtype = "auto" if cfg.model.finetune_type == "qlora" else resolve_dtype(cfg)
+    if ds_config is not None:
+        unset_hf_deepspeed_config()
+    try:
+        report = merge_adapter(out / "adapter", out / "merged", base_dtype=base_dtype,
+                               merged_dtype=cfg.export.merged_dtype, texts=texts,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    finally:
+        if ds_config is not None:
+            set_hf_deepspeed_config(ds_config)
+    return report
 
 
 def zero3_enabled() -> bool:
@@ -385,13 +416,11 @@ def zero3_enabled() -> bool:
 def save_outputs_zero3(trainer, cfg: TrainConfig, out: Path) -> None:
     """``save_outputs`` under DeepSpeed ZeRO-3, where each process holds shards of the weights: every process
     calls ``Trainer.save_model``, which gathers the 16-bit weights (``stage3_gather_16bit_weights_on_model_save``)
-    for the main process to write ``merged/`` (full) or ``adapter/``, then ``merged/`` from the adapter on an
-    unpartitioned base (as for QLoRA)."""
+    for the main process to write ``merged/`` (full) or ``adapter/`` (merged later by `merge_outputs`, on an
+    unpartitioned base)."""
     import shutil
 
-    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    from hfemb.training.outputs import merge_adapter_folder, save_atomically
+    from hfemb.training.outputs import save_atomically
 
     target = out / ("merged" if cfg.model.finetune_type == "full" else "adapter")
     staging = out / f".{target.name}.gathered"
@@ -406,12 +435,6 @@ def save_outputs_zero3(trainer, cfg: TrainConfig, out: Path) -> None:
     (staging / "training_args.bin").unlink(missing_ok=True)
     save_atomically(lambda d: shutil.copytree(staging, d, dirs_exist_ok=True), target)
     shutil.rmtree(staging, ignore_errors=True)
-    if cfg.model.finetune_type != "full":
-        unset_hf_deepspeed_config()  # load the base for merging whole, not into shards (zero.Init)
-        try:
-            merge_adapter_folder(target, out / "merged", torch_dtype=resolve_dtype(cfg))
-        finally:
-            set_hf_deepspeed_config(trainer.args.hf_deepspeed_config)
 
 
 def _versions() -> dict[str, str]:
