@@ -96,3 +96,41 @@ def test_chunked_forward_with_lora_and_checkpointing(tiny_qwen3):
     assert g0.keys() == g1.keys() and all("lora_" in n for n in g0) and g0
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5)
+
+
+def _tiny_gpt2_embedding_model():
+    """A random 2-layer gpt2 (absolute position embeddings) with the Qwen BPE, last-token pooling (left padding)."""
+    from transformers import GPT2Config, GPT2Model
+
+    from hfemb.modeling.model import EmbeddingModel
+    from hfemb.testing.tiny import build_qwen_tokenizer
+
+    tokenizer = build_qwen_tokenizer()
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    backbone = GPT2Model(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2))
+    backbone.eval()
+    return EmbeddingModel(backbone, tokenizer, pooling="last")
+
+
+def test_absolute_positions_with_left_padding_run_unchunked():
+    """gpt2 with left padding: cutting a chunk's leading padding moves its rows' absolute positions, so
+    chunking would change the embeddings (shown with chunking forced on); the model turns it off and the
+    batch equals one padded forward."""
+    from transformers import GPT2Config, Qwen3Config
+
+    from hfemb.modeling.model import length_chunking_is_exact
+
+    assert not length_chunking_is_exact(GPT2Config(), "left") and length_chunking_is_exact(GPT2Config(), "right")
+    assert length_chunking_is_exact(Qwen3Config(), "left")
+    model = _tiny_gpt2_embedding_model()
+    enc = model.tokenize(TEXTS, is_query=False, max_length=64)
+    assert len(length_chunks(enc["attention_mask"].sum(1).tolist(), 2)) > 1
+    with torch.no_grad():
+        default = model(enc["input_ids"], enc["attention_mask"])
+        model.chunk_overhead_tokens = 0
+        padded = model(enc["input_ids"], enc["attention_mask"])
+        model.chunk_overhead_tokens = 2
+        forced = model(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(default, padded, rtol=0, atol=0)
+    assert (forced - padded).abs().max() > 1e-3  # what chunking did before: different embeddings

@@ -70,6 +70,24 @@ def length_chunks(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
     return chunks[::-1]
 
 
+# config attributes of position schemes where a row's result does not depend on where its first token sits
+_RELATIVE_POSITION_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct",
+                           "rotary_emb_base", "partial_rotary_factor", "alibi")
+
+
+def length_chunking_is_exact(config, padding_side: str) -> bool:
+    """Whether `EmbeddingModel.forward`'s length chunks give each row the embedding the padded batch gives it.
+    Chunks drop columns that are padding in all of their rows. With right padding every row keeps its
+    positions (0, 1, ...). With left padding a row's positions shift by a constant: exact for rotary/ALiBi
+    (relative) positions, not for absolute position embeddings (gpt2, ...), which then run unchunked."""
+    if padding_side == "right":
+        return True
+    config = _text_config(config)
+    if str(getattr(config, "position_embedding_type", "") or "") in ("rotary", "relative_key", "relative_key_query"):
+        return True
+    return any(getattr(config, key, None) not in (None, False) for key in _RELATIVE_POSITION_KEYS)
+
+
 def format_instruction(task: str, text: str) -> str:
     """Qwen3-Embedding's query format (no space after ``Query:``)."""
     return f"Instruct: {task}\nQuery:{text}"
@@ -113,7 +131,11 @@ class EmbeddingModel(torch.nn.Module):
         self.append_eos, self.eos_token_id_to_append = bool(append_eos), eos_token_id_to_append
         self.normalize, self.truncate_dim, self.name_or_path = normalize, truncate_dim, name_or_path
         self.max_length = max_length or _model_max_length(backbone.config, tokenizer)
-        self.chunk_overhead_tokens = CHUNK_OVERHEAD_TOKENS  # 0: one forward per batch, padded to its longest row
+        # 0: one backbone call per batch, padded to its longest row -- where chunking would change the embeddings
+        # (absolute positions with left padding), and under ZeRO-3/FSDP, where every backbone call is a
+        # collective that all processes must make equally often (MultiNegEmbeddingTrainer sets it)
+        exact = length_chunking_is_exact(backbone.config, getattr(tokenizer, "padding_side", "right"))
+        self.chunk_overhead_tokens = CHUNK_OVERHEAD_TOKENS if exact else 0
         if getattr(backbone, "hf_device_map", None) is not None:
             self.hf_device_map = backbone.hf_device_map  # lets Trainer see a model-parallel placement
 
@@ -144,7 +166,9 @@ class EmbeddingModel(torch.nn.Module):
 
         Rows of very different lengths run in length chunks (`length_chunks`), each cut to its own
         longest row, so little compute goes to padding; the result does not depend on the chunking up to float
-        rounding (padding is masked; rotary positions only shift by a constant under left padding)."""
+        rounding (padding is masked; rotary positions only shift by a constant under left padding). Chunking is
+        off (``chunk_overhead_tokens = 0``) where it would not be exact (`length_chunking_is_exact`) and under
+        ZeRO-3/FSDP, where the number of backbone calls must not depend on the data."""
         lengths = attention_mask.sum(dim=1)  # [B]
         chunks = length_chunks(lengths.tolist(), self.chunk_overhead_tokens) if self.chunk_overhead_tokens else None
         if not chunks or len(chunks) == 1:

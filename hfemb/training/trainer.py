@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -93,6 +94,10 @@ class MultiNegEmbeddingTrainer(Trainer):
         if self.grad_cache_mini_batch and self.is_deepspeed_enabled:
             raise ValueError("grad_cache_mini_batch does not work with DeepSpeed (accelerate steps its engine after "
                              "each backward call)")
+        if self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()):
+            # every backbone call gathers the sharded weights (a collective): all processes must make the same
+            # number of calls, so no data-dependent length chunks (EmbeddingModel.forward)
+            self.accelerator.unwrap_model(self.model).chunk_overhead_tokens = 0
         self._train_correct = 0.0
         self._train_seen = 0
 
