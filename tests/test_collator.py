@@ -27,7 +27,7 @@ def tiny(tiny_qwen3):
 def test_batch_layout_and_doc_text_ids(tiny):
     batch = MultiNegCollator(tiny, query_max_len=64, passage_max_len=512, num_negatives=2)(ROWS)
     assert set(batch) == {"query_input_ids", "query_attention_mask", "doc_input_ids", "doc_attention_mask",
-                          "doc_text_ids", "query_text_ids"}  # never "labels"
+                          "doc_text_ids", "query_text_ids", "query_positive_ids"}  # never "labels"
     docs = [t for r in ROWS for t in (r["positive"], *r["negatives"])]
     assert batch["query_input_ids"].shape[0] == 2 and batch["doc_input_ids"].shape[0] == 6
     assert all(v.dtype == torch.int64 for v in batch.values())

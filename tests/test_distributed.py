@@ -207,9 +207,14 @@ def torchrun_results(tiny_qwen3, zh_sample_csv, tmp_path_factory):
     train_rows = [{"query": r["query"], "positive": r["positive"], "negative": r["negatives"]} for r in rows * 2]
     (out / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows),
                                      encoding="utf-8")
-    runs = ["ddp_lora", "ddp_full"] + (["zero3_lora", "zero3_full", "zero2_lora"] if HAS_DEEPSPEED else [])
+    (out / "mixed.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mixed_rows()),
+                                     encoding="utf-8")
+    runs = ["ddp_lora", "ddp_full"] + (["zero3_lora", "zero3_full", "zero2_lora", "zero3_mixed"] if HAS_DEEPSPEED else [])
     for run in runs:
         engine, finetune = run.split("_")
+        train_file, passage_max_len = out / "train.jsonl", 48
+        if finetune == "mixed":  # issue 13: lengths that differ per process (every 4th positive ~600 characters)
+            finetune, train_file, passage_max_len = "lora", out / "mixed.jsonl", 1024
         training = {"output_dir": str(out / run), "per_device_train_batch_size": B, "num_train_epochs": 1,
                     "learning_rate": 1e-3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
                     "report_to": "none", "logging_steps": 1, "disable_tqdm": True, "save_strategy": "no"}
@@ -219,8 +224,8 @@ def torchrun_results(tiny_qwen3, zh_sample_csv, tmp_path_factory):
             training.update(save_strategy="steps", save_steps=2)
         (out / f"{run}.json").write_text(json.dumps({
             "model": {"name_or_path": tiny_qwen3, "torch_dtype": "float32", "finetune_type": finetune},
-            "data": {"train_file": str(out / "train.jsonl"), "num_negatives": N, "query_max_len": 32,
-                     "passage_max_len": 48},
+            "data": {"train_file": str(train_file), "num_negatives": N, "query_max_len": 32,
+                     "passage_max_len": passage_max_len},
             "lora": {"r": 4, "alpha": 8}, "training": training}), encoding="utf-8")
     (out / "runs.json").write_text(json.dumps(runs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -264,6 +269,30 @@ def test_without_cross_device_negatives_each_process_sees_only_its_documents(tor
     single = one_step(tiny_qwen3, rows, str(tmp_path / "single"), 2 * B, *SCENARIOS["cross_device"])
     diff = max(float((local[0]["grads"][n] - g).abs().max()) for n, g in single["grads"].items())
     assert diff > 1e-4
+
+
+def mixed_rows() -> list[dict]:
+    """16 rows whose every 4th positive is ~600 characters and the rest ~12: with 2 rows per process and step,
+    the processes get different length mixes (length chunking would make them call the backbone a different
+    number of times)."""
+    rows = []
+    for i in range(16):
+        positive = (f"第{i}条长答案：" + "高血压患者应低盐饮食，规律运动，按时服药。" * 30)[:600] if i % 4 == 0 else f"短答案{i}：多喝水，早睡。"
+        rows.append({"query": f"问题{i}：怎么办？", "positive": positive,
+                     "negative": [f"无关{i}-{k}：天气很好。" for k in range(N)]})
+    return rows
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+def test_zero3_with_per_process_length_mixes_finishes(torchrun_results):
+    """Issue 13 item 6: ZeRO-3 on rows of mixed lengths that differ per process finishes (it aborted with
+    "Received data size doesn't match expected size" when length chunking gave the processes different
+    numbers of backbone calls) and writes merged/."""
+    out, _, _ = torchrun_results
+    summary = json.loads((out / "zero3_mixed" / "train_summary.json").read_text())
+    assert summary["global_step"] == 4
+    assert (out / "zero3_mixed" / "merged" / "model.safetensors").exists()
+    assert (out / "zero3_mixed" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_torchrun_cli_training_writes_outputs_once(torchrun_results):

@@ -136,9 +136,11 @@ def test_query_and_document_negatives_by_hand():
     loss1 = lse(0.0, 1.6, 2.0, 1.92, 0.0, 0.0, 1.6, 1.92) - 2.0
     assert out.loss.item() == pytest.approx((loss0 + loss1) / 2, abs=1e-5)
     assert out.logits.shape == (2, 4)  # the reported logits are the document candidates only
-    # the same query text twice: the other copy is not a negative
+    # the same query text twice: the other copy is not a negative (and, issue 13, neither is its positive)
     same = info_nce_loss(Q, D, group_size=2, temperature=0.5, query_negatives=True,
                          query_text_ids=torch.tensor([10, 10]))
-    assert same.loss.item() == pytest.approx(info_nce_loss(Q, D, group_size=2, temperature=0.5).loss.item(), abs=1e-6)
+    siblings = info_nce_loss(Q, D, group_size=2, temperature=0.5, query_text_ids=torch.tensor([10, 10]))
+    assert same.loss.item() == pytest.approx(siblings.loss.item(), abs=1e-6)
+    assert siblings.loss.item() == pytest.approx(((lse(2.0, 1.2, 0.56) - 2.0) + (lse(1.6, 2.0, 1.92) - 2.0)) / 2, abs=1e-6)
     with pytest.raises(ValueError, match="need in_batch_negatives"):
         info_nce_loss(Q, D, group_size=2, in_batch_negatives=False, query_negatives=True)

@@ -1,6 +1,8 @@
 """`MultiNegCollator`: training rows -> one query batch and one document batch, padded to their longest text.
 
-A row is ``{"query": str, "positive": str, "negatives": [str] * num_negatives}``. Documents are ordered
+A row is ``{"query": str, "positive": str, "negatives": [str] * num_negatives}``, optionally with
+``"query_positives": [str]`` (every known positive of its query: none of them counts as its negative).
+Documents are ordered
 ``[pos_0, neg_0_1 .. neg_0_N, pos_1, ...]`` (B*(1+N) rows), matching `hfemb.training.loss.info_nce_loss`.
 Batches never carry a ``labels`` key: with one, HF Trainer would not divide the loss by the
 gradient-accumulation steps.
@@ -66,11 +68,15 @@ class MultiNegCollator:
         docs = [text for f in features for text in (f["positive"], *f["negatives"])]  # B*(1+N)
         doc_text_ids = torch.tensor([text_id(t) for t in docs], dtype=torch.long)
         query_text_ids = torch.tensor([text_id(t) for t in queries], dtype=torch.long)
+        known = [[text_id(t) for t in dict.fromkeys([f["positive"], *(f.get("query_positives") or [])])] for f in features]
+        width = max(map(len, known))
+        query_positive_ids = torch.tensor([k + [-1] * (width - len(k)) for k in known], dtype=torch.long)
         q = self.model.tokenize(queries, is_query=True, max_length=self.query_max_len)
         d = self.model.tokenize(docs, is_query=False, max_length=self.passage_max_len)
         return {
             "query_input_ids": q["input_ids"], "query_attention_mask": q["attention_mask"],  # [B, Tq]
             "doc_input_ids": d["input_ids"], "doc_attention_mask": d["attention_mask"],  # [B*(1+N), Td]
             "doc_text_ids": doc_text_ids,  # [B*(1+N)] equal id <=> identical text, in every process
-            "query_text_ids": query_text_ids,  # [B] the same for queries (query-query negatives)
+            "query_text_ids": query_text_ids,  # [B] the same for queries (query-query negatives, sibling positives)
+            "query_positive_ids": query_positive_ids,  # [B, P] ids of every known positive of each query, -1 = none
         }

@@ -19,6 +19,7 @@ from hfemb.errors import ConfigError
 
 QWEN3_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FINETUNE_TYPES = ("lora", "qlora", "full")
+BATCH_SAMPLERS = ("no_duplicate_queries", "random")
 
 
 @dataclass
@@ -50,6 +51,9 @@ class DataConfig:
     passage_max_len: int = 512
     num_negatives: int = 3
     mine: bool | None = None  # None: mine when rows lack num_negatives negatives; needs no `mining` section
+    # no_duplicate_queries: no two rows of one query in a step's batch, across processes too
+    # (hfemb.training.sampling); random: the Trainer's shuffling. training.group_by_length takes precedence.
+    batch_sampler: str = "no_duplicate_queries"
 
 
 @dataclass
@@ -242,6 +246,8 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     for key in ("query_max_len", "passage_max_len"):
         if getattr(d, key) < 4:
             raise ConfigError(f"{where}: 'data.{key}' must be at least 4, got {getattr(d, key)}")
+    if d.batch_sampler not in BATCH_SAMPLERS:
+        raise ConfigError(f"{where}: 'data.batch_sampler' must be one of {', '.join(BATCH_SAMPLERS)}, got {d.batch_sampler!r}")
     if d.num_negatives < 0:
         raise ConfigError(f"{where}: 'data.num_negatives' must be >= 0")
     if (d.query_columns is None) != (d.positive_column is None):

@@ -34,13 +34,17 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
                   false_negative_margin: float = 0.1, doc_text_ids: torch.Tensor | None = None,
                   doc_offset: int | None = None, query_negatives: bool = False, document_negatives: bool = False,
                   all_queries: torch.Tensor | None = None, query_text_ids: torch.Tensor | None = None,
-                  query_offset: int | None = None) -> LossOutput:
+                  query_offset: int | None = None, query_positive_ids: torch.Tensor | None = None) -> LossOutput:
     """Cross-entropy of each query's positive against its candidates.
 
     * ``in_batch_negatives=True``: candidates are all B*G documents (logits [B, B*G], label i*G);
       False: only the query's own group (logits [B, G], label 0).
     * ``mask_duplicates`` (default on): a candidate with the same text as the positive (``doc_text_ids``
       [B*G], equal id = equal text) is no negative; its logit is set to ``MASKED_LOGIT``.
+    * Known positives (with ``mask_duplicates``): a candidate that is a positive of the query is no negative
+      either -- by text, any id in its row of ``query_positive_ids`` ([B, P] text ids of all the query's
+      positives, -1 = padding); and by query, with in-batch negatives, the positive of every row whose
+      ``query_text_ids`` equals the query's (several positives of one query in a batch, or on another process).
     * ``mask_false_negatives``: also drop candidates whose similarity exceeds the positive's by more than
       ``false_negative_margin`` (Qwen3-Embedding's mask).
     * ``doc_offset`` (cross-device negatives, in-batch only): ``d`` [M, D] holds the documents of every
@@ -80,8 +84,10 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
     positive_ids = None
     if doc_ids is not None:
         positive_ids = doc_ids[labels] if in_batch_negatives else doc_ids.view(b, g)[:, 0]  # [B]
-    masking = mask_false_negatives or (mask_duplicates and doc_ids is not None)
     rows = torch.arange(b, device=q.device)
+    known = _known_positives(b, g, sims.shape[1], in_batch_negatives, doc_ids, query_positive_ids, query_text_ids,
+                             query_offset) if mask_duplicates else None  # [B, C] or None
+    masking = mask_false_negatives or (mask_duplicates and doc_ids is not None) or known is not None
 
     def candidate_mask(cand_sims, cand_ids, own_ids, self_cols):
         """[B, C] bool: True = not a negative (itself, same text as its own, or above positive + margin)."""
@@ -99,6 +105,8 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
         with torch.no_grad():
             ids = doc_ids if (doc_ids is None or in_batch_negatives) else doc_ids.view(b, g)  # [M] or [B, G]
             mask = candidate_mask(sims, ids, positive_ids, labels)  # [B, C]
+            if known is not None:
+                mask |= known
             mask[rows, labels] = False  # the positive itself stays
         blocks[0] = blocks[0].masked_fill(mask, MASKED_LOGIT)
     if query_negatives:
@@ -114,7 +122,31 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
         d_sims = p @ d.T  # [B, M]
         with torch.no_grad():
             d_mask = candidate_mask(d_sims, doc_ids, positive_ids, labels)
+            if known is not None:
+                d_mask |= known
         blocks.append((d_sims / temperature).masked_fill(d_mask, MASKED_LOGIT))  # [B, M]
     all_logits = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]  # [B, C + extra]
     loss = F.cross_entropy(all_logits, labels)
     return LossOutput(loss=loss, logits=blocks[0], labels=labels, mask=mask, similarities=sims)
+
+
+def _known_positives(b: int, g: int, columns: int, in_batch: bool, doc_ids: torch.Tensor | None,
+                     query_positive_ids: torch.Tensor | None, query_text_ids: torch.Tensor | None,
+                     query_offset: int | None) -> torch.Tensor | None:
+    """[B, C] bool: candidate documents that are a known positive of the query (see `info_nce_loss`), or None
+    when nothing identifies them."""
+    known = None
+    if query_positive_ids is not None and doc_ids is not None:
+        kp = query_positive_ids.to(doc_ids.device).long()  # [B, P]
+        cand = doc_ids[None, :].expand(b, -1) if in_batch else doc_ids.view(b, g)  # [B, C]
+        known = (cand[:, :, None] == kp[:, None, :]).any(dim=-1)  # [B, C]
+    if in_batch and query_text_ids is not None:
+        all_ids = query_text_ids.long()  # [Mq] every query whose group of G documents is among the candidates
+        if all_ids.shape[0] * g != columns:
+            raise ValueError(f"query_text_ids has {all_ids.shape[0]} queries for {columns} candidate documents "
+                             f"(groups of {g})")
+        own = all_ids[(query_offset or 0) + torch.arange(b, device=all_ids.device)]  # [B]
+        sibling = torch.zeros(b, columns, dtype=torch.bool, device=all_ids.device)
+        sibling[:, torch.arange(all_ids.shape[0], device=all_ids.device) * g] = own[:, None] == all_ids[None, :]
+        known = sibling if known is None else known | sibling.to(known.device)
+    return known

@@ -28,10 +28,15 @@ log = logging.getLogger("hfemb.training.runner")
 
 # ---- data ------------------------------------------------------------------------------------
 def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> tuple[list[dict], dict]:
-    """Training rows ``{"query","positive","negatives"}``, one per (query, positive). A record with exactly
-    ``num_negatives`` negatives (a mined file) keeps them in order; one with more gets a seeded sample
+    """Training rows ``{"query","positive","negatives","query_positives"}``, one per (query, positive)
+    (``query_positives``: every positive of the query, shared by its rows; none counts as its negative).
+    A record with exactly ``num_negatives`` negatives (a mined file) keeps them in order; one with more gets a seeded sample
     (as FlagEmbedding samples its ``neg`` lists); rows short of negatives are dropped and counted."""
     rows, short = [], 0
+    known: dict[str, list[str]] = {}  # query -> all its positives (records of one query may repeat it)
+    for rec in records:
+        known.setdefault(rec.query, [])
+        known[rec.query].extend(p for p in rec.positives if p not in known[rec.query])
     for i, rec in enumerate(records):
         negs = rec.negatives
         if len(negs) < num_negatives:
@@ -39,7 +44,7 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> t
             continue
         for j, pos in enumerate(rec.positives):
             chosen = negs if len(negs) == num_negatives else random.Random(f"{seed}/{i}/{j}").sample(negs, num_negatives)
-            rows.append({"query": rec.query, "positive": pos, "negatives": list(chosen)})
+            rows.append({"query": rec.query, "positive": pos, "negatives": list(chosen), "query_positives": known[rec.query]})
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
 
 
@@ -304,6 +309,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None, data_collator=collator,
         loss_config=cfg.loss, train_lengths=lengths, callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from)],
         grad_cache_mini_batch=cfg.training.get("grad_cache_mini_batch"),
+        no_duplicate_queries=cfg.data.batch_sampler == "no_duplicate_queries",
     )
     # ZeRO-3 parameters are shards: ds_numel is the full size
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)

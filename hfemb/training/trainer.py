@@ -33,6 +33,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from hfemb.training.config import LossConfig
 from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
 from hfemb.training.loss import LossOutput, info_nce_loss
+from hfemb.training.sampling import NoDuplicateQuerySampler
 
 # Columns of the per-query statistics returned by `prediction_step` (aggregated by `aggregate_eval_stats`).
 STAT_COLUMNS = ("correct", "positive_similarity", "negative_similarity", "hardest_negative_similarity")
@@ -78,19 +79,21 @@ class MultiNegEmbeddingTrainer(Trainer):
     """Trainer for `hfemb.modeling.model.EmbeddingModel` on `MultiNegCollator` batches.
 
     Extra arguments: ``loss_config`` (temperature, in-batch and cross-device negatives, false-negative
-    masking), ``train_lengths`` (per-row lengths for ``train_sampling_strategy="group_by_length"``) and
-    ``grad_cache_mini_batch`` (rows per forward pass with GradCache; None/0 = off).
+    masking), ``train_lengths`` (per-row lengths for ``train_sampling_strategy="group_by_length"``),
+    ``grad_cache_mini_batch`` (rows per forward pass with GradCache; None/0 = off) and ``no_duplicate_queries``
+    (`hfemb.training.sampling.NoDuplicateQuerySampler` unless rows are grouped by length).
     """
 
     loss_is_scaled_for_ga = False  # mean loss per micro-batch: let Trainer divide by accumulation steps
 
     def __init__(self, *args, loss_config: LossConfig | None = None, train_lengths: list[int] | None = None,
-                 grad_cache_mini_batch: int | None = None, **kwargs):
+                 grad_cache_mini_batch: int | None = None, no_duplicate_queries: bool = True, **kwargs):
         kwargs.setdefault("compute_metrics", aggregate_eval_stats)
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config or LossConfig()
         self.train_lengths = train_lengths
         self.grad_cache_mini_batch = grad_cache_mini_batch or None
+        self.no_duplicate_queries = no_duplicate_queries
         if self.grad_cache_mini_batch and self.is_deepspeed_enabled:
             raise ValueError("grad_cache_mini_batch does not work with DeepSpeed (accelerate steps its engine after "
                              "each backward call)")
@@ -114,16 +117,17 @@ class MultiNegEmbeddingTrainer(Trainer):
             d, offset = gather_rows(d)  # [M, D], every process's documents in rank order
             if text_ids is not None:
                 text_ids, _ = gather_rows(text_ids.to(d.device))  # [M]
+            if q_ids is not None:  # every process's query ids: positives of the same query are no negatives
+                q_ids, q_offset = gather_rows(q_ids.to(q.device))  # [Mq]
             if c.query_negatives:
                 all_q, q_offset = gather_rows(q)  # [Mq, D]
-                if q_ids is not None:
-                    q_ids, _ = gather_rows(q_ids.to(q.device))  # [Mq]
         return info_nce_loss(
             q, d, group_size=group_size, temperature=c.temperature, in_batch_negatives=c.in_batch_negatives,
             mask_duplicates=c.mask_duplicates, mask_false_negatives=c.mask_false_negatives,
             false_negative_margin=c.false_negative_margin, doc_text_ids=text_ids, doc_offset=offset,
             query_negatives=c.query_negatives, document_negatives=c.document_negatives,
             all_queries=all_q, query_text_ids=q_ids, query_offset=q_offset,
+            query_positive_ids=inputs.get("query_positive_ids"),
         )
 
     def _forward_loss(self, model, inputs):
@@ -195,6 +199,11 @@ class MultiNegEmbeddingTrainer(Trainer):
                 lengths=self.train_lengths,
                 generator=torch.Generator().manual_seed(self.args.data_seed or self.args.seed),
             )
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.no_duplicate_queries and isinstance(dataset, (list, tuple)) and dataset and "query" in dataset[0]:
+            return NoDuplicateQuerySampler([row["query"] for row in dataset],
+                                           block_size=self.args.per_device_train_batch_size * self.args.world_size,
+                                           seed=self.args.data_seed or self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
     # ---- saving and loading -------------------------------------------------------------------
