@@ -67,17 +67,30 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def deploy_choice(models: dict) -> tuple[str, str]:
+    """The model to deploy and the set it was chosen on: the best F1 on the dev set (where its threshold was
+    chosen) when every model has one -- never the eval (test) F1, which then stays an unbiased estimate --
+    else the eval set's own F1 (optimistic)."""
+    if all(m.get("dev") for m in models.values()):
+        return max(models, key=lambda n: models[n]["dev"]["best_f1"]), "dev"
+    return max(models, key=lambda n: models[n]["f1_at_chosen"]), "eval"
+
+
 def verdict(report: dict) -> str:
-    """Which model and threshold to deploy, and how sure that is (from the bootstrap intervals)."""
+    """Which model and threshold to deploy (chosen on dev, `deploy_choice`), and how sure that is (from the
+    bootstrap intervals)."""
     models, first = report["models"], report["reference_model"]
-    best_name = max(models, key=lambda n: models[n]["f1_at_chosen"])
+    best_name, chosen_on = deploy_choice(models)
     m = models[best_name]
     on = "the dev set" if m["chosen_on"] == "dev" else "the eval set itself (no --dev: optimistic)"
+    picked = (f"Chosen by its F1 on the dev set ({_f(m['dev']['best_f1'])}), as its threshold was; the eval F1 "
+              "below is then an unbiased estimate." if chosen_on == "dev" else
+              "Chosen by its F1 on the eval set itself (no --dev): an optimistic choice.")
     text = [f"**Deploy {best_name} at threshold {_f(m['chosen_threshold'], 3)}** (best F1 on {on}"
             + (f"; 95% of query resamples choose {_f(m['chosen_threshold_ci'][0], 3)}–"
                f"{_f(m['chosen_threshold_ci'][1], 3)}" if m.get("chosen_threshold_ci") else "")
             + f"): eval F1 {_f(m['f1_at_chosen'])}"
-            + (f", 95% CI {_ci(m['f1_at_chosen_ci'])}" if m.get("f1_at_chosen_ci") else "") + "."]
+            + (f", 95% CI {_ci(m['f1_at_chosen_ci'])}" if m.get("f1_at_chosen_ci") else "") + ". " + picked]
     for name, other in models.items():
         if name == first or not other.get("f1_diff_vs_first_ci"):
             continue
