@@ -56,16 +56,19 @@ def needs_mining(records: list[Record], num_negatives: int, fmt: str = "") -> bo
     return num_negatives > 0 and (fmt in UNRANKED_FORMATS or any(len(r.negatives) < num_negatives for r in records))
 
 
-def _file_digest(path: str) -> str:
+def records_digest(records: list[Record]) -> str:
+    """sha1 of the records as the miner receives them (every field, in order): whatever changed them --
+    the file, ``data.format``, column settings, ``label_threshold``, skipped rows -- changes the digest."""
     h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    for rec in records:
+        h.update(json.dumps(dataclasses.asdict(rec), sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
     return h.hexdigest()
 
 
 def mine_cached(records: list[Record], source_file: str, mining: dict, num_negatives: int, cache_dir: Path) -> tuple[list[Record], dict]:
-    """Mine ``records`` with `hfemb.mining.mine.mine`, cached on disk by (file content, mining settings)."""
+    """Mine ``records`` with `hfemb.mining.mine.mine`, cached on disk by (the records read from ``source_file``,
+    mining settings): another ``data.format``, column mapping or ``label_threshold`` mines again."""
     from hfemb.data.formats import read_records
     from hfemb.io_utils import write_jsonl
     from hfemb.mining.mine import MiningConfig, mine
@@ -76,7 +79,7 @@ def mine_cached(records: list[Record], source_file: str, mining: dict, num_negat
         config = MiningConfig(**settings)
     except TypeError as exc:
         raise ConfigError(f"mining section: {exc}") from None
-    key = hashlib.sha1(json.dumps([_file_digest(source_file), dataclasses.asdict(config)], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps([records_digest(records), dataclasses.asdict(config)], sort_keys=True).encode()).hexdigest()[:16]
     cached = cache_dir / f"mined-{key}.jsonl"
     report_file = cache_dir / f"mined-{key}.report.json"
     if cached.exists() and report_file.exists():
