@@ -282,9 +282,29 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if mini_batch is not None and (isinstance(mini_batch, bool) or not isinstance(mini_batch, int) or mini_batch < 0):
         raise ConfigError(f"{where}: 'training.grad_cache_mini_batch' must be a whole number of rows >= 1 "
                           f"(or 0/null for off), got {mini_batch!r}")
+    if m.finetune_type == "qlora" and deepspeed_zero_stage(t.get("deepspeed"), where) == 3:
+        raise ConfigError(f"{where}: QLoRA (finetune_type 'qlora') with DeepSpeed ZeRO-3 is not supported: ZeRO-3 "
+                          "shards weights of one storage dtype and bitsandbytes 4-bit weights are uint8 unless "
+                          "bnb_4bit_quant_storage is set, which hfemb does not do; use configs/deepspeed/zero2.json, "
+                          "or LoRA (finetune_type 'lora') with ZeRO-3")
     if mini_batch and t.get("deepspeed"):
         raise ConfigError(f"{where}: 'training.grad_cache_mini_batch' does not work with DeepSpeed (accelerate steps "
                           "its engine after each backward call); use ZeRO without GradCache, or DDP with GradCache")
+
+
+def deepspeed_zero_stage(value: Any, where: str = "config") -> int | None:
+    """The ZeRO stage of ``training.deepspeed`` (a JSON file path or a dict), None when absent or unset."""
+    if not value:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            value = json.loads(Path(value).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{where}: 'training.deepspeed': cannot read {value}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: 'training.deepspeed': {value}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    stage = (value.get("zero_optimization") or {}).get("stage") if isinstance(value, dict) else None
+    return stage if isinstance(stage, int) else None
 
 
 _SCALARS = (bool, int, float, str, type(None))

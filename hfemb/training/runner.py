@@ -194,7 +194,45 @@ def build_model(cfg: TrainConfig):
             target_modules=lora_targets(model.backbone, lc.target_modules), task_type="FEATURE_EXTRACTION",
         )
         model.backbone = get_peft_model(model.backbone, peft_config)
+        if cfg.training.get("fp16") or cfg.training.get("bf16"):  # autocast runs the layers in half precision
+            upcast_trainable_parameters(model)
     return model
+
+
+def upcast_trainable_parameters(model) -> list[str]:
+    """Trainable weights in fp32 (returns their names), for mixed-precision training (autocast computes in
+    half precision whatever the weights' dtype): on an fp16/bf16 base, ``lora.bias: all|lora_only`` makes the
+    base's own biases trainable in fp16, and GradScaler refuses fp16 gradients ("Attempting to unscale FP16
+    gradients"); peft only keeps its adapter weights in fp32. Master weights belong in fp32 (as peft's
+    ``cast_mixed_precision_params`` does)."""
+    import torch
+
+    upcast = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            upcast.append(name)
+    return upcast
+
+
+def has_unused_trainable_parameters(model) -> bool:
+    """Whether a forward and backward on one short text leaves some trainable weight without a gradient (DDP
+    then needs ``find_unused_parameters``). Probed once on the model's device, with autograd.grad (no
+    ``.grad`` is touched)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return False
+    enc = model.tokenize(["probe text"], is_query=False, max_length=8)
+    was_training = model.training
+    model.train()
+    try:
+        emb = model(enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device))
+        grads = torch.autograd.grad(emb.float().sum(), params, allow_unused=True)
+    finally:
+        model.train(was_training)
+    return any(g is None for g in grads)
 
 
 def training_arguments(cfg: TrainConfig, has_eval: bool):
@@ -207,7 +245,11 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
         check_can_push()
     for key in PUSH_KEYS:
         t.pop(key, None)
-    t.pop("grad_cache_mini_batch", None)  # hfemb's own (MultiNegEmbeddingTrainer), not a TrainingArguments field
+    if t.pop("grad_cache_mini_batch", None) and (t.get("gradient_checkpointing") or t.get("activation_checkpointing")):
+        # hfemb's own key (MultiNegEmbeddingTrainer), not a TrainingArguments field
+        log.warning("training.grad_cache_mini_batch with gradient checkpointing runs three forward passes per "
+                    "mini-batch: GradCache already holds the activations of one mini-batch only; set "
+                    "training.gradient_checkpointing=false unless one mini-batch does not fit without it")
     if "warmup_ratio" in t:  # transformers 5: a float < 1 in warmup_steps is a ratio
         ratio = t.pop("warmup_ratio")
         t.setdefault("warmup_steps", float(ratio) if ratio else 0)
@@ -227,6 +269,9 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
         except ImportError:
             t["report_to"] = "none"
     t["remove_unused_columns"] = False
+    # DDP: the buffers (rotary inv_freq, position ids) are equal on every process: nothing to broadcast.
+    # find_unused_parameters is decided on the model (`has_unused_trainable_parameters`, run_training).
+    t.setdefault("ddp_broadcast_buffers", False)
     import torch
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
@@ -304,6 +349,10 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     except (ValueError, TypeError) as exc:  # TrainingArguments' own checks (report_to, strategies, ...)
         raise ConfigError(f"{cfg.source or 'config'}: section 'training': {exc}") from None
     model = build_model(cfg)
+    if args.ddp_find_unused_parameters is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.deepspeed:
+        # transformers' default for a model that is not a PreTrainedModel is True: an extra pass over the graph
+        # every step; only needed when some trainable weight gets no gradient (e.g. BERT's unused pooler)
+        args.ddp_find_unused_parameters = has_unused_trainable_parameters(model)
     collator = MultiNegCollator(model=model, query_max_len=cfg.data.query_max_len,
                                 passage_max_len=cfg.data.passage_max_len, num_negatives=cfg.data.num_negatives)
     log_file = out / "train_log.jsonl"

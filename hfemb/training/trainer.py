@@ -30,6 +30,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from hfemb.errors import ConfigError
 from hfemb.training.config import LossConfig
 from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
 from hfemb.training.loss import LossOutput, info_nce_loss
@@ -75,6 +76,18 @@ def aggregate_eval_stats(eval_pred) -> dict[str, float]:
     }
 
 
+def check_grad_cache_parallelism(args) -> None:
+    """GradCache replays each mini-batch's random state (dropout) on the process that drew it; under
+    ``nn.DataParallel`` (plain ``python run_train.py`` on a machine with several GPUs) the replicas draw on
+    their own devices and the replay does not cover them, so the gradient would not be the batch's."""
+    from transformers.training_args import ParallelMode
+
+    if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        raise ConfigError(f"training.grad_cache_mini_batch does not work with nn.DataParallel ({args.n_gpu} GPUs in "
+                          "one process): run `torchrun --nproc_per_node N run_train.py ...` (one process per GPU), "
+                          "or limit this process to one GPU (CUDA_VISIBLE_DEVICES=0)")
+
+
 class MultiNegEmbeddingTrainer(Trainer):
     """Trainer for `hfemb.modeling.model.EmbeddingModel` on `MultiNegCollator` batches.
 
@@ -97,6 +110,8 @@ class MultiNegEmbeddingTrainer(Trainer):
         if self.grad_cache_mini_batch and self.is_deepspeed_enabled:
             raise ValueError("grad_cache_mini_batch does not work with DeepSpeed (accelerate steps its engine after "
                              "each backward call)")
+        if self.grad_cache_mini_batch:
+            check_grad_cache_parallelism(self.args)
         if self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()):
             # every backbone call gathers the sharded weights (a collective): all processes must make the same
             # number of calls, so no data-dependent length chunks (EmbeddingModel.forward)
@@ -224,6 +239,48 @@ class MultiNegEmbeddingTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under ZeRO-3 with LoRA, gather only the trainable weights (``exclude_frozen_parameters``: the frozen
+        base is not gathered to the main process at every checkpoint); otherwise the stock method."""
+        ds = self.model_wrapped if self.is_deepspeed_enabled else None
+        gather = (ds is not None and is_deepspeed_zero3_enabled()
+                  and getattr(self.accelerator.unwrap_model(self.model), "is_peft", False)
+                  and ds.config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save"))
+        if not gather:
+            return super().save_model(output_dir, _internal_call)
+        state_dict = ds._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)  # every process
+        self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """DeepSpeed + LoRA: the engine's checkpoint without the frozen base (transformers excludes it only when
+        the model itself is a ``PeftModel``, which the EmbeddingModel around it is not: each checkpoint of the
+        8B would hold the whole ~16 GB base)."""
+        if not (self.is_deepspeed_enabled and getattr(self.accelerator.unwrap_model(self.model), "is_peft", False)):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from transformers.integrations.deepspeed import DeepSpeedSchedulerWrapper
+
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """The stock loop; resuming a DeepSpeed + LoRA checkpoint (saved without the frozen base, see
+        `_save_optimizer_and_scheduler`) loads the engine's module state non-strictly, as transformers does for a
+        ``PeftModel`` (the frozen base comes from the model as loaded)."""
+        if not (resume_from_checkpoint and self.is_deepspeed_enabled
+                and getattr(self.accelerator.unwrap_model(self.model), "is_peft", False)):
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        import functools
+
+        import transformers.trainer as hf_trainer
+
+        original = hf_trainer.deepspeed_load_checkpoint
+        hf_trainer.deepspeed_load_checkpoint = functools.partial(_load_deepspeed_non_strict, original)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            hf_trainer.deepspeed_load_checkpoint = original
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model or self.model)
         load_backbone_weights(model, resume_from_checkpoint)
@@ -232,6 +289,10 @@ class MultiNegEmbeddingTrainer(Trainer):
         if self.is_deepspeed_enabled:  # from the engine's own checkpoint (partitioned weights under ZeRO-3)
             return super()._load_best_model()
         load_backbone_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+
+def _load_deepspeed_non_strict(load, engine, checkpoint_path, load_module_strict=True):
+    return load(engine, checkpoint_path, load_module_strict=False)
 
 
 def load_backbone_weights(model, folder: str) -> None:
