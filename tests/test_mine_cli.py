@@ -74,6 +74,14 @@ def test_shards_and_merge(capsys, tmp_path, zh_sample_csv):
     assert _rows(tmp_path / "m.jsonl") == _rows(tmp_path / "full.jsonl")
     code, _, err = _run(capsys, "--merge", shards[0], shards[1], "--output", tmp_path / "bad.jsonl")
     assert code == 2 and "expected each of 0..2" in err and not (tmp_path / "bad.jsonl").exists()
+    # a shard re-run with other workers / cache settings (they do not change the rows) still merges (issue 13)
+    assert _run(capsys, *[a for a in common if a != "--no-cache"], "--cache-dir", tmp_path / "c", "--workers", 1,
+                "--num-shards", 3, "--shard-index", 1, "--output", shards[1])[0] == 0
+    assert _run(capsys, "--merge", *shards, "--output", tmp_path / "m2.jsonl")[0] == 0
+    assert _rows(tmp_path / "m2.jsonl") == _rows(tmp_path / "full.jsonl")
+    assert _run(capsys, *common, "--num-hard", 1, "--num-shards", 3, "--shard-index", 1, "--output", shards[1])[0] == 0
+    code, _, err = _run(capsys, "--merge", *shards, "--output", tmp_path / "m3.jsonl")
+    assert code == 2 and "different settings" in err and "num_hard" in err
 
 
 def test_pool_mode_is_default_for_labelled_pools(capsys, tmp_path):

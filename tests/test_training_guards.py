@@ -110,3 +110,29 @@ def test_ddp_defaults_and_grad_cache_checkpointing_warning(tmp_path, caplog):
         training_arguments(_cfg("m", tmp_path, grad_cache_mini_batch=4), has_eval=False)
         training_arguments(_cfg("m", tmp_path, gradient_checkpointing=True), has_eval=False)
     assert "three forward passes" not in caplog.text
+
+
+def test_eval_ratio_keeps_a_training_query_and_bad_top_level_with_override(tmp_path):
+    from hfemb.training.config import load_config
+    from hfemb.training.runner import split_by_query
+
+    one = [{"query": "q", "positive": f"p{i}", "negatives": []} for i in range(3)]
+    train, held = split_by_query(one, 0.5, seed=0)
+    assert train == one and held == []
+    two = one + [{"query": "r", "positive": "x", "negatives": []}]
+    train, held = split_by_query(two, 0.9, seed=0)
+    assert len({r["query"] for r in train}) == 1 and len({r["query"] for r in held}) == 1
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        load_config(path, ["training.learning_rate=1e-4"])
+
+
+def test_shipped_false_negative_margins_can_fire():
+    """Cosine similarities lie in [-1, 1]: a margin of 2 or more above the positive can never be exceeded."""
+    import json
+
+    for path in (REPO / "configs").glob("*.json"):
+        loss = json.loads(path.read_text()).get("loss") or {}
+        if loss.get("mask_false_negatives"):
+            assert loss.get("false_negative_margin", 0.1) < 2.0, path

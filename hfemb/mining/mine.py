@@ -384,6 +384,10 @@ _SUMMED = ("queries", "queries_without_positive", "rows_written", "score_filtere
            "index_seconds", "scoring_seconds", "selection_seconds", "total_seconds")
 
 
+# MiningConfig fields that do not change the rows written: shards of one run may differ in them
+SETTINGS_NOT_IN_ROWS = frozenset({"shard_index", "workers", "cache_dir", "use_cache"})
+
+
 def merge_shards(paths: Sequence[str | os.PathLike], output: str | os.PathLike) -> dict:
     """Join shard outputs (each with its ``.report.json``) into ``output`` in the original query order.
 
@@ -403,11 +407,11 @@ def merge_shards(paths: Sequence[str | os.PathLike], output: str | os.PathLike) 
                 and isinstance(rep["shard"].get("shard_index"), int)):
             raise HfembError(f"{report_path(path)}: not a shard report of `hfemb mine --num-shards` (no config/shard)")
     first = reports[0]
-    settings = {k: v for k, v in first["config"].items() if k != "shard_index"}
+    settings = {k: v for k, v in first["config"].items() if k not in SETTINGS_NOT_IN_ROWS}
     for path, rep in zip(paths, reports):
         if rep.get("input_fingerprint") != first.get("input_fingerprint"):
             raise HfembError(f"{path}: mined from a different input than {paths[0]}")
-        differ = sorted(k for k in set(settings) | set(rep["config"]) - {"shard_index"}
+        differ = sorted(k for k in (set(settings) | set(rep["config"])) - SETTINGS_NOT_IN_ROWS
                         if rep["config"].get(k) != settings.get(k))
         if differ:
             raise HfembError(f"{path}: mined with different settings than {paths[0]} ({', '.join(differ)})")

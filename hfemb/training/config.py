@@ -370,6 +370,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if overrides and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a JSON object with sections "
+                          f"{sorted(SECTION_TYPES) + ['mining', 'training']}, not a {type(raw).__name__}")
     for item in overrides or []:
         section, key, value = parse_override(item)
         if not isinstance(raw.get(section, {}), dict):

@@ -93,10 +93,11 @@ def mine_cached(records: list[Record], source_file: str, mining: dict, num_negat
 
 
 def split_by_query(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out ``ratio`` of the distinct queries (all their rows), seeded."""
+    """Hold out ``ratio`` of the distinct queries (all their rows), seeded; at least one query is held out
+    when ``ratio > 0`` and at least one always stays for training."""
     queries = sorted({r["query"] for r in rows})
     random.Random(seed).shuffle(queries)
-    n_eval = max(1, round(len(queries) * ratio)) if ratio > 0 else 0
+    n_eval = min(max(1, round(len(queries) * ratio)), len(queries) - 1) if ratio > 0 else 0
     held = set(queries[:n_eval])
     return [r for r in rows if r["query"] not in held], [r for r in rows if r["query"] in held]
 
