@@ -163,3 +163,38 @@ def test_real_wikiqa_dev_pools(capsys, tmp_path, shared_data):
     report, rows = _report(tmp_path / "w.jsonl"), _rows(tmp_path / "w.jsonl")
     assert report["mode"] == "pool" and len(rows) == report["rows_written"] == expected > 100
     assert report["queries_without_positive"] == sum(1 for p, _ in pools.values() if not p)
+
+
+def test_idf_scope_pool_reproduces_one_bm25okapi_per_query(capsys, tmp_path):
+    """`--idf-scope pool`: every recorded BM25 score (negatives and positive) is rank-bm25's BM25Okapi built on
+    that query's own pool; the default (all pools' statistics) gives other scores."""
+    from rank_bm25 import BM25Okapi
+
+    from hfemb.mining.bm25 import tokenize
+
+    words = ["blood", "pressure", "salt", "heart", "sleep", "water", "diet", "pain", "liver", "sugar"]
+    pools = []
+    for i in range(5):
+        docs = [{"content": f"{words[i]} {words[i + 1]} advice for {words[i]}", "label": 1}]
+        docs += [{"content": " ".join(words[(i + k + j) % 10] for j in range(1 + k % 3)) + f" note {k}", "label": 0}
+                 for k in range(6)]
+        pools.append({"query": f"what about {words[i]} and {words[(i + 3) % 10]}", "documents": docs})
+    data = tmp_path / "pools.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pools), encoding="utf-8")
+    common = ["--input", data, "--tokenizer", "regex", "--no-cache", "--num-negatives", "3", "--num-hard", "1",
+              "--hard-top-k", "2", "--easy-bottom-k", "2"]
+    assert _run(capsys, *common, "--idf-scope", "pool", "--output", tmp_path / "pool.jsonl")[0] == 0
+    assert _run(capsys, *common, "--output", tmp_path / "all.jsonl")[0] == 0
+    rows, rows_all = _rows(tmp_path / "pool.jsonl"), _rows(tmp_path / "all.jsonl")
+    assert len(rows) == 5 and _report(tmp_path / "pool.jsonl")["config"]["idf_scope"] == "pool"
+    differs = False
+    for pool, row, row_all in zip(pools, rows, rows_all):
+        texts = [d["content"] for d in pool["documents"]]
+        okapi = BM25Okapi(tokenize(texts, "regex", use_cache=False))
+        expected = dict(zip(texts, okapi.get_scores(tokenize([pool["query"]], "regex", use_cache=False)[0])))
+        assert row["mining"]["positive_bm25"] == pytest.approx(expected[row["positive"]], abs=1e-9)
+        assert row["mining"]["bm25"] == pytest.approx([expected[t] for t in row["negative"]], abs=1e-9)
+        differs |= row_all["mining"]["positive_bm25"] != pytest.approx(expected[row["positive"]], abs=1e-6)
+    assert differs
+    code, _, err = _run(capsys, *common, "--mode", "corpus", "--idf-scope", "pool", "--output", tmp_path / "x.jsonl")
+    assert code == 2 and "needs pool mode" in err

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bm.add_argument("--idf", choices=("okapi", "lucene"), default="okapi",
                     help="okapi: rank_bm25.BM25Okapi (epsilon floor for terms in > half the documents); "
                          "lucene: log(1 + (N - n + 0.5)/(n + 0.5)), never zero or negative")
+    bm.add_argument("--idf-scope", choices=("all", "pool"), default="all",
+                    help="pool mode: all = idf and average length from all pools together; pool = from each "
+                         "query's own pool only (one BM25Okapi per query, as the reference recipe)")
     bm.add_argument("--k1", type=float, default=1.5, help="term-frequency saturation")
     bm.add_argument("--b", type=float, default=0.75, help="document-length normalisation")
     bm.add_argument("--epsilon", type=float, default=0.25, help="okapi: idf floor = epsilon * mean idf")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                             positive=args.positive_column)
     config = MiningConfig(  # validated before reading anything; the mode may depend on the data
         mode=args.mode or "corpus", tokenizer=args.tokenizer, k1=args.k1, b=args.b, epsilon=args.epsilon,
-        idf=args.idf, hard_top_k=args.hard_top_k, easy_bottom_k=args.easy_bottom_k,
+        idf=args.idf, idf_scope=args.idf_scope, hard_top_k=args.hard_top_k, easy_bottom_k=args.easy_bottom_k,
         num_negatives=args.num_negatives, num_hard=args.num_hard, skip_top=args.skip_top,
         max_relative_score=args.max_relative_score, seed=args.seed, num_shards=args.num_shards,
         shard_index=args.shard_index, cache_dir=args.cache_dir, workers=args.workers, use_cache=not args.no_cache)

@@ -6,8 +6,10 @@ becomes one row with ``num_negatives`` negatives: ``num_hard`` sampled from the 
 more hard ones, then with random irrelevant ones, when a pool runs short (:func:`select_negatives`).
 
 * ``pool`` mode ranks each query's own labelled negatives (``Record.negatives``, derived from a
-  labelled pool). idf and average length come from all documents of all pools together: a pool of ~10
-  documents is too small for a meaningful idf.
+  labelled pool). By default (``idf_scope="all"``) idf and average length come from all documents of all
+  pools together: a pool of ~10 documents is too small for a meaningful idf. ``idf_scope="pool"`` ranks each
+  query with the statistics of its own pool only (its positives and negatives), exactly as the reference
+  recipe does (one ``rank_bm25.BM25Okapi`` per query), to reproduce it.
 * ``corpus`` mode ranks a corpus (default: every positive of the dataset; deduplicated). Excluded for
   each query: its own positives, their exact or normalised (:func:`normalize_text`) duplicates, positives
   of other records with the same normalised query, and documents equal to the query itself.
@@ -39,6 +41,7 @@ from hfemb.data.formats import Record
 from hfemb.errors import ConfigError, HfembError
 
 MODES = ("pool", "corpus")
+IDF_SCOPES = ("all", "pool")
 DROP_REASONS = ("too_few_negatives", "max_relative_score")
 _SCORE_BLOCK = 4_000_000  # floats per dense (batch x docs) score block, ~32 MB
 
@@ -51,6 +54,7 @@ class MiningConfig:
     b: float = 0.75
     epsilon: float = 0.25
     idf: str = "okapi"  # or "lucene" (never zero or negative; see hfemb.mining.bm25.BM25)
+    idf_scope: str = "all"  # pool mode: "all" pools' statistics together, or each query's own "pool"
     hard_top_k: int = 10
     easy_bottom_k: int = 10
     num_negatives: int = 3
@@ -71,6 +75,8 @@ class MiningConfig:
         check_tokenizer(self.tokenizer)
         if self.idf not in IDF_KINDS:
             raise ConfigError(f"idf must be one of {', '.join(IDF_KINDS)}, got {self.idf!r}")
+        if self.idf_scope not in IDF_SCOPES:
+            raise ConfigError(f"idf_scope must be one of {', '.join(IDF_SCOPES)}, got {self.idf_scope!r}")
         for name in ("hard_top_k", "easy_bottom_k", "num_hard", "skip_top", "seed", "shard_index"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -197,6 +203,16 @@ def _extreme(scores: np.ndarray, k: int, rng: np.random.Generator, best: bool,
     return chosen[np.lexsort((rng.random(len(chosen)), -scores[chosen]))]
 
 
+def pool_scores(record: Record, query_tokens: list[str], doc_index: dict[str, int], doc_tokens: list[list[str]],
+                config: MiningConfig) -> dict[int, float]:
+    """BM25 of the query against its own pool (positives and negatives, deduplicated), with that pool's idf and
+    average length -- ``rank_bm25.BM25Okapi(pool).get_scores(query)``; keyed by global document id."""
+    ids = [doc_index[t] for t in dict.fromkeys((*record.positives, *record.negatives))]
+    local = BM25([doc_tokens[i] for i in ids], k1=config.k1, b=config.b, epsilon=config.epsilon,
+                 idf_kind=config.idf).get_scores(query_tokens)
+    return {i: float(s) for i, s in zip(ids, local)}
+
+
 def shard_bounds(n: int, num_shards: int, shard_index: int) -> tuple[int, int]:
     """Query range ``[start, end)`` of one contiguous shard."""
     return n * shard_index // num_shards, n * (shard_index + 1) // num_shards
@@ -225,6 +241,8 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
     start_time = time.perf_counter()
     if config.mode == "pool" and corpus is not None:
         raise ConfigError("a corpus is only used in corpus mode")
+    if config.idf_scope == "pool" and config.mode != "pool":
+        raise ConfigError("idf_scope 'pool' (each query's own pool statistics) needs pool mode")
     q_start, q_end = shard_bounds(len(records), config.num_shards, config.shard_index)
     tok = {"texts": 0, "seconds": 0.0, "cache_hits": 0, "cache_misses": 0, "workers": 1}
     if config.mode == "pool":
@@ -274,10 +292,15 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
             rng = np.random.default_rng([config.seed, qi])
             ids = _candidate_ids(record, config.mode, index.num_docs, doc_index, doc_texts, norm, norm_docs,
                                  same_query, excluded)
-            scores = block[j, ids]
-            pos_scores = [float(block[j, doc_index[p]]) if p in doc_index
-                          else float(index.score_documents(query_tokens[b_start + j], [outside_tokens[p]])[0])
-                          for p in positives]
+            if config.idf_scope == "pool":  # BM25 over this query's own pool only (the reference recipe)
+                own = pool_scores(record, query_tokens[b_start + j], doc_index, doc_tokens, config)
+                scores = np.array([own[i] for i in ids], dtype=np.float64)
+                pos_scores = [own[doc_index[p]] for p in positives]
+            else:
+                scores = block[j, ids]
+                pos_scores = [float(block[j, doc_index[p]]) if p in doc_index
+                              else float(index.score_documents(query_tokens[b_start + j], [outside_tokens[p]])[0])
+                              for p in positives]
             limits = [config.max_relative_score * s if config.max_relative_score is not None and s > 0
                       else None for s in pos_scores]  # no signal when the positive itself scores <= 0
             n_over = max([int(np.count_nonzero(scores > m)) for m in limits if m is not None], default=0)
