@@ -68,7 +68,8 @@ class MultiNegCollator:
         docs = [text for f in features for text in (f["positive"], *f["negatives"])]  # B*(1+N)
         doc_text_ids = torch.tensor([text_id(t) for t in docs], dtype=torch.long)
         query_text_ids = torch.tensor([text_id(t) for t in queries], dtype=torch.long)
-        known = [[text_id(t) for t in dict.fromkeys([f["positive"], *(f.get("query_positives") or [])])] for f in features]
+        known = [[text_id(t) for t in dict.fromkeys([f["positive"], *(f.get("query_positives") or [])])]
+                 for f in features]  # every known positive of each query, its own first
         width = max(map(len, known))
         query_positive_ids = torch.tensor([k + [-1] * (width - len(k)) for k in known], dtype=torch.long)
         q = self.model.tokenize(queries, is_query=True, max_length=self.query_max_len)

@@ -30,8 +30,8 @@ log = logging.getLogger("hfemb.training.runner")
 def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> tuple[list[dict], dict]:
     """Training rows ``{"query","positive","negatives","query_positives"}``, one per (query, positive)
     (``query_positives``: every positive of the query, shared by its rows; none counts as its negative).
-    A record with exactly ``num_negatives`` negatives (a mined file) keeps them in order; one with more gets a seeded sample
-    (as FlagEmbedding samples its ``neg`` lists); rows short of negatives are dropped and counted."""
+    A record with exactly ``num_negatives`` negatives (a mined file) keeps them in order; one with more gets a
+    seeded sample (as FlagEmbedding samples its ``neg`` lists); rows short of negatives are dropped and counted."""
     rows, short = [], 0
     known: dict[str, list[str]] = {}  # query -> all its positives (records of one query may repeat it)
     for rec in records:
@@ -44,7 +44,8 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> t
             continue
         for j, pos in enumerate(rec.positives):
             chosen = negs if len(negs) == num_negatives else random.Random(f"{seed}/{i}/{j}").sample(negs, num_negatives)
-            rows.append({"query": rec.query, "positive": pos, "negatives": list(chosen), "query_positives": known[rec.query]})
+            rows.append({"query": rec.query, "positive": pos, "negatives": list(chosen),
+                         "query_positives": known[rec.query]})
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
 
 

@@ -257,7 +257,7 @@ class MultiNegEmbeddingTrainer(Trainer):
         8B would hold the whole ~16 GB base)."""
         if not (self.is_deepspeed_enabled and getattr(self.accelerator.unwrap_model(self.model), "is_peft", False)):
             return super()._save_optimizer_and_scheduler(output_dir)
-        from transformers.integrations.deepspeed import DeepSpeedSchedulerWrapper
+        from accelerate.utils import DeepSpeedSchedulerWrapper
 
         self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
         if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
