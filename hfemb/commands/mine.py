@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from collections import Counter
 
 HELP = "mine BM25 hard/easy negatives (jieba for Chinese)"
@@ -72,21 +71,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hfemb.errors import ConfigError
+    from hfemb.io_utils import check_output
 
     if args.merge:
         if args.input:
             raise ConfigError("--merge and --input exclude each other")
-        from hfemb.mining.mine import merge_shards
+        from hfemb.mining.mine import merge_shards, report_path
 
-        if os.path.abspath(args.output) in {os.path.abspath(p) for p in args.merge}:
-            raise ConfigError("--output must not be one of the shards")
+        shards = [*args.merge, *(report_path(p) for p in args.merge)]
+        check_output(args.output, inputs=shards, option="--output")
+        check_output(report_path(args.output), inputs=shards, option="--output's report")
         report = merge_shards(args.merge, args.output)
         print(f"merged {len(args.merge)} shards: {report['rows_written']} rows -> {args.output}")
         return 0
     if not args.input:
         raise ConfigError("--input is required (or --merge SHARD...)")
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise ConfigError("--output must differ from --input")
+    from hfemb.mining.mine import report_path
+
+    check_output(args.output, inputs=[args.input, args.corpus], option="--output")
+    check_output(report_path(args.output), inputs=[args.input, args.corpus], option="--output's report")
     from hfemb.data.formats import ColumnMap, read_corpus, read_records
     from hfemb.mining.mine import MiningConfig, mine, report_path, write_output
 

@@ -318,6 +318,16 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section.strip(), key.strip(), parsed
 
 
+def blame_override(exc: ConfigError, where: str, applied: list[tuple[str, str, str]]) -> ConfigError:
+    """``exc`` reworded to name the command-line override it is about (``applied``: (text, section, key) of
+    each override), instead of the config file ``where``; ``exc`` itself when no override is named in it."""
+    message = str(exc).removeprefix(f"{where}: ")
+    for item, section, key in reversed(applied):
+        if f"'{section}.{key}'" in message or (f"{key!r}" in message and f"'{section}'" in message):
+            return ConfigError(f"override {item!r}: {message}")
+    return exc
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
     path = Path(path)
     try:
@@ -330,11 +340,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    applied = []
     for item in overrides or []:
         section, key, value = parse_override(item)
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"override {item!r}: section '{section}' is not an object")
         raw.setdefault(section, {})[key] = value
-    cfg = config_from_dict(raw, where=str(path))
+        applied.append((item, section, key))
+    try:
+        cfg = config_from_dict(raw, where=str(path))
+    except ConfigError as exc:
+        raise blame_override(exc, str(path), applied) from None
     # Relative data paths are relative to the working directory, like every other CLI path.
     return cfg
