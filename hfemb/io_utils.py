@@ -4,6 +4,7 @@ work (an output must not be an input, its folder must be writable), and SIGTERM 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -11,22 +12,33 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from hfemb.errors import ConfigError
+from hfemb.errors import ConfigError, HfembError
+
+
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
-    """Open a temporary file next to ``path``; on success it replaces ``path``, on error it is removed."""
+    """Open a temporary file next to ``path``; on success it replaces ``path``, on error (or Ctrl-C / SIGTERM)
+    it is removed and ``path`` is left as it was. A failed write (disk full, file-size limit, read-only
+    file system) raises `HfembError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise HfembError(f"{path}: cannot write: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
             yield fh
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise HfembError(f"{path}: cannot write: {exc.strerror} (nothing written; an existing {path.name} "
+                             "is unchanged)") from None
         raise
 
 
