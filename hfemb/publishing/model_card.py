@@ -601,6 +601,10 @@ def check_training_output(folder: str | os.PathLike) -> None:
         + ([] if models else ["merged/ or adapter/"])
     if not missing:
         return
+    if any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise HfembError(f"{folder}: a model folder, not a training output folder (missing train_summary.json); "
+                         f"give the folder it was trained into"
+                         + (f", {folder.parent}" if (folder.parent / "train_summary.json").is_file() else ""))
     leftovers = sorted(p.name for p in folder.glob(".merged.*")) + sorted(p.name for p in folder.glob(".adapter.*"))
     checkpoints = sorted(p.name for p in folder.glob("checkpoint-*"))
     state = (f"; it has unfinished save folder(s) {', '.join(leftovers)} (the run was killed while saving)"
