@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from hfemb.data.formats import FORMATS, READ_FORMATS, ColumnMap, read_records, write_records
+from hfemb.data.formats import FORMATS, READ_FORMATS, ColumnMap, count_duplicates, read_records, write_records
 from hfemb.errors import ConfigError, DataError
 from hfemb.io_utils import check_output
 
@@ -126,6 +126,9 @@ def run(args) -> int:
     print(f"records: {len(records)}" + (f" ({without_positive} without a positive: not written)"
                                        if without_positive else ""))
     print(f"skipped: {len(result.skipped)} bad rows")
+    duplicates = count_duplicates(records)
+    if duplicates:
+        print(f"duplicates: {duplicates} rows repeat an earlier row exactly (written as they are)")
     first: dict[str, str] = {}
     for err in result.skipped:
         first.setdefault(getattr(err, "kind", "bad row"), str(err))
