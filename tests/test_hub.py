@@ -296,14 +296,14 @@ def test_push_function_returns_what_it_uploaded(output, hub):
 
 # ---- issue 17 ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", ["bad name", "a..b", "-x", "x/", "x.lock", "feat/.hidden", "a:b", "x@{1}", "a//b",
-                                 "@", "", "end."])
+                                 "", "end.", "tab\there", "a~1", "a^", "a?", "a*", "a[b", "a\\b"])
 def test_dry_run_validates_the_revision_like_the_hub(output, hub, capsys, bad):
     """Oracle: git's own branch-name check (`git check-ref-format --branch`), which the Hub applies."""
     import subprocess
 
-    git = subprocess.run(["git", "check-ref-format", "--branch", bad], capture_output=True)
-    assert git.returncode != 0  # git refuses it too
-    assert main(["push", str(output), "--repo-id", "alice/x", "--revision", bad, "--dry-run"]) == 2
+    git = subprocess.run(["git", "check-ref-format", f"refs/heads/{bad}"], capture_output=True)
+    assert git.returncode != 0 or bad.startswith("-")  # git refuses it too (a leading '-' only as a branch)
+    assert main(["push", str(output), "--repo-id", "alice/x", f"--revision={bad}", "--dry-run"]) == 2
     assert "not a valid branch name" in capsys.readouterr().err
     assert hub.calls == []
 
@@ -313,10 +313,10 @@ def test_valid_revisions_pass(output, hub, capsys):
 
     from hfemb.publishing.hub import check_revision
 
-    for good in ("dev", "feature/v2", "v1.0", "refs/pr/3", "exp_2024-01"):
+    for good in ("dev", "feature/v2", "v1.0", "refs/pr/3", "exp_2024-01", "@", "日本"):
         assert check_revision(good) == good
         if not good.startswith("refs/"):
-            assert subprocess.run(["git", "check-ref-format", "--branch", good], capture_output=True).returncode == 0
+            assert subprocess.run(["git", "check-ref-format", f"refs/heads/{good}"]).returncode == 0
     assert main(["push", str(output), "--repo-id", "alice/x", "--revision", "feature/v2", "--dry-run"]) == 0
     assert "revision feature/v2" in capsys.readouterr().out
 

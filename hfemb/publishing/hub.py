@@ -70,7 +70,7 @@ def check_revision(revision: str | None, option: str = "--revision") -> str | No
     """``revision`` (a branch to push to) checked as the Hub checks it, which follows git's branch-name rules
     (``git check-ref-format --branch``): no spaces, control characters or any of ``~^:?*[\\``, no ``..``,
     ``@{`` or ``//``, no part starting with ``.`` or ending in ``.lock``, not starting with ``-`` or ``/``,
-    not ending with ``/`` or ``.``, not ``@``; ``refs/pr/N`` (a pull request) is accepted.
+    not ending with ``/`` or ``.``; ``refs/pr/N`` (a pull request) is accepted.
     Raises `ConfigError` naming the rule broken."""
     if revision is None or re.fullmatch(r"refs/pr/\d+", revision):
         return revision
@@ -83,8 +83,8 @@ def check_revision(revision: str | None, option: str = "--revision") -> str | No
         problem = "contains '..', '@{' or '//'"
     elif revision.startswith(("-", "/")) or revision.endswith(("/", ".")):
         problem = "starts with '-' or '/', or ends with '/' or '.'"
-    elif revision == "@" or any(p.startswith(".") or p.endswith(".lock") for p in revision.split("/")):
-        problem = "is '@', or has a part starting with '.' or ending in '.lock'"
+    elif any(p.startswith(".") or p.endswith(".lock") for p in revision.split("/")):
+        problem = "has a part starting with '.' or ending in '.lock'"
     elif len(revision.encode()) > 255:
         problem = "is longer than 255 bytes"
     if problem:
