@@ -75,3 +75,22 @@ def test_an_explicit_load_best_model_at_end_is_still_checked(tmp_path):
                                                             "save_strategy": "epoch", "load_best_model_at_end": True}}))
     with pytest.raises(ConfigError, match="load_best_model_at_end"):
         training_arguments(cfg, has_eval=True)
+
+
+def test_a_training_arguments_error_from_an_override_names_it(tmp_path, capsys):
+    """TrainingArguments' own check (load_best_model_at_end needs matching strategies) runs after the data is
+    read and before the model loads (the model here does not exist)."""
+    from hfemb.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"p{i}", "negative": [f"n{i}", f"m{i}"]}) + "\n"
+                            for i in range(10)))
+    path = write(tmp_path, {"model": {"name_or_path": str(tmp_path / "no-model")},
+                            "data": {"train_file": str(data), "num_negatives": 2},
+                            "training": {"output_dir": str(tmp_path / "out"), "report_to": "none"}})
+    bad = "training.load_best_model_at_end=true"
+    for eval_ratio in ("0.2", "0"):  # the Trainer's check; hfemb's own (no evaluation data)
+        assert main(["train", str(path), f"data.eval_ratio={eval_ratio}", "training.eval_strategy=steps",
+                     "training.save_strategy=epoch", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"override {bad!r}: " in err and "load_best_model_at_end" in err and err.count("\n") == 1, err

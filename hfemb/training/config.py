@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,9 @@ def blame_override(exc: ConfigError, where: str, applied: list[tuple[str, str, s
     message = str(exc).removeprefix(f"{where}: ")
     for item, section, key in reversed(applied):
         if f"'{section}.{key}'" in message or (f"{key!r}" in message and f"'{section}'" in message):
+            return ConfigError(f"override {item!r}: {message}")
+    for item, section, key in reversed(applied):  # TrainingArguments' own messages name fields bare
+        if section == "training" and re.search(rf"(?<![\w.])(?:training\.)?{re.escape(key)}(?!\w)", message):
             return ConfigError(f"override {item!r}: {message}")
     return exc
 

@@ -251,7 +251,7 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
     try:
         return TrainingArguments(**t)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"training section: {exc}") from None
+        raise ConfigError(f"training section: {' '.join(str(exc).split())}") from None  # one line
 
 
 def _multiple(save_steps, eval_steps) -> bool:
