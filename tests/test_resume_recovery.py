@@ -109,3 +109,22 @@ def test_whole_run_loss_by_hand():
     assert whole_run_loss(0.5, 2, (3.0, 2), 4) == pytest.approx(1.0)
     assert whole_run_loss(0.0, 0, (3.0, 4), 4) == pytest.approx(0.75)  # a resume that only re-saved
     assert whole_run_loss(0.5, 2, None, 4) is None  # an older checkpoint without the sum: unknown, not wrong
+
+
+def test_loss_sum_written_only_when_known(tmp_path):
+    from types import SimpleNamespace
+
+    from hfemb.training.resume import LOSS_FILE, RunLossCallback, previous_loss_sum
+
+    (tmp_path / "checkpoint-6").mkdir()
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    state = SimpleNamespace(global_step=6, is_world_process_zero=True)
+    trainer = SimpleNamespace(_total_loss_scalar=2.5, _tr_loss=torch.tensor(0.5))
+    unknown = RunLossCallback(None)  # resumed from a checkpoint without the sum: writing 3.0 would be wrong
+    unknown.trainer = trainer
+    unknown.on_save(args, state, None)
+    assert not (tmp_path / "checkpoint-6" / LOSS_FILE).exists()
+    known = RunLossCallback(1.5)  # steps before the resume summed 1.5; this run 2.5 logged + 0.5 pending
+    known.trainer = trainer
+    known.on_save(args, state, None)
+    assert previous_loss_sum(str(tmp_path / "checkpoint-6")) == (pytest.approx(4.5), 6)

@@ -127,10 +127,11 @@ def remove_save_leftovers(output_dir: str | os.PathLike) -> list[str]:
 class RunLossCallback(TrainerCallback):
     """Writes ``hfemb_loss.json`` into each checkpoint: the summed training loss of all steps so far (this run
     plus the run it resumed from), so that a resumed run reports the loss of the whole run. Set ``trainer``
-    after building the Trainer; ``previous``: the sum stored in the checkpoint resumed from."""
+    after building the Trainer; ``previous``: the sum stored in the checkpoint resumed from (None: unknown, as
+    for a checkpoint of an older hfemb; then no sum is written, rather than a wrong one)."""
 
-    def __init__(self, previous: float = 0.0, previous_step: int = 0):
-        self.trainer, self.previous, self.previous_step = None, previous, previous_step
+    def __init__(self, previous: float | None = 0.0):
+        self.trainer, self.previous = None, previous
 
     def total(self) -> float:
         """Summed loss of steps 1..global_step. Reads the Trainer's running sums (``_total_loss_scalar``, drained
@@ -142,7 +143,7 @@ class RunLossCallback(TrainerCallback):
         return self.previous + running
 
     def on_save(self, args, state, control, **kwargs):
-        if self.trainer is None or not state.is_world_process_zero:
+        if self.trainer is None or self.previous is None or not state.is_world_process_zero:
             return
         folder = Path(args.output_dir, f"checkpoint-{state.global_step}")
         if folder.is_dir():

@@ -311,10 +311,10 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     collator = MultiNegCollator(model=model, query_max_len=cfg.data.query_max_len,
                                 passage_max_len=cfg.data.passage_max_len, num_negatives=cfg.data.num_negatives)
     log_file = out / "train_log.jsonl"
-    if resume_from:  # the steps logged after the checkpoint are run (and logged) again
+    if resume_from and int(os.environ.get("RANK", "0")) == 0:  # steps logged after the checkpoint are run again
         truncate_train_log(log_file, checkpoint_step(resume_from))
     previous_loss = previous_loss_sum(resume_from)
-    loss_callback = RunLossCallback(*(previous_loss or (0.0, 0)))
+    loss_callback = RunLossCallback(previous_loss[0] if previous_loss else None)
     lengths = [len(r["query"]) + len(r["positive"]) + sum(map(len, r["negatives"])) for r in rows]
     trainer = MultiNegEmbeddingTrainer(
         model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None, data_collator=collator,
