@@ -126,7 +126,18 @@ def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
     raise Terminated()
 
 
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_FORK_HOOK = []
+
+
 def handle_sigterm() -> None:
-    """Turn SIGTERM into `Terminated` (a `KeyboardInterrupt`) in the main thread; no-op elsewhere."""
+    """Turn SIGTERM into `Terminated` (a `KeyboardInterrupt`) in the main thread; no-op elsewhere. Forked
+    children (jieba and DataLoader workers) get the default back: they just end, with no traceback."""
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGTERM, _raise_terminated)
+        if not _FORK_HOOK:
+            os.register_at_fork(after_in_child=_default_sigterm)
+            _FORK_HOOK.append(True)

@@ -155,3 +155,24 @@ def test_atomic_open_refuses_to_create_in_a_file(tmp_path):
     with pytest.raises(HfembError, match="cannot write"):
         with atomic_open(tmp_path / "f" / "out.json") as fh:
             fh.write("{}")
+
+
+def test_forked_children_keep_the_default_sigterm():
+    """Worker processes (jieba, DataLoader) just end on SIGTERM; only the main process cleans up and reports."""
+    import signal
+
+    from hfemb.io_utils import handle_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        handle_sigterm()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, b"1" if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else b"0")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read, 1) == b"1"
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
