@@ -67,12 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     from hfemb.errors import HfembError
+    from hfemb.io_utils import Terminated, handle_sigterm
 
+    handle_sigterm()  # SIGTERM cleans up like Ctrl-C: no temporary file is left behind
     try:
         return int(args._run(args) or 0)
     except HfembError as exc:
         print(f"hfemb {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

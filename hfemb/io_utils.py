@@ -1,28 +1,44 @@
-"""Atomic writes: nothing half-written. Write to a temporary file beside the target, then rename."""
+"""Safe writes: atomic files (temporary file beside the target, then rename), output checks made before any
+work (an output must not be an input, its folder must be writable), and SIGTERM handled like Ctrl-C."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from hfemb.errors import ConfigError, HfembError
+
+
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
-    """Open a temporary file next to ``path``; on success it replaces ``path``, on error it is removed."""
+    """Open a temporary file next to ``path``; on success it replaces ``path``, on error (or Ctrl-C / SIGTERM)
+    it is removed and ``path`` is left as it was. A failed write (disk full, file-size limit, read-only
+    file system) raises `HfembError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise HfembError(f"{path}: cannot write: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
             yield fh
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise HfembError(f"{path}: cannot write: {exc.strerror} (nothing written; an existing {path.name} "
+                             "is unchanged)") from None
         raise
 
 
@@ -40,3 +56,88 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
             fh.write("\n")
             n += 1
     return n
+
+
+# ---- output checks, made before loading models or mining ------------------------------------------
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` name the same file: `os.path.samefile` when both exist (so symlinks, hard
+    links and ``./x`` vs ``x`` all count), else the fully resolved paths are compared."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_folder_writable(folder: Path, what: str) -> None:
+    """``folder`` (which may not exist yet) can be created and written."""
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise ConfigError(f"{what}: {existing} is a file, where a folder is expected")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: folder {existing} is not writable")
+
+
+def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (), option: str = "--output",
+                 folder: bool = False, files: Iterable[str] = ()) -> None:
+    """The one check every command makes on what it will write, before any work: raises `ConfigError`
+    (one line naming ``option``) when
+
+    * the output is one of ``inputs`` (compared with `same_file`: symlinks and hard links to an input count),
+      so an input is never overwritten;
+    * ``folder=False``: ``path`` is an existing folder, or its folder cannot be created or written;
+    * ``folder=True``: ``path`` is an existing file, or cannot be created or written; ``files`` are the names
+      written inside it, each also checked against ``inputs``.
+    """
+    target = Path(path)
+    inputs = [Path(p) for p in inputs if p]
+    written = [target / name for name in files] if folder else [target]
+    for out in written:
+        for inp in inputs:
+            if same_file(out, inp):
+                raise ConfigError(f"{option} {out} is the input {inp} (same file): writing it would destroy the "
+                                  "input; choose another output")
+    if folder:
+        if target.exists() and not target.is_dir():
+            raise ConfigError(f"{option} {target}: is a file, where a folder is expected")
+        _check_folder_writable(target, f"{option} {target}")
+        for out in written:
+            if out.is_dir():
+                raise ConfigError(f"{option}: {out} is a folder, where a file is to be written")
+    else:
+        if target.is_dir():
+            raise ConfigError(f"{option} {target}: is a folder, where a file is to be written")
+        _check_folder_writable(target.parent, f"{option} {target}")
+
+
+# ---- SIGTERM ----------------------------------------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM (what job schedulers send), so every clean-up that runs on Ctrl-C
+    (temporary files removed, the old output left as it was) also runs on SIGTERM."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Terminated()
+
+
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_FORK_HOOK = []
+
+
+def handle_sigterm() -> None:
+    """Turn SIGTERM into `Terminated` (a `KeyboardInterrupt`) in the main thread; no-op elsewhere. Forked
+    children (jieba and DataLoader workers) get the default back: they just end, with no traceback."""
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        if not _FORK_HOOK:
+            os.register_at_fork(after_in_child=_default_sigterm)
+            _FORK_HOOK.append(True)

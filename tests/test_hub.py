@@ -292,3 +292,51 @@ def test_push_function_returns_what_it_uploaded(output, hub):
     assert result["files"] == sorted(up["files"]) and result["bytes"] == sum(map(len, up["files"].values()))
     assert result["url"] == "https://huggingface.co/alice/x/commit/abc"
     assert not any(n.startswith(".hfemb-push-") for n in os.listdir(output))
+
+
+# ---- issue 17 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["bad name", "a..b", "-x", "x/", "x.lock", "feat/.hidden", "a:b", "x@{1}", "a//b",
+                                 "", "end.", "tab\there", "a~1", "a^", "a?", "a*", "a[b", "a\\b"])
+def test_dry_run_validates_the_revision_like_the_hub(output, hub, capsys, bad):
+    """Oracle: git's own branch-name check (`git check-ref-format --branch`), which the Hub applies."""
+    import subprocess
+
+    git = subprocess.run(["git", "check-ref-format", f"refs/heads/{bad}"], capture_output=True)
+    assert git.returncode != 0 or bad.startswith("-")  # git refuses it too (a leading '-' only as a branch)
+    assert main(["push", str(output), "--repo-id", "alice/x", f"--revision={bad}", "--dry-run"]) == 2
+    assert "not a valid branch name" in capsys.readouterr().err
+    assert hub.calls == []
+
+
+def test_valid_revisions_pass(output, hub, capsys):
+    import subprocess
+
+    from hfemb.publishing.hub import check_revision
+
+    for good in ("dev", "feature/v2", "v1.0", "refs/pr/3", "exp_2024-01", "@", "日本"):
+        assert check_revision(good) == good
+        if not good.startswith("refs/"):
+            assert subprocess.run(["git", "check-ref-format", f"refs/heads/{good}"]).returncode == 0
+    assert main(["push", str(output), "--repo-id", "alice/x", "--revision", "feature/v2", "--dry-run"]) == 0
+    assert "revision feature/v2" in capsys.readouterr().out
+
+
+def test_uploaded_summary_names_no_local_folder(output, tmp_path):
+    local = json.loads((output / "train_summary.json").read_text())
+    local["resumed_from"] = str(output / "checkpoint-2")
+    local["config_file"] = "/home/someone/configs/lora.json"
+    (output / "train_summary.json").write_text(json.dumps(local))
+    stage_upload(output, tmp_path / "staged", repo_id="alice/tiny-emb")
+    staged = json.loads((tmp_path / "staged" / "train_summary.json").read_text())
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    assert not [s for s in strings(staged) if s.startswith("/") or str(tmp_path) in s]
+    assert staged["resumed_from"] == "checkpoint-2" and staged["config_file"] == "lora.json"
+    assert staged["outputs"]["merged"] == "merged"
+    assert staged["global_step"] == local["global_step"]

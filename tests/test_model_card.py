@@ -302,4 +302,5 @@ def test_command_line(trained, tmp_path, capsys):
     assert f"wrote {out / 'merged' / 'README.md'} (threshold {chosen:.4f} from {trained['results']})" in printed
     assert read_threshold(out / "merged") == read_threshold(out / "adapter") == chosen
     assert main([str(out / "merged")]) == 2
-    assert "no train_summary.json" in capsys.readouterr().err
+    assert f"a model folder, not a training output folder (missing train_summary.json); give the folder it " \
+           f"was trained into, {out}" in capsys.readouterr().err

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from hfemb.data.formats import FORMATS, READ_FORMATS, ColumnMap, read_records, write_records
+from hfemb.data.formats import FORMATS, READ_FORMATS, ColumnMap, count_duplicates, read_records, write_records
 from hfemb.errors import ConfigError, DataError
+from hfemb.io_utils import check_output
 
 HELP = "convert training data between formats (hfemb, FlagEmbedding, ms-swift)"
 
@@ -104,7 +105,16 @@ def _run_cases(args) -> int:
     return 0
 
 
+def check_outputs(args) -> None:
+    """--output (and --corpus-output) are writable and none of the inputs, before anything is read."""
+    inputs = [args.input, getattr(args, "knowledge", None)]
+    check_output(args.output, inputs=inputs, option="--output")
+    if getattr(args, "corpus_output", None):
+        check_output(args.corpus_output, inputs=inputs + [args.output], option="--corpus-output")
+
+
 def run(args) -> int:
+    check_outputs(args)
     if _case_mode(args):
         return _run_cases(args)
     result = read_records(args.input, fmt=args.from_format, columns=_column_map(args),
@@ -116,6 +126,9 @@ def run(args) -> int:
     print(f"records: {len(records)}" + (f" ({without_positive} without a positive: not written)"
                                        if without_positive else ""))
     print(f"skipped: {len(result.skipped)} bad rows")
+    duplicates = count_duplicates(records)
+    if duplicates:
+        print(f"duplicates: {duplicates} rows repeat an earlier row exactly (written as they are)")
     first: dict[str, str] = {}
     for err in result.skipped:
         first.setdefault(getattr(err, "kind", "bad row"), str(err))

@@ -18,6 +18,9 @@ from pathlib import Path
 
 HELP = "threshold-sweep F1 evaluation of several models (= run_eval.py)"
 DEFAULT_CONFIG = Path("configs") / "eval.json"
+OUTPUT_FILES = ("results.json", "results.csv", "results.md", "f1_vs_threshold.png", "pr_curves.png",
+                "classification.json", "classification.md", "classification_predictions.jsonl",
+                "classification_pairs.jsonl", "classification_dev_pairs.jsonl")  # what eval may write
 RUN_KEYS = {"data": None, "dev": None, "split_dev": None, "models": None, "output_dir": "eval_output",
             "train_output_root": "output", "thresholds": "0.4:0.7"}
 
@@ -154,6 +157,10 @@ def run(args) -> int:
     values = {**RUN_KEYS, **{k: v for k, v in config.items() if k != "models"}, **cli}
     if not values["data"]:
         raise ConfigError("no eval data: pass --data FILE (or set 'data' in the config)")
+    from hfemb.io_utils import check_output
+
+    check_output(values["output_dir"], inputs=[values["data"], values["dev"], getattr(args, "classify_knowledge", None)],
+                 option="--output-dir", folder=True, files=OUTPUT_FILES)  # before loading any model
     setting_names = {f.name for f in fields(EvalSettings)}
     settings = EvalSettings(**{k: v for k, v in values.items() if k in setting_names})
     models = resolve_models(args.model, config.get("models"), values["train_output_root"])

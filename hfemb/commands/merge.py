@@ -40,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
         raise HfembError(f"--output {output} must not be the adapter folder or inside it")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise HfembError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+    from hfemb.io_utils import check_output
+
+    check_output(output.parent, option="--output", folder=True)  # writable, before loading the base model
     report = merge_adapter(adapter, output, base_dtype=args.base_dtype, merged_dtype=args.dtype,
                            trust_remote_code=args.trust_remote_code)
     summary_dir = adapter.parent if (adapter.parent / "train_summary.json").is_file() else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from collections import Counter
 
 HELP = "mine BM25 hard/easy negatives (jieba for Chinese)"
@@ -28,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--label-threshold", type=int, default=1, help="labelled pools: label >= this is relevant")
     io.add_argument("--skip-bad", action="store_true", help="skip bad input rows (counted in the report) "
                     "instead of stopping at the first one")
+    io.add_argument("--allow-empty", action="store_true",
+                    help="write the output and exit 0 even when no row could be mined (default: exit 2 with the "
+                         "reason, writing nothing)")
     io.add_argument("--merge", nargs="+", metavar="SHARD",
                     help="merge these shard outputs (each with its .report.json) into OUTPUT instead of mining")
 
@@ -75,22 +77,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hfemb.errors import ConfigError
+    from hfemb.io_utils import check_output
 
     if args.merge:
         if args.input:
             raise ConfigError("--merge and --input exclude each other")
-        from hfemb.mining.mine import merge_shards
+        from hfemb.mining.mine import merge_shards, report_path
 
-        if os.path.abspath(args.output) in {os.path.abspath(p) for p in args.merge}:
-            raise ConfigError("--output must not be one of the shards")
+        shards = [*args.merge, *(report_path(p) for p in args.merge)]
+        check_output(args.output, inputs=shards, option="--output")
+        check_output(report_path(args.output), inputs=shards, option="--output's report")
         report = merge_shards(args.merge, args.output)
         print(f"merged {len(args.merge)} shards: {report['rows_written']} rows -> {args.output}")
         return 0
     if not args.input:
         raise ConfigError("--input is required (or --merge SHARD...)")
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise ConfigError("--output must differ from --input")
-    from hfemb.data.formats import ColumnMap, read_corpus, read_records
+    from hfemb.mining.mine import report_path
+
+    check_output(args.output, inputs=[args.input, args.corpus], option="--output")
+    check_output(report_path(args.output), inputs=[args.input, args.corpus], option="--output's report")
+    from hfemb.data.formats import ColumnMap, count_duplicates, read_corpus, read_records
     from hfemb.mining.mine import MiningConfig, mine, report_path, write_output
 
     columns = None
@@ -117,13 +123,36 @@ def run(args: argparse.Namespace) -> int:
         "path": args.input, "format": data.format, "rows": data.rows, "records": len(data.records),
         "skipped": len(data.skipped),
         "skipped_by_kind": dict(Counter(getattr(e, "kind", "bad row") for e in data.skipped)),
+        "duplicate_rows": count_duplicates(data.records),
         "corpus": args.corpus,
     }
+    if result.report["rows_written"] == 0 and not args.allow_empty:
+        from hfemb.errors import DataError
+
+        raise DataError(f"no row could be mined, nothing written: {empty_reason(result.report, config)} "
+                        "(--allow-empty writes the empty output and exits 0)", args.input)
     write_output(result, args.output)
     for line in summary_lines(result.report):
         print(line)
     print(f"wrote {args.output} and {report_path(args.output)}")
     return 0
+
+
+def empty_reason(report: dict, config) -> str:
+    """Why mining produced no row, from its report."""
+    dropped = report["rows_dropped"]
+    reasons = []
+    if report["queries"] == 0:
+        reasons.append("this shard has no query" if report["shard"]["num_shards"] > 1 else "no query")
+    if report["queries_without_positive"]:
+        reasons.append(f"{report['queries_without_positive']} of {report['queries']} queries have no positive")
+    if dropped.get("too_few_negatives"):
+        reasons.append(f"{dropped['too_few_negatives']} rows lack {config.num_negatives} negatives among the "
+                       f"{report['documents']} documents (each needs documents other than its query's positives "
+                       "and their duplicates; the input may have a single row, or all rows alike)")
+    if dropped.get("max_relative_score"):
+        reasons.append(f"{dropped['max_relative_score']} rows lost their candidates to --max-relative-score")
+    return "; ".join(reasons) or "every row was dropped"
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -136,7 +165,7 @@ def summary_lines(report: dict) -> list[str]:
     if "input" in report:
         inp = report["input"]
         lines.append(f"read {inp['records']} records from {inp['path']} ({inp['format']}; "
-                     f"{inp['skipped']} bad rows skipped)")
+                     f"{inp['skipped']} bad rows skipped; {inp.get('duplicate_rows', 0)} exact duplicate rows)")
     shard = report["shard"]
     lines += [
         f"{report['mode']} mode over {report['documents']} documents; shard {shard['shard_index']}/"

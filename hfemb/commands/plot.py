@@ -26,7 +26,11 @@ def run(args) -> int:
 
     if not Path(args.output_dir).exists():
         raise HfembError(f"{args.output_dir}: no such folder (give a training output folder or its train_log.jsonl)")
-    log = read_train_log(log_path(args.output_dir))
+    from hfemb.io_utils import check_output
+
+    source = log_path(args.output_dir)
+    check_output(args.output or source.parent / "training_curves.png", inputs=[source], option="--output")
+    log = read_train_log(source)
     png = plot_training_curves(args.output_dir, args.output, title=args.title)
     state = "finished" if log.finished else "in progress"
     skipped = (f"; {len(log.unreadable)} unreadable line(s) skipped, lines {log.unreadable[:5]}"

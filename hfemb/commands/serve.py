@@ -16,6 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=256, help="most texts in one request")
     parser.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                         help="larger request bodies get HTTP 413")
+    parser.add_argument("--read-timeout", type=float, default=30.0,
+                        help="seconds a client may stall while sending a request (then 408 and disconnected)")
+    parser.add_argument("--max-connections", type=int, default=64,
+                        help="connections served at once; more get 503 with Retry-After")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per text (longer texts are truncated)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     parser.add_argument("--max-tokens-per-batch", type=int, default=16384, help="padded tokens per forward pass")
@@ -37,10 +41,13 @@ def run(args) -> int:
     from hfemb.errors import ConfigError
     from hfemb.evaluation.encoders import resolve_model_path
     from hfemb.modeling.model import load_embedding_model
-    from hfemb.publishing.serve import EmbeddingService, make_server
+    from hfemb.publishing.serve import EmbeddingService, check_port, make_server
 
     if args.max_batch < 1 or args.max_request_bytes < 1 or args.max_length < 2:
         raise ConfigError("--max-batch and --max-request-bytes must be >= 1, --max-length >= 2")
+    if args.read_timeout <= 0 or args.max_connections < 1:
+        raise ConfigError("--read-timeout must be > 0 and --max-connections >= 1")
+    check_port(args.host, args.port)  # before loading the model
     model = load_embedding_model(
         resolve_model_path(args.model), pooling=args.pooling,
         query_instruction=False if args.no_instruction else args.instruction, symmetric=args.symmetric,
@@ -49,8 +56,12 @@ def run(args) -> int:
     service = EmbeddingService(model, model_name=args.served_model_name or args.model, max_batch=args.max_batch,
                                max_length=args.max_length, batch_size=args.batch_size,
                                max_tokens_per_batch=args.max_tokens_per_batch)
-    server = make_server(service, args.host, args.port, max_request_bytes=args.max_request_bytes,
-                         verbose=args.verbose)
+    try:
+        server = make_server(service, args.host, args.port, max_request_bytes=args.max_request_bytes,
+                             verbose=args.verbose, read_timeout=args.read_timeout,
+                             max_connections=args.max_connections)
+    except OSError as exc:  # taken while the model was loading
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     host, port = server.server_address[:2]
     print(f"serving {service.model_name!r} (dim {service.dim}) on http://{host}:{port}/v1/embeddings", flush=True)
     print(f"query prompt for input_type=query: {service.prompts['query']!r}; texts without input_type are "

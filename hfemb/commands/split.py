@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 HELP = "split a labelled eval file into dev/test by query"
 
@@ -45,12 +44,13 @@ def write_pools(path: str, rows: list[dict]) -> None:
 
 def run(args) -> int:
     from hfemb.errors import ConfigError
+    from hfemb.io_utils import check_output, same_file
     from hfemb.evaluation.evaluate import EvalSettings, read_eval_records, split_by_query
 
-    if os.path.abspath(args.dev_out) == os.path.abspath(args.test_out):
+    if same_file(args.dev_out, args.test_out):
         raise ConfigError("--dev-out and --test-out must differ")
-    if os.path.abspath(args.input) in (os.path.abspath(args.dev_out), os.path.abspath(args.test_out)):
-        raise ConfigError(f"{args.input}: --dev-out / --test-out must differ from the input (it would be overwritten)")
+    check_output(args.dev_out, inputs=[args.input], option="--dev-out")
+    check_output(args.test_out, inputs=[args.input], option="--test-out")
     settings = EvalSettings(data_format=args.data_format, on_error="skip" if args.skip_bad else "raise",
                             bad_label=args.bad_label, label_threshold=args.label_threshold)
     result = read_eval_records(args.input, settings)

@@ -28,9 +28,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from hfemb.errors import ConfigError
+    from hfemb.training.config import blame_override, parse_override
     from hfemb.training.runner import run_training
 
-    summary = run_training(cfg, resume=args.resume)
+    try:
+        summary = run_training(cfg, resume=args.resume)
+    except ConfigError as exc:  # TrainingArguments' checks run here: name the override they are about
+        raise blame_override(exc, str(cfg.source), [(o, *parse_override(o)[:2]) for o in args.overrides]) from None
     outs = ", ".join(f"{k}: {v}" for k, v in summary["outputs"].items())
     print(f"done in {summary['seconds']:.0f}s, {summary['global_step']} steps; {outs}")
     if summary.get("final_eval"):

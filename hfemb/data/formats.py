@@ -357,6 +357,46 @@ _HEADER_NAMES = frozenset(
     "sentence2 document label id department title ask answer questionid question sentence documents".split())
 
 
+DEFAULT_MAX_ROW_BYTES = 1 << 20  # 1 MiB: far above any real query or passage, far below what exhausts memory
+MAX_ROW_ENV = "HFEMB_MAX_ROW_BYTES"
+
+
+def max_row_bytes() -> int:
+    """The largest row (a line of a JSONL/CSV/TSV/text file, an element of a JSON array) hfemb reads, in bytes:
+    ``$HFEMB_MAX_ROW_BYTES`` when set, else 1 MiB. Mining and training hold each text several times over
+    (tokens, BM25 statistics, batches), so one huge row can take gigabytes; a larger row is a `DataError`
+    naming its file and line."""
+    value = os.environ.get(MAX_ROW_ENV, "")
+    if not value:
+        return DEFAULT_MAX_ROW_BYTES
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ConfigError(f"{MAX_ROW_ENV}={value!r}: expected a positive number of bytes")
+    return limit
+
+
+def _row_too_large(path: str, line: int, size: int, limit: int) -> DataError:
+    return DataError(f"row of {size:,} bytes exceeds the limit of {limit:,} bytes (set {MAX_ROW_ENV} to allow "
+                     "larger rows; memory grows with the row)", path, line)
+
+
+def check_row_sizes(data: bytes, path: str, limit: int | None = None) -> None:
+    """Raise `DataError` naming the first line of ``data`` longer than ``limit`` bytes (`max_row_bytes`).
+    Each step jumps to the last newline within the next ``limit + 1`` bytes (a C-level search), so it takes
+    about ``2 * len(data) / limit`` steps."""
+    limit = max_row_bytes() if limit is None else limit
+    pos, n = 0, len(data)
+    while n - pos > limit:
+        newline = data.rfind(b"\n", pos, pos + limit + 1)
+        if newline < 0:  # limit + 1 bytes from a line start without a newline
+            end = data.find(b"\n", pos)
+            raise _row_too_large(path, data.count(b"\n", 0, pos) + 1, (n if end < 0 else end) - pos, limit)
+        pos = newline + 1
+
+
 def _read_text(path: str) -> str:
     try:
         with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as fh:
@@ -365,6 +405,8 @@ def _read_text(path: str) -> str:
         raise DataError("no such file", path) from None
     except (OSError, EOFError) as exc:
         raise DataError(f"cannot read file: {exc}", path) from None
+    if not data.lstrip()[:1] == b"[":  # JSON arrays: checked per element (pretty-printed rows span lines)
+        check_row_sizes(data, path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -388,15 +430,19 @@ def _json_array_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
     """Elements of a top-level JSON array with the line each starts on."""
     pos = _WS.match(text, text.index("[") + 1).end()
     line, counted = 1, 0
+    limit = max_row_bytes()
     if text.startswith("]", pos) and not text[pos + 1:].strip():
         return
     while pos < len(text):
         line += text.count("\n", counted, pos)
         counted = pos
         try:
+            start = pos
             obj, pos = _DECODER.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", path, exc.lineno) from None
+        if pos - start > limit // 4 and len(text[start:pos].encode("utf-8")) > limit:  # chars <= bytes <= 4 chars
+            raise _row_too_large(path, line, len(text[start:pos].encode("utf-8")), limit)
         yield line, obj
         pos = _WS.match(text, pos).end()
         if text.startswith(",", pos):
@@ -494,7 +540,8 @@ def read_records(path, *, fmt: str = "auto", columns: ColumnMap | None = None, o
     if bad_label not in ("error", "skip"):
         raise ConfigError(f"bad_label must be 'error' or 'skip', got {bad_label!r}")
     if columns is not None and fmt not in ("auto", "qa_table"):
-        raise ConfigError(f"columns= is for QA tables, not for fmt={fmt!r}")
+        raise ConfigError(f"--query-columns/--positive-column (data.query_columns/positive_column) map QA tables; "
+                          f"they do not go with the format {fmt!r}")
     path = os.fspath(path)
     rows, forced = _raw_rows(_read_text(path), path, fmt, columns)
     detected = forced or ("qa_table" if columns is not None else None if fmt == "auto" else fmt)
@@ -515,7 +562,9 @@ def read_records(path, *, fmt: str = "auto", columns: ColumnMap | None = None, o
                 detected = detect_format(row)
                 if detected is None:
                     raise _bad("unknown format", path, line, None,
-                               f"keys {sorted(row)} match no known format; pass fmt= or columns=")
+                               f"keys {sorted(row)} match no known format; name the format with --format "
+                               "(hfemb convert: --from; a training config: data.format) or map a QA table with "
+                               "--query-columns and --positive-column")
             converted = _CONVERTERS[detected](row, where, ctx)
         except DataError as exc:
             if on_error == "skip" or (bad_label == "skip" and getattr(exc, "kind", None) == "bad label"):
@@ -640,3 +689,18 @@ def write_records(records: Iterable[Record], path, fmt: str = "hfemb", *, extra:
         if fh is not raw:
             fh.close()
     return n
+
+
+def count_duplicates(records: Iterable[Record]) -> int:
+    """How many records repeat an earlier one exactly (same query, positives, negatives and labelled
+    candidates): reported by ``convert`` and ``mine``, since repeated rows weigh a query more in training and
+    in-batch copies of a row become false negatives."""
+    seen: set = set()
+    duplicates = 0
+    for r in records:
+        key = (r.query, tuple(r.positives), tuple(r.negatives), tuple(r.candidates))
+        if key in seen:
+            duplicates += 1
+        else:
+            seen.add(key)
+    return duplicates

@@ -136,6 +136,10 @@ def make_pairs(records, settings: EvalSettings, *, path, read_result=None, part:
     if pairs.stats["positive_pairs"] == 0:
         raise HfembError(f"{meta['path']}: no relevant pair (label >= {settings.label_threshold}); "
                          "check --label-threshold")
+    if pairs.stats["negative_pairs"] == 0:  # every pair relevant: any low threshold scores F1 1.0, meaningless
+        raise HfembError(f"{meta['path']}: no irrelevant pair (label < {settings.label_threshold}), so precision, "
+                         "F1 and the threshold cannot be measured (any low threshold scores F1 1.000); add "
+                         "labelled negatives (e.g. mined ones: `hfemb mine`) or check --label-threshold")
     return pairs
 
 

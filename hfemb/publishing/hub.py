@@ -16,6 +16,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -62,6 +63,36 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+_BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def check_revision(revision: str | None, option: str = "--revision") -> str | None:
+    """``revision`` (a branch to push to) checked as the Hub checks it, which follows git's branch-name rules
+    (``git check-ref-format --branch``): no spaces, control characters or any of ``~^:?*[\\``, no ``..``,
+    ``@{`` or ``//``, no part starting with ``.`` or ending in ``.lock``, not starting with ``-`` or ``/``,
+    not ending with ``/`` or ``.``; ``refs/pr/N`` (a pull request) is accepted.
+    Raises `ConfigError` naming the rule broken."""
+    if revision is None or re.fullmatch(r"refs/pr/\d+", revision):
+        return revision
+    problem = None
+    if not revision:
+        problem = "is empty"
+    elif _BAD_REF_CHARS.search(revision):
+        problem = "contains a space, a control character or one of ~ ^ : ? * [ \\"
+    elif ".." in revision or "@{" in revision or "//" in revision:
+        problem = "contains '..', '@{' or '//'"
+    elif revision.startswith(("-", "/")) or revision.endswith(("/", ".")):
+        problem = "starts with '-' or '/', or ends with '/' or '.'"
+    elif any(p.startswith(".") or p.endswith(".lock") for p in revision.split("/")):
+        problem = "has a part starting with '.' or ending in '.lock'"
+    elif len(revision.encode()) > 255:
+        problem = "is longer than 255 bytes"
+    if problem:
+        raise ConfigError(f"{option} {revision!r}: not a valid branch name: it {problem} (git branch-name rules, "
+                          "as the Hub applies them)")
+    return revision
+
+
 def push_settings(training: dict) -> PushSettings | None:
     """hfemb's push after training, from the ``training`` section's Hub fields (None: no push).
     ``hub_token`` is refused (tokens never go in files); ``push_to_hub`` needs ``hub_model_id``."""
@@ -77,7 +108,7 @@ def push_settings(training: dict) -> PushSettings | None:
         if key in training:
             log.warning("training.%s is ignored: hfemb pushes the final model once, after training", key)
     return PushSettings(check_repo_id(repo_id), private=training.get("hub_private_repo"),
-                        revision=training.get("hub_revision"))
+                        revision=check_revision(training.get("hub_revision"), "training.hub_revision"))
 
 
 def token_source() -> str | None:
@@ -141,6 +172,26 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def public_paths(obj, output_dir: str | os.PathLike):
+    """``obj`` (a JSON value) with every absolute local path made relative to ``output_dir`` when inside it
+    (``/home/me/runs/r1/checkpoint-4`` -> ``checkpoint-4``), else cut to its file name: what is uploaded
+    names no local folder."""
+    root = os.path.realpath(output_dir)
+
+    def fix(value):
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
+            real = os.path.realpath(value)
+            inside = real == root or real.startswith(root + os.sep)
+            return os.path.relpath(real, root) if inside else os.path.basename(value.rstrip("/\\")) or value
+        return value
+
+    return fix(obj)
+
+
 def stage_upload(source: str | os.PathLike, staging_dir: str | os.PathLike, *, adapter_only: bool = False,
                  repo_id: str | None = None, eval_results=None, eval_model_name: str | None = None) -> list[StagedFile]:
     """Fill the empty ``staging_dir`` with exactly what will be uploaded; returns the files, sorted."""
@@ -163,7 +214,7 @@ def stage_upload(source: str | os.PathLike, staging_dir: str | os.PathLike, *, a
         if output_dir is not None:
             summary = json.loads((output_dir / "train_summary.json").read_text(encoding="utf-8"))
             summary["config"] = clean_config(summary.get("config") or {})
-            write_json(staging / "train_summary.json", summary)
+            write_json(staging / "train_summary.json", public_paths(summary, output_dir))
         write_model_card(model_dir, target_dir=staging, output_dir=output_dir, repo_id=repo_id,
                          eval_results=eval_results if output_dir is not None else (eval_results or False),
                          eval_model_name=eval_model_name)
@@ -237,6 +288,7 @@ def push(source: str | os.PathLike, settings: PushSettings, *, adapter_only: boo
     """Stage ``source`` (see `resolve_push_source`) and upload it, or with ``dry_run`` only print the file
     list, sizes and target. Returns {"repo_id", "files", "bytes", "url" (None on a dry run)}."""
     check_repo_id(settings.repo_id)
+    check_revision(settings.revision)  # also on a dry run: it must show what the real push would refuse
     if not dry_run:
         check_can_push()  # before staging: a missing token costs nothing
     model_dir, _ = resolve_push_source(source, adapter_only)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hfemb.errors import HfembError
-from hfemb.io_utils import atomic_open, write_json
+from hfemb.io_utils import atomic_open, check_output, write_json
 
 log = logging.getLogger("hfemb.publishing.model_card")
 
@@ -589,10 +589,37 @@ def add_arguments(parser) -> None:
                         help="this model's name in the results (default: matched by path)")
 
 
+def check_training_output(folder: str | os.PathLike) -> None:
+    """Raise `HfembError` saying what is missing when ``folder`` is not a finished training output."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise HfembError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise HfembError(f"{folder}: is a file; give a training output folder")
+    models = [sub for sub in ("merged", "adapter") if (folder / sub).is_dir()]
+    missing = ([] if (folder / "train_summary.json").is_file() else ["train_summary.json"]) \
+        + ([] if models else ["merged/ or adapter/"])
+    if not missing:
+        return
+    if any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise HfembError(f"{folder}: a model folder, not a training output folder (missing train_summary.json); "
+                         f"give the folder it was trained into"
+                         + (f", {folder.parent}" if (folder.parent / "train_summary.json").is_file() else ""))
+    leftovers = sorted(p.name for p in folder.glob(".merged.*")) + sorted(p.name for p in folder.glob(".adapter.*"))
+    checkpoints = sorted(p.name for p in folder.glob("checkpoint-*"))
+    state = (f"; it has unfinished save folder(s) {', '.join(leftovers)} (the run was killed while saving)"
+             if leftovers else "") + (f"; it has {', '.join(checkpoints[-3:])}: finish the run with "
+                                      "`hfemb train CONFIG --resume`" if checkpoints else "")
+    raise HfembError(f"{folder}: not a finished training output: missing {' and '.join(missing)}{state}")
+
+
 def run(args) -> int:
     """(Re)write ``merged/README.md`` and ``adapter/README.md``; raises `HfembError` on bad input."""
-    if not Path(args.output_dir, "train_summary.json").is_file():
-        raise HfembError(f"{args.output_dir}: no train_summary.json (not a training output folder)")
+    check_training_output(args.output_dir)
+    for sub in ("merged", "adapter"):
+        if Path(args.output_dir, sub).is_dir():
+            check_output(Path(args.output_dir, sub), inputs=[args.eval_results], option="card", folder=True,
+                         files=("README.md", THRESHOLD_FILE))
     for sub in ("merged", "adapter"):
         if Path(args.output_dir, sub).is_dir():
             result = write_model_card(Path(args.output_dir, sub), output_dir=args.output_dir,

@@ -13,22 +13,34 @@ instruction themselves (``hfemb eval`` with ``openai:MODEL@URL`` does). The opti
 query prompt, ``"document"`` the document prompt (the query prompt too with ``--symmetric``).
 
 Errors are ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status; bodies larger than
-``max_request_bytes`` get 413 before they are read. Requests are served one model call at a time.
+``max_request_bytes`` get 413 (the body is then read and discarded up to a bound, so that clients that send it
+all before reading, like Python's ``http.client``, receive the 413 rather than a reset). Requests are served one
+model call at a time.
+
+Bad clients: a client that stalls longer than ``read_timeout`` seconds (e.g. declares a body and never sends
+it) gets 408 and is disconnected; at most ``max_connections`` connections are served at once (more get 503
+with ``Retry-After``); bodies nested too deeply get 400; a client that hangs up early is only logged with
+``verbose``, never with a traceback.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import socket
 import sys
 import threading
 import time
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+DEFAULT_READ_TIMEOUT = 30.0  # seconds a client may stall while sending its request
+DEFAULT_MAX_CONNECTIONS = 64
+DISCARD_LIMIT = 64 * 1024 * 1024  # most bytes of an oversized body read (and dropped) before its 413 is final
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
 class RequestError(Exception):
@@ -100,22 +112,54 @@ class EmbeddingService:
 
 
 def make_handler(service: EmbeddingService, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 verbose: bool = False):
+                 verbose: bool = False, read_timeout: float | None = DEFAULT_READ_TIMEOUT):
     class Handler(BaseHTTPRequestHandler):
         server_version = "hfemb-serve"
         protocol_version = "HTTP/1.1"
+        timeout = read_timeout  # socket timeout: a stalled client cannot hold its thread forever
 
         def log_message(self, format, *args):  # noqa: A002 - stdlib signature; no headers are logged
             if verbose:
                 sys.stderr.write(f"{self.address_string()} - {format % args}\n")
 
-        def _reply(self, status: int, obj: dict) -> None:
+        def _reply(self, status: int, obj: dict, headers: dict | None = None) -> None:
             payload = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(payload)
+            except CLIENT_GONE:  # the client hung up: nothing to answer, no traceback
+                self.close_connection = True
+
+        def _too_large(self, length: int) -> RequestError:
+            self.close_connection = True
+            return RequestError(413, f"request body of {length} bytes exceeds {max_request_bytes}")
+
+        def _discard_body(self, length: int) -> None:
+            """Read and drop up to DISCARD_LIMIT bytes of a refused body, so the client gets its answer
+            instead of a reset; stops at the read timeout."""
+            left = min(length, DISCARD_LIMIT)
+            try:
+                while left > 0:
+                    chunk = self.rfile.read1(min(left, 1 << 16))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+            except (OSError, ValueError):
+                pass
+
+        def handle_expect_100(self):  # a client that asks first (curl) is refused before it sends the body
+            length = self.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > max_request_bytes:
+                self._error(self._too_large(int(length)))
+                return False
+            return super().handle_expect_100()
 
         def _error(self, err: RequestError) -> None:
             self._reply(err.status, {"error": {"message": err.message, "type": err.kind, "code": err.status}})
@@ -138,26 +182,114 @@ def make_handler(service: EmbeddingService, *, max_request_bytes: int = DEFAULT_
                 if length is None or not length.isdigit():
                     raise RequestError(411, "a Content-Length header is required")
                 if int(length) > max_request_bytes:
-                    self.close_connection = True  # the body is not read
-                    raise RequestError(413, f"request body of {length} bytes exceeds {max_request_bytes}")
+                    err = self._too_large(int(length))
+                    self._error(err)  # answered first, then the rest of the body is drained
+                    self._discard_body(int(length))
+                    return
                 raw = self.rfile.read(int(length))
+                if len(raw) < int(length):
+                    self.close_connection = True
+                    raise RequestError(400, f"body ended after {len(raw)} of {length} bytes")
                 try:
                     body = json.loads(raw.decode("utf-8"))
                 except (UnicodeDecodeError, ValueError) as exc:
                     raise RequestError(400, f"body is not valid JSON: {exc}") from None
+                except RecursionError:
+                    raise RequestError(400, "body is not valid JSON: nested too deeply") from None
                 if not isinstance(body, dict):
                     raise RequestError(400, "body must be a JSON object")
                 self._reply(200, service.embeddings(body))
             except RequestError as err:
                 self._error(err)
+            except TimeoutError:
+                self.close_connection = True
+                self._error(RequestError(408, f"no complete request body within {read_timeout} s", "timeout"))
+            except CLIENT_GONE:
+                self.close_connection = True
             except Exception as exc:  # noqa: BLE001 - one bad request must not kill the server
                 self._error(RequestError(500, f"{type(exc).__name__}: {exc}", "server_error"))
 
     return Handler
 
 
-def make_server(service: EmbeddingService, host: str = "127.0.0.1", port: int = 8080, **handler_options):
-    """A ``ThreadingHTTPServer`` (not started); ``port=0`` picks a free port (``server.server_address``)."""
-    server = ThreadingHTTPServer((host, port), make_handler(service, **handler_options))
-    server.daemon_threads = True
+class EmbeddingHTTPServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` with a cap on concurrent connections (one thread each) and quiet handling of
+    clients that disconnect or stall."""
+
+    daemon_threads = True
+    verbose = False
+
+    def __init__(self, address, handler, max_connections: int = DEFAULT_MAX_CONNECTIONS):
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _refuse(self, request) -> None:
+        """503 to a connection over the cap, from the accepting thread: short timeout, never blocks for long."""
+        payload = json.dumps({"error": {"message": f"server busy: {self.max_connections} connections already "
+                                        "open; retry", "type": "server_busy", "code": 503}}).encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+                            + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, CLIENT_GONE + (socket.timeout,)):  # a client's doing, not the server's: no traceback
+            if self.verbose:
+                sys.stderr.write(f"{client_address[0]} - connection dropped: {type(exc).__name__}\n")
+            return
+        super().handle_error(request, client_address)
+
+
+def make_server(service: EmbeddingService, host: str = "127.0.0.1", port: int = 8080, *,
+                max_connections: int = DEFAULT_MAX_CONNECTIONS, **handler_options):
+    """An `EmbeddingHTTPServer` (not started); ``port=0`` picks a free port (``server.server_address``).
+    ``handler_options``: ``max_request_bytes``, ``read_timeout``, ``verbose`` (see `make_handler`)."""
+    server = EmbeddingHTTPServer((host, port), make_handler(service, **handler_options),
+                                 max_connections=max_connections)
+    server.verbose = bool(handler_options.get("verbose"))
     return server
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise `ConfigError` (one line) when ``port`` is out of range or ``host:port`` cannot be bound (in use,
+    or a privileged port); made before loading the model."""
+    from hfemb.errors import ConfigError
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: out of range (0-65535; 0 = any free port)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: cannot resolve: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server binds
+        probe.bind(address)
+    except OSError as exc:
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from None
+    finally:
+        probe.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,19 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section.strip(), key.strip(), parsed
 
 
+def blame_override(exc: ConfigError, where: str, applied: list[tuple[str, str, str]]) -> ConfigError:
+    """``exc`` reworded to name the command-line override it is about (``applied``: (text, section, key) of
+    each override), instead of the config file ``where``; ``exc`` itself when no override is named in it."""
+    message = str(exc).removeprefix(f"{where}: ")
+    for item, section, key in reversed(applied):
+        if f"'{section}.{key}'" in message or (f"{key!r}" in message and f"'{section}'" in message):
+            return ConfigError(f"override {item!r}: {message}")
+    for item, section, key in reversed(applied):  # TrainingArguments' own messages name fields bare
+        if section == "training" and re.search(rf"(?<![\w.])(?:training\.)?{re.escape(key)}(?!\w)", message):
+            return ConfigError(f"override {item!r}: {message}")
+    return exc
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
     path = Path(path)
     try:
@@ -373,11 +387,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if overrides and not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a JSON object with sections "
                           f"{sorted(SECTION_TYPES) + ['mining', 'training']}, not a {type(raw).__name__}")
+    applied = []
     for item in overrides or []:
         section, key, value = parse_override(item)
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"override {item!r}: section '{section}' is not an object")
         raw.setdefault(section, {})[key] = value
-    cfg = config_from_dict(raw, where=str(path))
+        applied.append((item, section, key))
+    try:
+        cfg = config_from_dict(raw, where=str(path))
+    except ConfigError as exc:
+        raise blame_override(exc, str(path), applied) from None
     # Relative data paths are relative to the working directory, like every other CLI path.
     return cfg

@@ -21,7 +21,7 @@ from typing import Any
 from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
 from hfemb.data.formats import Record
 from hfemb.errors import ConfigError, HfembError
-from hfemb.io_utils import write_json
+from hfemb.io_utils import check_output, write_json
 
 log = logging.getLogger("hfemb.training.runner")
 
@@ -284,12 +284,21 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
             deepspeed.init_distributed(dist_backend="gloo")
     t.setdefault("dataloader_pin_memory", torch.cuda.is_available())  # pinning without a GPU only warns
     if has_eval:
-        t.setdefault("eval_strategy", "epoch")
+        # Defaults that agree with what the user set: evaluation follows the saving schedule (and the other way
+        # round), and the best model is kept only when they match, as load_best_model_at_end requires.
+        t.setdefault("eval_strategy", t.get("save_strategy", "epoch"))
         t.setdefault("save_strategy", t["eval_strategy"])
         if t["eval_strategy"] == "steps":
             t.setdefault("eval_steps", t.get("save_steps", 500))
-            t.setdefault("save_steps", t["eval_steps"])
-        t.setdefault("load_best_model_at_end", True)
+        if t["save_strategy"] == "steps":
+            t.setdefault("save_steps", t.get("eval_steps", 500))
+        if "load_best_model_at_end" not in t:
+            t["load_best_model_at_end"] = str(t["eval_strategy"]) == str(t["save_strategy"]) != "no" and (
+                t["save_strategy"] != "steps" or _multiple(t["save_steps"], t["eval_steps"]))
+            if not t["load_best_model_at_end"]:
+                log.warning("training.save_strategy %r / eval_strategy %r do not match: hfemb's default "
+                            "load_best_model_at_end=true is turned off (the final model is the last step's)",
+                            t["save_strategy"], t["eval_strategy"])
         t.setdefault("metric_for_best_model", "eval_loss")
     else:
         t.setdefault("save_strategy", "epoch")
@@ -298,7 +307,14 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
     try:
         return TrainingArguments(**t)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"training section: {exc}") from None
+        raise ConfigError(f"training section: {' '.join(str(exc).split())}") from None  # one line
+
+
+def _multiple(save_steps, eval_steps) -> bool:
+    """save_steps is a whole multiple of eval_steps (what load_best_model_at_end needs); ratios must be equal."""
+    if isinstance(save_steps, int) and isinstance(eval_steps, int) and eval_steps > 0:
+        return save_steps % eval_steps == 0
+    return save_steps == eval_steps
 
 
 def _has_accelerator() -> bool:
@@ -313,13 +329,16 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     """Train as configured; returns the summary also written to ``train_summary.json``."""
     import torch
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from hfemb.training.collator import MultiNegCollator
+    from hfemb.training.resume import (RunLossCallback, checkpoint_step, previous_loss_sum, remove_save_leftovers,
+                                       resolve_resume, truncate_train_log, whole_run_loss)
     from hfemb.training.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
 
-    check_hardware(cfg)
     out = Path(cfg.training["output_dir"])
+    check_output(out, inputs=[cfg.data.train_file, cfg.data.eval_file], option="training.output_dir", folder=True,
+                 files=("train_log.jsonl", "train_summary.json"))  # before loading data or the model
+    check_hardware(cfg)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     seed = int(cfg.training.get("seed", 42))
@@ -335,13 +354,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         data_report["train"]["rows_after_eval_split"] = len(rows)
         data_report["eval"] = {"from": "eval_ratio", "ratio": cfg.data.eval_ratio, "rows": len(eval_rows)}
 
-    resume_from = None
-    if resume:
-        if isinstance(resume, str) and not os.path.isdir(resume):
-            raise HfembError(f"--resume {resume}: no such checkpoint folder")
-        resume_from = resume if isinstance(resume, str) else get_last_checkpoint(str(out))
-        if resume_from is None:
-            raise HfembError(f"--resume: no checkpoint-* folder in {out} to resume from")
+    resume_from = resolve_resume(out, resume)  # complete checkpoints only; skipped ones are named
 
     try:
         args = training_arguments(cfg, has_eval=bool(eval_rows))  # first: under ZeRO-3 the model then loads into shards
@@ -358,13 +371,19 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     collator = MultiNegCollator(model=model, query_max_len=cfg.data.query_max_len,
                                 passage_max_len=cfg.data.passage_max_len, num_negatives=cfg.data.num_negatives)
     log_file = out / "train_log.jsonl"
+    if resume_from and int(os.environ.get("RANK", "0")) == 0:  # steps logged after the checkpoint are run again
+        truncate_train_log(log_file, checkpoint_step(resume_from))
+    previous_loss = previous_loss_sum(resume_from)
+    loss_callback = RunLossCallback(previous_loss[0] if previous_loss else None)
     lengths = [len(r["query"]) + len(r["positive"]) + sum(map(len, r["negatives"])) for r in rows]
     trainer = MultiNegEmbeddingTrainer(
         model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None, data_collator=collator,
-        loss_config=cfg.loss, train_lengths=lengths, callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from)],
+        loss_config=cfg.loss, train_lengths=lengths,
+        callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from), loss_callback],
         grad_cache_mini_batch=cfg.training.get("grad_cache_mini_batch"),
         no_duplicate_queries=cfg.data.batch_sampler == "no_duplicate_queries",
     )
+    loss_callback.trainer = trainer
     # ZeRO-3 parameters are shards: ds_numel is the full size
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -376,12 +395,20 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         save_outputs_zero3(trainer, cfg, out)  # every process takes part in gathering the weights
     elif trainer.is_world_process_zero():
         save_outputs(trainer.model, cfg, out)
+    if trainer.is_world_process_zero():
+        remove_save_leftovers(out)  # of a run killed while saving
+    train_metrics = dict(result.metrics)
+    if resume_from:
+        steps_this_run = trainer.state.global_step - checkpoint_step(resume_from)
+        train_metrics["train_loss_this_run"] = train_metrics.get("train_loss")
+        train_metrics["train_loss"] = whole_run_loss(result.training_loss, steps_this_run, previous_loss,
+                                                     trainer.state.global_step)
     summary = {
         "config": cfg.to_dict(),
         "config_file": cfg.source,
         "data": data_report,
         "parameters": {"trainable": trainable, "total": total},
-        "train": {k: v for k, v in result.metrics.items()},
+        "train": train_metrics,  # train_loss: mean over all steps, across resumes (None if unknown)
         "global_step": trainer.state.global_step,
         "best_metric": trainer.state.best_metric,
         "best_model_checkpoint": trainer.state.best_model_checkpoint,
