@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hfemb.data.formats import (FORMATS, ColumnMap, DataError, Record, read_corpus, read_records, record_to_row,
-                        write_records)
-from hfemb.errors import ConfigError
+from hfemb.data.formats import FORMATS, read_corpus, read_records, record_to_row, write_records
+from hfemb.data.records import ColumnMap, Record
+from hfemb.errors import ConfigError, DataError
 
 DATA = Path(__file__).parent / "data"
 

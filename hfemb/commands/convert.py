@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from hfemb.data.formats import FORMATS, READ_FORMATS, ColumnMap, read_records, write_records
+from hfemb.data.formats import FORMATS, READ_FORMATS, read_records, write_records
+from hfemb.data.records import ColumnMap
 from hfemb.errors import ConfigError, DataError
 
 HELP = "convert training data between formats (hfemb, FlagEmbedding, ms-swift)"

@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_config(path: str | Path | None) -> dict:
     """The JSON config as a dict; unknown keys are an error naming them."""
     from hfemb.errors import ConfigError
-    from hfemb.evaluation.evaluate import EvalSettings
+    from hfemb.evaluation.settings import EvalSettings
 
     if path is None:
         if not DEFAULT_CONFIG.is_file():
@@ -146,7 +146,8 @@ def resolve_models(cli_models: list[str] | None, config_models: dict | None, tra
 
 def run(args) -> int:
     from hfemb.errors import ConfigError
-    from hfemb.evaluation.evaluate import EvalSettings, evaluate
+    from hfemb.evaluation.evaluate import evaluate
+    from hfemb.evaluation.settings import EvalSettings
 
     config = load_config(args.config)
     cli = {k: v for k, v in vars(args).items() if v is not None and not k.startswith("_")

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--input is required (or --merge SHARD...)")
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise ConfigError("--output must differ from --input")
-    from hfemb.data.formats import ColumnMap, read_corpus, read_records
+    from hfemb.data.formats import read_corpus, read_records
+    from hfemb.data.records import ColumnMap
     from hfemb.mining.mine import MiningConfig, mine, report_path, write_output
 
     columns = None

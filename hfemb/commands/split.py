@@ -45,7 +45,8 @@ def write_pools(path: str, rows: list[dict]) -> None:
 
 def run(args) -> int:
     from hfemb.errors import ConfigError
-    from hfemb.evaluation.evaluate import EvalSettings, read_eval_records, split_by_query
+    from hfemb.evaluation.evaluate import read_eval_records, split_by_query
+    from hfemb.evaluation.settings import EvalSettings
 
     if os.path.abspath(args.dev_out) == os.path.abspath(args.test_out):
         raise ConfigError("--dev-out and --test-out must differ")

@@ -138,7 +138,8 @@ def evaluate_classification(models: dict[str, str], cases_path, knowledge, *, ou
     ``split_dev`` choose the threshold of the sweep as in evaluate(). ``options`` are ``EvalSettings`` fields.
     """
     from hfemb.evaluation.encoders import encode_texts
-    from hfemb.evaluation.evaluate import EvalSettings, evaluate
+    from hfemb.evaluation.evaluate import evaluate
+    from hfemb.evaluation.settings import EvalSettings
 
     top_k = sorted({int(k) for k in top_k})
     if not top_k or top_k[0] < 1:

@@ -10,14 +10,11 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hfemb.errors import ConfigError, HfembError
-
-if TYPE_CHECKING:
-    from hfemb.evaluation.evaluate import EvalSettings
+from hfemb.evaluation.settings import EvalSettings
 
 DEFAULT_BASE_MODELS = {"base 0.6B": "Qwen/Qwen3-Embedding-0.6B", "base 8B": "Qwen/Qwen3-Embedding-8B"}
 CACHE_FORMAT = 1  # bump when what a cached vector means changes

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from hfemb.mining.bm25 import BM25, IDF_KINDS, TokenizeStats, check_tokenizer, tokenize
-from hfemb.data.formats import Record
+from hfemb.data.records import Record
 from hfemb.errors import ConfigError, HfembError
 
 MODES = ("pool", "corpus")

@@ -415,7 +415,10 @@ def _read_json(name_or_path: str, filename: str, revision: str | None = None) ->
         return json.load(fh)
 
 
-def _st_pooling(name_or_path: str) -> str | None:
+def st_pooling(name_or_path: str) -> str | None:
+    """The pooling ("last", "mean" or "cls") a sentence-transformers folder or Hub repository declares in its
+    ``modules.json`` + Pooling config; None without ``modules.json``; ``HfembError`` for modules or pooling
+    modes hfemb does not support."""
     modules = _read_json(name_or_path, "modules.json")
     if not modules:
         return None
@@ -593,7 +596,7 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
     backbone.eval()
 
     if pooling is None:
-        pooling = next((p for p in map(_st_pooling, sources) if p), None) or ("last" if _is_decoder(config) else "mean")
+        pooling = next((p for p in map(st_pooling, sources) if p), None) or ("last" if _is_decoder(config) else "mean")
     tokenizer.padding_side = "left" if pooling == "last" else "right"
     query_prompt, document_prompt = _resolve_prompts(sources, query_instruction, symmetric)
     eos_id = _end_token_id(tokenizer)

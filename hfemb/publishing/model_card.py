@@ -122,7 +122,7 @@ def training_curve_summary(log_file: Path) -> list[dict]:
 
 
 def _same_model(spec: str, identities: set[Path], bases: list[Path]) -> bool:
-    from hfemb.evaluation.evaluate import resolve_model_path
+    from hfemb.evaluation.encoders import resolve_model_path
 
     for base in bases:
         path = Path(resolve_model_path(str(base / spec)))
@@ -409,7 +409,7 @@ class _Model:
 
 
 def _describe(model_dir: Path, output_dir, base_model: str | None, finetune_type: str | None) -> _Model:
-    from hfemb.modeling.model import _st_pooling
+    from hfemb.modeling.model import st_pooling
 
     if output_dir is None and (model_dir.parent / "train_summary.json").is_file():
         output_dir = model_dir.parent
@@ -422,7 +422,7 @@ def _describe(model_dir: Path, output_dir, base_model: str | None, finetune_type
         base=base_model or model_cfg.get("name_or_path") or (adapter_cfg or {}).get("base_model_name_or_path"),
         kind=finetune_type or model_cfg.get("finetune_type") or ("lora" if adapter_cfg is not None else None),
         prompts=(_read_json(model_dir / "config_sentence_transformers.json") or {}).get("prompts") or {},
-        pooling=_st_pooling(str(model_dir)) or "mean",
+        pooling=st_pooling(str(model_dir)) or "mean",
         max_length=(_read_json(model_dir / "sentence_bert_config.json") or {}).get("max_seq_length") or 512)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
-from hfemb.data.formats import Record
+from hfemb.data.records import Record
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json
 
@@ -93,7 +93,8 @@ def split_by_query(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict
 
 
 def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str) -> list[dict]:
-    from hfemb.data.formats import ColumnMap, read_records
+    from hfemb.data.formats import read_records
+    from hfemb.data.records import ColumnMap
 
     d = cfg.data
     columns = ColumnMap(query=list(d.query_columns), positive=d.positive_column) if d.query_columns else None

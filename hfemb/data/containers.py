@@ -1,0 +1,126 @@
+"""File containers -> raw rows: JSONL, a top-level JSON array, CSV/TSV and QA text blocks, each yielding
+``(line, row)`` where a bad row is a ``DataError`` (from ``hfemb.data.records.bad_row``) for the caller to raise
+or skip. Shared by ``hfemb.data.formats`` and ``hfemb.data.cases``."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import re
+from typing import Iterable, Iterator
+
+from hfemb.data.records import bad_row
+from hfemb.errors import DataError
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+HEADER_NAMES = frozenset(  # a first CSV/TSV row with any of these is a header
+    "query positive negative pos neg response rejected_response pos_doc text1 text2 query1 query2 sentence1 "
+    "sentence2 document label id department title ask answer questionid question sentence documents".split())
+
+
+def read_text(path: str) -> str:
+    """The whole file (``.gz`` decompressed) as text; a missing, unreadable or non-UTF-8 file is a ``DataError``."""
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise DataError("no such file", path) from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read file: {exc}", path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"not valid UTF-8 (byte {exc.start}); save the file as UTF-8", path, line) from None
+    return text[1:] if text[:1] == "\ufeff" else text
+
+
+def jsonl_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
+    """``(line, parsed object)`` per non-blank JSONL line; an unparsable line yields a ``DataError`` instead."""
+    loads = json.loads
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        if not raw or raw.isspace():
+            continue
+        try:
+            yield lineno, loads(raw)
+        except json.JSONDecodeError as exc:
+            yield lineno, bad_row("invalid JSON", path, lineno, None, f"{exc.msg} (column {exc.colno})")
+
+
+def json_array_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
+    """Elements of a top-level JSON array with the line each starts on."""
+    pos = _WS.match(text, text.index("[") + 1).end()
+    line, counted = 1, 0
+    if text.startswith("]", pos) and not text[pos + 1:].strip():
+        return
+    while pos < len(text):
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            obj, pos = _DECODER.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", path, exc.lineno) from None
+        yield line, obj
+        pos = _WS.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _WS.match(text, pos + 1).end()
+            continue
+        if text.startswith("]", pos) and not text[pos + 1:].strip():
+            return
+        raise DataError("invalid JSON: expected ',' or ']' after an array element", path,
+                        1 + text.count("\n", 0, pos))
+    raise DataError("invalid JSON: the array is not closed", path, 1 + text.count("\n"))
+
+
+def table_rows(text: str, path: str, delimiter: str, extra_names: Iterable[str]) -> Iterator[tuple[int, object]]:
+    """CSV/TSV rows as dicts. A first row without any known column name is data: text1, text2, label."""
+    csv.field_size_limit(1 << 30)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    header, known = None, HEADER_NAMES | {n.lower() for n in extra_names}
+    end = 0
+    while True:
+        start = end + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"bad CSV: {exc}", path, reader.line_num) from None
+        end = reader.line_num
+        if not cells or (len(cells) == 1 and not cells[0].strip()):
+            continue
+        if header is None:
+            if any(c.strip().lower() in known for c in cells):
+                header = [c.strip() for c in cells]
+                continue
+            if len(cells) != 3:
+                raise DataError(f"no header row (expected column names such as query, text1, label; "
+                                f"or 3 headerless columns text1, text2, label; got {len(cells)} columns)", path, start)
+            header = ["text1", "text2", "label"]
+        if len(cells) != len(header):
+            yield start, bad_row("wrong column count", path, start, None,
+                              f"expected {len(header)} columns, got {len(cells)}")
+            continue
+        yield start, dict(zip(header, cells))
+
+
+def block_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
+    """``(line, {"question", "answer"})`` per blank-line-separated block of 2 lines; other blocks yield a ``DataError``."""
+    block, start = [], 0
+    for lineno, raw in enumerate(text.split("\n") + [""], 1):
+        if raw.strip():
+            if not block:
+                start = lineno
+            block.append(raw)
+            continue
+        if block:
+            if len(block) == 2:
+                yield start, {"question": block[0], "answer": block[1]}
+            else:
+                yield start, bad_row("bad block", path, start, None,
+                                  f"expected 2 lines (question, answer), got {len(block)}")
+            block = []
