@@ -19,7 +19,8 @@ from hfemb.cli import main as cli_main
 from hfemb.data.records import Record
 from hfemb.errors import ConfigError, DataError, HfembError
 from hfemb.evaluation.encoders import default_models, encode_texts, latest_training_output, parse_model_args
-from hfemb.evaluation.evaluate import evaluate, pairs_from_records, split_by_query
+from hfemb.data.splits import split_by_query
+from hfemb.evaluation.evaluate import evaluate, pairs_from_records
 from hfemb.evaluation.settings import EvalSettings
 
 TOPICS = {

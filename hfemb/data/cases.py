@@ -367,10 +367,3 @@ def read_cases(path, *, knowledge: dict[str, str] | None = None, settings: CaseS
     if out.rows == 0:
         raise DataError("no case rows (empty file)", path)
     return out
-
-
-def pool_rows(records: Sequence[Record]) -> Iterator[dict]:
-    """Records as labelled pool rows ``{"query", "documents": [{"content", "label"}], ...extra}``."""
-    for rec in records:
-        docs = rec.candidates or [(t, 1) for t in rec.positives] + [(t, 0) for t in rec.negatives]
-        yield {"query": rec.query, "documents": [{"content": t, "label": int(lab)} for t, lab in docs], **rec.extra}

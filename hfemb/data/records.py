@@ -68,3 +68,9 @@ STRIP_CHARS = "".join(chr(c) for c in range(0x3001) if chr(c).isspace()) + "\ufe
 def clean_text(text: str) -> str:
     """``text`` without surrounding whitespace (any Unicode space) or byte-order marks."""
     return text.strip(STRIP_CHARS)
+
+
+def labelled_documents(record: Record) -> list[tuple[str, int]]:
+    """The record's labelled pool: its ``candidates`` when it has them, else positives (label 1) then
+    negatives (label 0)."""
+    return record.candidates or [(t, 1) for t in record.positives] + [(t, 0) for t in record.negatives]

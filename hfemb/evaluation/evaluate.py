@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from hfemb.data.formats import read_records
+from hfemb.data.records import labelled_documents
+from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
 from hfemb.evaluation import metrics
 from hfemb.evaluation.encoders import encode_texts
@@ -49,9 +51,8 @@ def pairs_from_records(records, *, label_threshold: int = 1) -> EvalPairs:
     pair_label: dict[tuple[int, int], int] = {}
     duplicates = conflicts = 0
     for rec in records:
-        labelled = rec.candidates or [(t, 1) for t in rec.positives] + [(t, 0) for t in rec.negatives]
         qi = q_ids.setdefault(rec.query, len(q_ids))
-        for text, label in labelled:
+        for text, label in labelled_documents(rec):
             key = (qi, d_ids.setdefault(text, len(d_ids)))
             if key in pair_label:
                 duplicates += 1
@@ -93,19 +94,6 @@ def make_pairs(records, settings: EvalSettings, *, path, read_result=None, part:
 def load_pairs(path, settings: EvalSettings) -> EvalPairs:
     result = read_eval_records(path, settings)
     return make_pairs(result.records, settings, path=path, read_result=result)
-
-
-def split_by_query(records, dev_fraction: float, seed: int = 0) -> tuple[list, list]:
-    """Split records into (dev, test) by query text, seeded; records of one query stay together, in file order."""
-    if not 0 < dev_fraction < 1:
-        raise ConfigError(f"dev fraction must be between 0 and 1 (exclusive), got {dev_fraction}")
-    queries = list(dict.fromkeys(r.query for r in records))
-    if len(queries) < 2:
-        raise HfembError(f"cannot split {len(queries)} query into dev and test")
-    n_dev = min(max(int(round(dev_fraction * len(queries))), 1), len(queries) - 1)
-    order = np.random.default_rng(seed).permutation(len(queries))
-    dev_queries = {queries[i] for i in order[:n_dev]}
-    return [r for r in records if r.query in dev_queries], [r for r in records if r.query not in dev_queries]
 
 
 def cosine_scores(pairs: EvalPairs, q_emb: np.ndarray, d_emb: np.ndarray, chunk: int = 65536) -> np.ndarray:

@@ -14,11 +14,13 @@ import logging
 import os
 import random
 import time
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
 from hfemb.data.records import Record
+from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json
 
@@ -81,15 +83,6 @@ def mine_cached(records: list[Record], source_file: str, mining: dict, num_negat
     write_jsonl(cached, result.rows)
     write_json(report_file, result.report)
     return read_records(str(cached)).records, {**result.report, "cache": str(cached)}
-
-
-def split_by_query(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out ``ratio`` of the distinct queries (all their rows), seeded."""
-    queries = sorted({r["query"] for r in rows})
-    random.Random(seed).shuffle(queries)
-    n_eval = max(1, round(len(queries) * ratio)) if ratio > 0 else 0
-    held = set(queries[:n_eval])
-    return [r for r in rows if r["query"] not in held], [r for r in rows if r["query"] in held]
 
 
 def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str) -> list[dict]:
@@ -276,7 +269,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     if cfg.data.eval_file:
         eval_rows = load_rows(cfg, cfg.data.eval_file, cache_dir, data_report, "eval")
     else:
-        rows, eval_rows = split_by_query(rows, cfg.data.eval_ratio, seed)
+        eval_rows, rows = (split_by_query(rows, cfg.data.eval_ratio, seed, query=itemgetter("query"))
+                           if cfg.data.eval_ratio else ([], rows))
         data_report["train"]["rows_after_eval_split"] = len(rows)
         data_report["eval"] = {"from": "eval_ratio", "ratio": cfg.data.eval_ratio, "rows": len(eval_rows)}
 
