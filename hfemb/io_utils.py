@@ -1,13 +1,21 @@
-"""Atomic writes: nothing half-written. Write to a temporary file beside the target, then rename."""
+"""Files and folders: atomic writes (nothing half-written: write to a temporary file or folder beside the target,
+then rename) and hfemb's cache root."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
+
+
+def cache_root() -> Path:
+    """hfemb's cache folder: ``$HFEMB_CACHE`` if set, else ``~/.cache/hfemb`` (token cache, embedding cache,
+    the tiny test model each live in a subfolder)."""
+    return Path(os.environ.get("HFEMB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hfemb"))
 
 
 @contextlib.contextmanager
@@ -40,3 +48,35 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
             fh.write("\n")
             n += 1
     return n
+
+
+@contextlib.contextmanager
+def temporary_folder_beside(target: str | os.PathLike) -> Iterator[Path]:
+    """A fresh hidden folder next to ``target`` (same filesystem, so renaming it or its files is atomic);
+    removed on exit unless it was moved away."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_atomically(write: Callable[[str], None], target: str | os.PathLike) -> Path:
+    """Call ``write(tmp_dir)`` and move the finished folder to ``target`` (replacing it); on error the
+    target is left as it was."""
+    target = Path(target)
+    with temporary_folder_beside(target) as tmp:
+        write(str(tmp))
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        os.chmod(target, 0o755)  # mkdtemp made it 0700
+    return target

@@ -6,7 +6,7 @@ import argparse
 from collections import Counter
 
 from hfemb.data.formats import FORMATS, READ_FORMATS, read_records, write_records
-from hfemb.data.records import ColumnMap
+from hfemb.data.records import column_map_from_flags
 from hfemb.errors import ConfigError, DataError
 
 HELP = "convert training data between formats (hfemb, FlagEmbedding, ms-swift)"
@@ -64,18 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "for `hfemb mine --mode corpus --corpus FILE`")
 
 
-def _column_map(args) -> ColumnMap | None:
-    if not args.query_columns and not args.positive_column:
-        return None
-    if not (args.query_columns and args.positive_column):
-        raise ConfigError("--query-columns and --positive-column go together")
-    query = [c.strip() for c in args.query_columns.split(",") if c.strip()]
-    if not query:
-        raise ConfigError("--query-columns names no column")
-    sep = args.query_sep.replace("\\n", "\n").replace("\\t", "\t")
-    return ColumnMap(query=query, positive=args.positive_column.strip(), sep=sep)
-
-
 def _case_mode(args) -> bool:
     return any(getattr(args, k, None) for k in ("knowledge", "query_fields", "label_field", "query_template",
                                                    "corpus_output"))
@@ -108,7 +96,7 @@ def _run_cases(args) -> int:
 def run(args) -> int:
     if _case_mode(args):
         return _run_cases(args)
-    result = read_records(args.input, fmt=args.from_format, columns=_column_map(args),
+    result = read_records(args.input, fmt=args.from_format, columns=column_map_from_flags(args.query_columns, args.positive_column, args.query_sep),
                           on_error="skip" if args.skip_bad else "raise", label_threshold=args.label_threshold,
                           bad_label=args.bad_label)
     records = result.records

@@ -16,6 +16,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from hfemb.modeling.dtypes import DTYPES
+
 HELP = "threshold-sweep F1 evaluation of several models (= run_eval.py)"
 DEFAULT_CONFIG = Path("configs") / "eval.json"
 RUN_KEYS = {"data": None, "dev": None, "split_dev": None, "models": None, "output_dir": "eval_output",
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="no query prompt for any model")
     a("--symmetric", action="store_const", const=True, help="documents get the query prompt too (all models)")
     a("--pooling", choices=("last", "mean", "cls"), help="override pooling (default: each model's own)")
-    a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="default auto: bf16 on a bf16 GPU, else fp32")
+    a("--dtype", choices=DTYPES, help="default auto: bf16 on a bf16 GPU, else fp32")
     a("--quantization", choices=("4bit", "8bit"), help="load local models in 4/8 bit (bitsandbytes, CUDA)")
     a("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     a("--batch-size", type=int, help="texts per forward pass (default 32)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from hfemb.modeling.dtypes import DTYPES
+
 HELP = "merge a LoRA adapter onto its base model"
 
 
@@ -15,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("adapter", metavar="ADAPTER", help="LoRA adapter folder (adapter_config.json) or training output folder")
     a("--output", required=True, metavar="DIR", help="folder for the merged model")
-    a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    a("--dtype", default="auto", choices=DTYPES,
       help="dtype to merge and save in; auto = the base checkpoint's own dtype")
     a("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
     a("--trust-remote-code", action="store_true", help="allow the base model's custom code")

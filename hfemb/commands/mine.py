@@ -88,15 +88,10 @@ def run(args: argparse.Namespace) -> int:
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise ConfigError("--output must differ from --input")
     from hfemb.data.formats import read_corpus, read_records
-    from hfemb.data.records import ColumnMap
+    from hfemb.data.records import column_map_from_flags
     from hfemb.mining.mine import MiningConfig, mine, report_path, write_output
 
-    columns = None
-    if args.query_columns or args.positive_column:
-        if not (args.query_columns and args.positive_column):
-            raise ConfigError("--query-columns and --positive-column go together")
-        columns = ColumnMap(query=[c.strip() for c in args.query_columns.split(",") if c.strip()],
-                            positive=args.positive_column)
+    columns = column_map_from_flags(args.query_columns, args.positive_column)
     config = MiningConfig(  # validated before reading anything; the mode may depend on the data
         mode=args.mode or "corpus", tokenizer=args.tokenizer, k1=args.k1, b=args.b, epsilon=args.epsilon,
         idf=args.idf, hard_top_k=args.hard_top_k, easy_bottom_k=args.easy_bottom_k,

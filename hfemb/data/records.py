@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hfemb.errors import DataError
+from hfemb.errors import ConfigError, DataError
 
 
 @dataclass
@@ -40,6 +40,21 @@ class ColumnMap:
 
 
 MEDICAL_QA_COLUMNS = ColumnMap(query=["title", "ask"], positive="answer")
+
+
+def column_map_from_flags(query_columns: str | None, positive_column: str | None,
+                          query_sep: str = "\\n") -> ColumnMap | None:
+    """The ``ColumnMap`` of the CLI flags ``--query-columns a,b --positive-column c [--query-sep S]`` (``S`` may
+    spell ``\\n`` / ``\\t``); None when neither is given; ``ConfigError`` when only one is, or no column."""
+    if not query_columns and not positive_column:
+        return None
+    if not (query_columns and positive_column):
+        raise ConfigError("--query-columns and --positive-column go together")
+    query = [c.strip() for c in query_columns.split(",") if c.strip()]
+    if not query:
+        raise ConfigError("--query-columns names no column")
+    sep = query_sep.replace("\\n", "\n").replace("\\t", "\t")
+    return ColumnMap(query=query, positive=positive_column.strip(), sep=sep)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from hfemb.errors import ConfigError
 from hfemb.evaluation import metrics
+from hfemb.modeling.dtypes import check_dtype
 
 
 @dataclass
@@ -51,7 +52,6 @@ class EvalSettings:
         if self.max_tokens_per_batch is not None and (not isinstance(self.max_tokens_per_batch, int)
                                                       or self.max_tokens_per_batch < 1):
             raise ConfigError(f"max_tokens_per_batch must be a positive integer, got {self.max_tokens_per_batch!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        check_dtype(self.dtype)
         if self.quantization not in (None, "4bit", "8bit"):
             raise ConfigError(f"quantization must be 4bit or 8bit, got {self.quantization!r}")

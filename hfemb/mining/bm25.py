@@ -31,6 +31,8 @@ from typing import Sequence
 import numpy as np
 from scipy import sparse
 
+from hfemb.io_utils import cache_root
+
 TOKENIZERS = ("jieba", "regex", "char")
 # Bump when the post-processing of a tokeniser changes: cached token files then stop matching.
 _TOKENIZER_REVISION = {"jieba": "1", "regex": "1", "char": "1"}
@@ -90,8 +92,7 @@ def check_tokenizer(name: str) -> None:
 
 def default_cache_dir() -> Path:
     """``$HFEMB_CACHE/tokens`` if set, else ``~/.cache/hfemb/tokens``."""
-    root = os.environ.get("HFEMB_CACHE")
-    return Path(root) / "tokens" if root else Path.home() / ".cache" / "hfemb" / "tokens"
+    return cache_root() / "tokens"
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:

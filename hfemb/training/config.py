@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hfemb.errors import ConfigError
+from hfemb.modeling.dtypes import check_dtype
 
 QWEN3_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FINETUNE_TYPES = ("lora", "qlora", "full")
@@ -217,8 +218,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'model.pooling' must be last, mean or cls, got {m.pooling!r}")
     if m.quantization_bits not in (4, 8):
         raise ConfigError(f"{where}: 'model.quantization_bits' must be 4 or 8, got {m.quantization_bits!r}")
-    if m.torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"{where}: 'model.torch_dtype' must be auto, float32, bfloat16 or float16")
+    check_dtype(m.torch_dtype, f"{where}: 'model.torch_dtype'")
     if not d.train_file:
         raise ConfigError(f"{where}: 'data.train_file' is required")
     if d.eval_ratio is None:

@@ -9,38 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 from hfemb.errors import HfembError
+from hfemb.io_utils import save_atomically
+from hfemb.modeling.dtypes import DTYPES, check_dtype
 
 log = logging.getLogger("hfemb.training.outputs")
-MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def save_atomically(write: Callable[[str], None], target: str | os.PathLike) -> Path:
-    """Call ``write(tmp_dir)`` and move the finished folder to ``target`` (replacing it); on error the
-    target is left as it was."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(str(tmp))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        os.chmod(target, 0o755)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def base_quantization(base: str, trust_remote_code: bool = False) -> dict | None:
@@ -70,7 +45,7 @@ def _base_dtype(base: str) -> str:
         except (OSError, ValueError):
             config = {}
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
-    return dtype if dtype in MERGE_DTYPES[1:] else "float32"
+    return dtype if dtype in DTYPES[1:] else "float32"
 
 
 def merge_adapter_folder(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *, torch_dtype: str = "float32",
@@ -89,8 +64,7 @@ def merge_adapter_folder(adapter_dir: str | os.PathLike, output_dir: str | os.Pa
     if base_quantization(base, trust_remote_code):
         raise HfembError(f"{base}: the base model is quantized; merging into 4/8-bit weights loses precision. "
                          "Point the adapter at the unquantized base (adapter_config.json base_model_name_or_path).")
-    if torch_dtype not in MERGE_DTYPES:
-        raise HfembError(f"dtype must be one of {', '.join(MERGE_DTYPES)}, got {torch_dtype!r}")
+    check_dtype(torch_dtype)
     if torch_dtype == "auto":
         torch_dtype = _base_dtype(base)
     model = load_embedding_model(str(adapter_dir), torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)

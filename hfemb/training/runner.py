@@ -359,7 +359,8 @@ def plot_curves(out: Path) -> None:
 
 def save_outputs(model, cfg: TrainConfig, out: Path) -> None:
     """``adapter/`` (LoRA) and ``merged/`` (full weights, no adapter files), each written atomically."""
-    from hfemb.training.outputs import merge_adapter_folder, save_atomically
+    from hfemb.io_utils import save_atomically
+    from hfemb.training.outputs import merge_adapter_folder
 
     if cfg.model.finetune_type == "full":
         save_atomically(lambda d: model.save_pretrained(d), out / "merged")
@@ -386,7 +387,8 @@ def save_outputs_zero3(trainer, cfg: TrainConfig, out: Path) -> None:
 
     from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-    from hfemb.training.outputs import merge_adapter_folder, save_atomically
+    from hfemb.io_utils import save_atomically
+    from hfemb.training.outputs import merge_adapter_folder
 
     target = out / ("merged" if cfg.model.finetune_type == "full" else "adapter")
     staging = out / f".{target.name}.gathered"
