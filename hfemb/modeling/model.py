@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from transformers import BatchEncoding
 
 from hfemb.errors import ConfigError, HfembError
+from hfemb.io_utils import temporary_folder_beside
 from hfemb.modeling.dtypes import check_dtype
 from hfemb.modeling.st_layout import read_model_json, st_pooling, write_st_files
 
@@ -278,9 +278,7 @@ class EmbeddingModel(torch.nn.Module):
         Written to a temporary folder first; each finished file then replaces its namesake in
         ``output_dir`` (other files there are kept, stale weight/adapter files removed)."""
         output_dir = Path(output_dir)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-        try:
+        with temporary_folder_beside(output_dir) as tmp:
             backbone = self.backbone
             if merged and self.is_peft:
                 if getattr(self._hf_model(), "is_quantized", False):
@@ -293,8 +291,6 @@ class EmbeddingModel(torch.nn.Module):
                 _bake_eos_into_tokenizer_json(tmp, self.eos_token_id_to_append, self.tokenizer)
             self._write_sentence_transformers_files(tmp)
             _move_into(tmp, output_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_sentence_transformers_files(self, folder: Path) -> None:
         write_st_files(folder, dim=_text_config(self.config).hidden_size, pooling=self.pooling,
