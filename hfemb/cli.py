@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from hfemb import __version__
+from hfemb.errors import HfembError
 
 # name -> (module, one-line help); kept here so `hfemb --help` needs no heavy import.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -66,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    from hfemb.errors import HfembError
 
     try:
         return int(args._run(args) or 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+from hfemb.data import cases
 from hfemb.data.formats import FORMATS, READ_FORMATS, read_records, write_records
 from hfemb.data.records import column_map_from_flags
 from hfemb.errors import ConfigError, DataError
@@ -70,8 +71,6 @@ def _case_mode(args) -> bool:
 
 
 def _run_cases(args) -> int:
-    from hfemb.data import cases
-
     if args.query_columns or args.positive_column or args.from_format != "auto":
         raise ConfigError("case records (--knowledge/--query-fields/--label-field/--query-template) exclude "
                           "--query-columns, --positive-column and --from")

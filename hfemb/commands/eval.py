@@ -16,6 +16,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from hfemb.data.cases import case_settings
+from hfemb.errors import ConfigError
 from hfemb.modeling.dtypes import DTYPES
 
 HELP = "threshold-sweep F1 evaluation of several models (= run_eval.py)"
@@ -81,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_config(path: str | Path | None) -> dict:
     """The JSON config as a dict; unknown keys are an error naming them."""
-    from hfemb.errors import ConfigError
+    # lazy (numpy): not loaded for `hfemb eval --help`
     from hfemb.evaluation.settings import EvalSettings
 
     if path is None:
@@ -105,6 +107,7 @@ def load_config(path: str | Path | None) -> dict:
         raise ConfigError(f"{path}: 'models' must be an object {{name: spec}}")
     if models == {}:
         raise ConfigError(f"{path}: 'models' is empty (leave it out for the defaults)")
+    # lazy (numpy): not loaded for `hfemb eval --help`
     from hfemb.training.config import check_annotated
 
     types = {f.name: f.type for f in fields(EvalSettings)}
@@ -123,6 +126,7 @@ def load_config(path: str | Path | None) -> dict:
 
 
 def resolve_models(cli_models: list[str] | None, config_models: dict | None, train_output_root: str) -> dict[str, str]:
+    # lazy (numpy): not loaded for `hfemb eval --help`
     from hfemb.evaluation.encoders import default_models, latest_training_output, parse_model_args
 
     if cli_models:
@@ -147,7 +151,7 @@ def resolve_models(cli_models: list[str] | None, config_models: dict | None, tra
 
 
 def run(args) -> int:
-    from hfemb.errors import ConfigError
+    # lazy (numpy): not loaded for `hfemb eval --help`
     from hfemb.evaluation.evaluate import evaluate
     from hfemb.evaluation.settings import EvalSettings
 
@@ -161,7 +165,7 @@ def run(args) -> int:
     settings = EvalSettings(**{k: v for k, v in values.items() if k in setting_names})
     models = resolve_models(args.model, config.get("models"), values["train_output_root"])
     if getattr(args, "classify_knowledge", None):
-        from hfemb.data.cases import case_settings
+        # lazy (numpy): not loaded for `hfemb eval --help`
         from hfemb.evaluation.classification import evaluate_classification
 
         evaluate_classification(models, values["data"], args.classify_knowledge, dev_cases=values["dev"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from hfemb.errors import HfembError
 from hfemb.modeling.dtypes import DTYPES
 
 HELP = "merge a LoRA adapter onto its base model"
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hfemb.errors import HfembError
+    # lazy (numpy, torch): not loaded for `hfemb merge --help`
     from hfemb.training.outputs import merge_adapter_folder
     from hfemb.publishing.model_card import write_model_card
 

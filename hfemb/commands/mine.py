@@ -7,6 +7,10 @@ import dataclasses
 import os
 from collections import Counter
 
+from hfemb.data.formats import read_corpus, read_records
+from hfemb.data.records import column_map_from_flags
+from hfemb.errors import ConfigError
+
 HELP = "mine BM25 hard/easy negatives (jieba for Chinese)"
 
 
@@ -71,11 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hfemb.errors import ConfigError
-
     if args.merge:
         if args.input:
             raise ConfigError("--merge and --input exclude each other")
+        # lazy (numpy, scipy): not loaded for `hfemb mine --help`
         from hfemb.mining.mine import merge_shards
 
         if os.path.abspath(args.output) in {os.path.abspath(p) for p in args.merge}:
@@ -87,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--input is required (or --merge SHARD...)")
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise ConfigError("--output must differ from --input")
-    from hfemb.data.formats import read_corpus, read_records
-    from hfemb.data.records import column_map_from_flags
+    # lazy (numpy, scipy): not loaded for `hfemb mine --help`
     from hfemb.mining.mine import MiningConfig, mine, report_path, write_output
 
     columns = column_map_from_flags(args.query_columns, args.positive_column)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hfemb.errors import ConfigError
 from hfemb.modeling.dtypes import DTYPES
 
 HELP = "serve a model as an OpenAI-compatible /v1/embeddings endpoint"
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from hfemb.errors import ConfigError
+    # lazy (numpy, torch): not loaded for `hfemb serve --help`
     from hfemb.evaluation.encoders import resolve_model_path
     from hfemb.modeling.model import load_embedding_model
     from hfemb.publishing.serve import EmbeddingService, make_server

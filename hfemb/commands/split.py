@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from hfemb.errors import ConfigError
+from hfemb.io_utils import write_json, write_jsonl
+
 HELP = "split a labelled eval file into dev/test by query"
 
 
@@ -23,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def write_pools(path: str, rows: list[dict]) -> None:
     """JSONL, or a JSON array when the name ends in .json; atomic."""
-    from hfemb.io_utils import write_json, write_jsonl
-
     if str(path).endswith(".json"):
         write_json(path, rows)
     else:
@@ -32,7 +33,7 @@ def write_pools(path: str, rows: list[dict]) -> None:
 
 
 def run(args) -> int:
-    from hfemb.errors import ConfigError
+    # lazy (numpy): not loaded for `hfemb split --help`
     from hfemb.data.splits import pool_rows_by_query, split_by_query
     from hfemb.evaluation.evaluate import read_eval_records
     from hfemb.evaluation.settings import EvalSettings

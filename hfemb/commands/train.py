@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    # lazy (numpy, transformers): not loaded for `hfemb train --help`
     from hfemb.training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # lazy (numpy, torch): not loaded for `hfemb train --help`
     from hfemb.training.runner import run_training
 
     summary = run_training(cfg, resume=args.resume)

@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from hfemb.errors import HfembError
+from hfemb.evaluation.encoders import resolve_model_path
+from hfemb.evaluation.report import summary_table
 from hfemb.io_utils import atomic_open, write_json
+from hfemb.mining.mine import report_path
+from hfemb.modeling.st_layout import st_pooling
 
 log = logging.getLogger("hfemb.publishing.model_card")
 
@@ -122,8 +126,6 @@ def training_curve_summary(log_file: Path) -> list[dict]:
 
 
 def _same_model(spec: str, identities: set[Path], bases: list[Path]) -> bool:
-    from hfemb.evaluation.encoders import resolve_model_path
-
     for base in bases:
         path = Path(resolve_model_path(str(base / spec)))
         if path.exists() and path.resolve() in identities:
@@ -282,7 +284,6 @@ def _mining_report(summary: dict) -> dict | None:
     train = (summary.get("data") or {}).get("train") or {}
     if isinstance(train.get("mining"), dict):
         return train["mining"]
-    from hfemb.mining.mine import report_path
 
     file = train.get("file")
     return _read_json(report_path(file)) if file and report_path(file).is_file() else None
@@ -317,8 +318,6 @@ def _curves_section(curves: list[dict], has_png: bool) -> list[str]:
 
 
 def _eval_section(report: dict, name: str, results_file: Path) -> tuple[list[str], dict]:
-    from hfemb.evaluation.report import summary_table
-
     m = report["models"][name]
     data = (report.get("data") or {}).get("eval") or {}
     try:
@@ -409,8 +408,6 @@ class _Model:
 
 
 def _describe(model_dir: Path, output_dir, base_model: str | None, finetune_type: str | None) -> _Model:
-    from hfemb.modeling.model import st_pooling
-
     if output_dir is None and (model_dir.parent / "train_summary.json").is_file():
         output_dir = model_dir.parent
     output_dir = Path(output_dir) if output_dir is not None else None

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from hfemb.errors import ConfigError
+from hfemb.mining.mine import MiningConfig
 from hfemb.modeling.dtypes import check_dtype
+from hfemb.publishing.hub import push_settings
 
 QWEN3_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FINETUNE_TYPES = ("lora", "qlora", "full")
@@ -125,8 +127,6 @@ def _training_argument_names() -> set[str]:
 
 
 def _mining_field_names() -> set[str]:
-    from hfemb.mining.mine import MiningConfig
-
     return {f.name for f in dataclasses.fields(MiningConfig)}
 
 
@@ -194,7 +194,6 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
         if not isinstance(raw["mining"], dict):
             raise ConfigError(f"{where}: section 'mining' must be an object")
         _check_keys("mining", raw["mining"], _mining_field_names(), where)
-        from hfemb.mining.mine import MiningConfig
 
         fields = {f.name: f for f in dataclasses.fields(MiningConfig)}
         cfg.mining = {k: _coerce("mining", k, v, fields[k].default if fields[k].default is not dataclasses.MISSING
@@ -252,7 +251,6 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if not t.get("output_dir"):
         raise ConfigError(f"{where}: 'training.output_dir' is required")
     _check_training_values(t, where)
-    from hfemb.publishing.hub import push_settings
 
     try:
         push_settings(t)  # refuses hub_token in files, needs hub_model_id with push_to_hub

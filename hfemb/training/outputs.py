@@ -14,6 +14,8 @@ from pathlib import Path
 from hfemb.errors import HfembError
 from hfemb.io_utils import save_atomically
 from hfemb.modeling.dtypes import DTYPES, check_dtype
+from hfemb.modeling.model import load_embedding_model
+from hfemb.publishing.model_card import write_model_card
 
 log = logging.getLogger("hfemb.training.outputs")
 
@@ -52,8 +54,6 @@ def merge_adapter_folder(adapter_dir: str | os.PathLike, output_dir: str | os.Pa
                          trust_remote_code: bool = False) -> Path:
     """Load ``adapter_dir`` on its base model (unquantized), merge, and save a plain model to ``output_dir``
     (replaced atomically). ``torch_dtype="auto"``: the base checkpoint's dtype. A quantized base is refused."""
-    from hfemb.modeling.model import load_embedding_model
-
     adapter_dir = Path(adapter_dir)
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.exists():
@@ -74,8 +74,6 @@ def merge_adapter_folder(adapter_dir: str | os.PathLike, output_dir: str | os.Pa
 def write_model_cards(output_dir: str | os.PathLike, **options) -> list[Path]:
     """``README.md`` model cards in a training output's ``merged/`` and ``adapter/`` (replacing peft's empty
     template). A card that cannot be written is reported as a warning: the trained model is already saved."""
-    from hfemb.publishing.model_card import write_model_card
-
     written = []
     for sub in ("merged", "adapter"):
         folder = Path(output_dir, sub)

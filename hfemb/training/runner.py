@@ -18,11 +18,20 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
-from hfemb.data.records import Record
+import hfemb
+from hfemb.data.formats import read_records
+from hfemb.data.records import ColumnMap, Record
 from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
-from hfemb.io_utils import write_json
+from hfemb.io_utils import save_atomically, write_json, write_jsonl
+from hfemb.mining.mine import MiningConfig, mine
+from hfemb.modeling.model import load_embedding_model
+from hfemb.publishing.hub import PUSH_KEYS, check_can_push, push_settings, push_training_output
+from hfemb.publishing.plotting import plot_training_curves
+from hfemb.training.collator import MultiNegCollator
+from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
+from hfemb.training.outputs import merge_adapter_folder, write_model_cards
+from hfemb.training.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
 
 log = logging.getLogger("hfemb.training.runner")
 
@@ -62,10 +71,6 @@ def _file_digest(path: str) -> str:
 
 def mine_cached(records: list[Record], source_file: str, mining: dict, num_negatives: int, cache_dir: Path) -> tuple[list[Record], dict]:
     """Mine ``records`` with `hfemb.mining.mine.mine`, cached on disk by (file content, mining settings)."""
-    from hfemb.data.formats import read_records
-    from hfemb.io_utils import write_jsonl
-    from hfemb.mining.mine import MiningConfig, mine
-
     settings = {**(mining or {}), "num_negatives": num_negatives}
     settings.setdefault("mode", "pool" if any(r.candidates for r in records) else "corpus")
     try:
@@ -86,9 +91,6 @@ def mine_cached(records: list[Record], source_file: str, mining: dict, num_negat
 
 
 def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str) -> list[dict]:
-    from hfemb.data.formats import read_records
-    from hfemb.data.records import ColumnMap
-
     d = cfg.data
     columns = ColumnMap(query=list(d.query_columns), positive=d.positive_column) if d.query_columns else None
     result = read_records(path, fmt=d.format, columns=columns, on_error="skip" if d.skip_bad_rows else "raise",
@@ -156,8 +158,6 @@ def lora_targets(backbone, requested) -> list[str] | str:
 def build_model(cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
-    from hfemb.modeling.model import load_embedding_model
-
     m = cfg.model
     model = load_embedding_model(
         m.name_or_path, pooling=m.pooling, query_instruction=m.query_instruction, symmetric=m.symmetric,
@@ -184,8 +184,6 @@ def build_model(cfg: TrainConfig):
 
 def training_arguments(cfg: TrainConfig, has_eval: bool):
     from transformers import TrainingArguments
-
-    from hfemb.publishing.hub import PUSH_KEYS, check_can_push, push_settings
 
     t = dict(cfg.training)
     if push_settings(t):  # hfemb pushes the final model itself (run_training); the Trainer never pushes
@@ -252,9 +250,6 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     import torch
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
-
-    from hfemb.training.collator import MultiNegCollator
-    from hfemb.training.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
 
     check_hardware(cfg)
     out = Path(cfg.training["output_dir"])
@@ -325,8 +320,6 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         "versions": _versions(),
         "outputs": {k: str(out / k) for k in (("adapter", "merged") if cfg.model.finetune_type != "full" else ("merged",))},
     }
-    from hfemb.training.outputs import write_model_cards
-    from hfemb.publishing.hub import push_settings, push_training_output
 
     main_process = trainer.is_world_process_zero()
     if main_process:
@@ -349,8 +342,6 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
 
 def plot_curves(out: Path) -> None:
     """``training_curves.png`` from ``train_log.jsonl``; a drawing failure only warns (the run is saved)."""
-    from hfemb.publishing.plotting import plot_training_curves
-
     try:
         plot_training_curves(out)
     except Exception as exc:  # noqa: BLE001 - never lose a finished training to a plot
@@ -359,9 +350,6 @@ def plot_curves(out: Path) -> None:
 
 def save_outputs(model, cfg: TrainConfig, out: Path) -> None:
     """``adapter/`` (LoRA) and ``merged/`` (full weights, no adapter files), each written atomically."""
-    from hfemb.io_utils import save_atomically
-    from hfemb.training.outputs import merge_adapter_folder
-
     if cfg.model.finetune_type == "full":
         save_atomically(lambda d: model.save_pretrained(d), out / "merged")
         return
@@ -386,9 +374,6 @@ def save_outputs_zero3(trainer, cfg: TrainConfig, out: Path) -> None:
     import shutil
 
     from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    from hfemb.io_utils import save_atomically
-    from hfemb.training.outputs import merge_adapter_folder
 
     target = out / ("merged" if cfg.model.finetune_type == "full" else "adapter")
     staging = out / f".{target.name}.gathered"
@@ -415,7 +400,5 @@ def _versions() -> dict[str, str]:
     import peft
     import torch
     import transformers
-
-    import hfemb
 
     return {"hfemb": hfemb.__version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}

@@ -31,6 +31,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hfemb.training.config import LossConfig
 from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
+from hfemb.training.grad_cache import grad_cache_step
 from hfemb.training.loss import LossOutput, info_nce_loss
 
 # Columns of the per-query statistics returned by `prediction_step` (aggregated by `aggregate_eval_stats`).
@@ -142,7 +143,6 @@ class MultiNegEmbeddingTrainer(Trainer):
         loss and gradients, activations of one mini-batch at a time."""
         if not self.grad_cache_mini_batch:
             return super().training_step(model, inputs, num_items_in_batch)
-        from hfemb.training.grad_cache import grad_cache_step
 
         model.train()
         if callable(getattr(self.optimizer, "train", None)):
