@@ -16,6 +16,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from hfemb.config_fields import check_annotated
 from hfemb.data.cases import case_settings
 from hfemb.errors import ConfigError
 from hfemb.modeling.dtypes import DTYPES
@@ -107,8 +108,6 @@ def load_config(path: str | Path | None) -> dict:
         raise ConfigError(f"{path}: 'models' must be an object {{name: spec}}")
     if models == {}:
         raise ConfigError(f"{path}: 'models' is empty (leave it out for the defaults)")
-    # lazy (numpy): not loaded for `hfemb eval --help`
-    from hfemb.training.config import check_annotated
 
     types = {f.name: f.type for f in fields(EvalSettings)}
     types.update(data="str | None", dev="str | None", split_dev="float | None", output_dir="str",

@@ -18,6 +18,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+from transformers import HfArgumentParser
+
 import hfemb
 from hfemb.data.formats import read_records
 from hfemb.data.records import ColumnMap, Record
@@ -28,6 +30,7 @@ from hfemb.mining.mine import MiningConfig, mine
 from hfemb.modeling.model import load_embedding_model
 from hfemb.publishing.hub import PUSH_KEYS, check_can_push, push_settings, push_training_output
 from hfemb.publishing.plotting import plot_training_curves
+from hfemb.training.arguments import EmbeddingTrainingArguments
 from hfemb.training.collator import MultiNegCollator
 from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
 from hfemb.training.outputs import merge_adapter_folder, write_model_cards
@@ -182,15 +185,12 @@ def build_model(cfg: TrainConfig):
     return model
 
 
-def training_arguments(cfg: TrainConfig, has_eval: bool):
-    from transformers import TrainingArguments
-
+def training_arguments(cfg: TrainConfig, has_eval: bool) -> EmbeddingTrainingArguments:
     t = dict(cfg.training)
     if push_settings(t):  # hfemb pushes the final model itself (run_training); the Trainer never pushes
         check_can_push()
     for key in PUSH_KEYS:
         t.pop(key, None)
-    t.pop("grad_cache_mini_batch", None)  # hfemb's own (MultiNegEmbeddingTrainer), not a TrainingArguments field
     if "warmup_ratio" in t:  # transformers 5: a float < 1 in warmup_steps is a ratio
         ratio = t.pop("warmup_ratio")
         t.setdefault("warmup_steps", float(ratio) if ratio else 0)
@@ -232,7 +232,8 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
         if t.get("load_best_model_at_end"):
             raise ConfigError("training.load_best_model_at_end needs evaluation data (data.eval_file or data.eval_ratio)")
     try:
-        return TrainingArguments(**t)
+        (args,) = HfArgumentParser(EmbeddingTrainingArguments).parse_dict(t, allow_extra_keys=False)
+        return args
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"training section: {exc}") from None
 
@@ -292,7 +293,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     trainer = MultiNegEmbeddingTrainer(
         model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None, data_collator=collator,
         loss_config=cfg.loss, train_lengths=lengths, callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from)],
-        grad_cache_mini_batch=cfg.training.get("grad_cache_mini_batch"),
+        grad_cache_mini_batch=args.grad_cache_mini_batch,
     )
     # ZeRO-3 parameters are shards: ds_numel is the full size
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
