@@ -33,7 +33,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
-from hfemb.data.containers import json_array_rows, jsonl_rows, read_text, table_rows
+from hfemb.data.containers import json_array_rows, jsonl_rows, object_row, read_text, table_rows
 from hfemb.data.records import Record, bad_row, clean_text
 from hfemb.errors import ConfigError, DataError
 from hfemb.io_utils import write_jsonl
@@ -185,7 +185,7 @@ def split_candidates(row: dict, where) -> list[tuple[str, str]]:
             pos = next((p for p in _find_all(para, name, cursor) if p == 0 or para[p - 1].isspace()), -1)
         if pos < 0:
             raise bad_row("bad candidates", *where, PARA_FIELD,
-                       f"cannot find candidate {i} {name!r} (after candidate {i - 1}) in the text")
+                          f"cannot find candidate {i} {name!r} (after candidate {i - 1}) in the text")
         starts.append(pos)
         cursor = pos + len(name)
     if clean_text(para[:starts[0]]):
@@ -340,14 +340,11 @@ def read_cases(path, *, knowledge: dict[str, str] | None = None, settings: CaseS
         out.rows += 1
         where = (path, line)
         try:
-            if isinstance(row, DataError):
-                raise row
-            if not isinstance(row, dict):
-                raise bad_row("not an object", path, line, None, f"expected a JSON object, got {type(row).__name__}")
+            row = object_row(row, path, line)
             if knowledge is None:
                 if not is_candidate_row(row):
                     raise bad_row("missing field", path, line, OPTION_FIELD,
-                               "no knowledge base given and the case has no candidates (pass --knowledge FILE)")
+                                  "no knowledge base given and the case has no candidates (pass --knowledge FILE)")
                 record = candidate_record(row, where, settings)
             else:
                 query, label = render_query(row, settings, where), case_label(row, settings, where)

@@ -103,7 +103,7 @@ def table_rows(text: str, path: str, delimiter: str, extra_names: Iterable[str])
             header = ["text1", "text2", "label"]
         if len(cells) != len(header):
             yield start, bad_row("wrong column count", path, start, None,
-                              f"expected {len(header)} columns, got {len(cells)}")
+                                 f"expected {len(header)} columns, got {len(cells)}")
             continue
         yield start, dict(zip(header, cells))
 
@@ -122,5 +122,15 @@ def block_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
                 yield start, {"question": block[0], "answer": block[1]}
             else:
                 yield start, bad_row("bad block", path, start, None,
-                                  f"expected 2 lines (question, answer), got {len(block)}")
+                                     f"expected 2 lines (question, answer), got {len(block)}")
             block = []
+
+
+def object_row(row, path: str, line: int) -> dict:
+    """A raw row as a JSON object: a ``DataError`` row (a bad line) is raised, any other non-object is a
+    "not an object" ``DataError``."""
+    if isinstance(row, DataError):
+        raise row
+    if not isinstance(row, dict):
+        raise bad_row("not an object", path, line, None, f"expected a JSON object, got {type(row).__name__}")
+    return row

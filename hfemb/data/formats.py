@@ -45,7 +45,7 @@ from itertools import repeat
 from typing import Iterable
 
 from hfemb.data.cases import candidate_record
-from hfemb.data.containers import block_rows, json_array_rows, jsonl_rows, read_text, table_rows
+from hfemb.data.containers import block_rows, json_array_rows, jsonl_rows, object_row, read_text, table_rows
 from hfemb.data.records import MEDICAL_QA_COLUMNS, STRIP_CHARS, ColumnMap, ReadResult, Record, bad_row, clean_text
 from hfemb.errors import ConfigError, DataError
 from hfemb.io_utils import atomic_open
@@ -342,15 +342,12 @@ def read_records(path, *, fmt: str = "auto", columns: ColumnMap | None = None, o
         n_rows += 1
         where = (path, line)
         try:
-            if isinstance(row, DataError):
-                raise row
-            if not isinstance(row, dict):
-                raise bad_row("not an object", path, line, None, f"expected a JSON object, got {type(row).__name__}")
+            row = object_row(row, path, line)
             if detected is None:
                 detected = detect_format(row)
                 if detected is None:
                     raise bad_row("unknown format", path, line, None,
-                               f"keys {sorted(row)} match no known format; pass fmt= or columns=")
+                                  f"keys {sorted(row)} match no known format; pass fmt= or columns=")
             converted = _CONVERTERS[detected](row, where, ctx)
         except DataError as exc:
             if on_error == "skip" or (bad_label == "skip" and getattr(exc, "kind", None) == "bad label"):
