@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("hfemb.commands.merge", "merge a LoRA adapter onto its base model"),
     "push": ("hfemb.commands.push", "upload a trained model (with model card) to the Hugging Face Hub"),
     "serve": ("hfemb.commands.serve", "serve a model as an OpenAI-compatible /v1/embeddings endpoint"),
-    "card": ("hfemb.publishing.model_card", "write the model cards of a training output, with its evaluation results"),
+    "card": ("hfemb.commands.card", "write the model cards of a training output, with its evaluation results"),
     "plot": ("hfemb.commands.plot", "draw training curves from a run's train_log.jsonl"),
 }
 

@@ -290,16 +290,16 @@ def test_failed_card_leaves_the_folder_unchanged(trained, tmp_path):
 
 
 def test_command_line(trained, tmp_path, capsys):
-    from hfemb.publishing.model_card import main
+    from hfemb.cli import main
 
     out = tmp_path / "run"
     shutil.copytree(trained["out"], out, ignore=shutil.ignore_patterns("checkpoint-*"))
-    assert main([str(out), "--eval-results", str(trained["results"])]) == 2  # it evaluated the original folder
+    assert main(["card", str(out), "--eval-results", str(trained["results"])]) == 2  # it evaluated the original folder
     assert "none of its models (base, tuned)" in capsys.readouterr().err
-    assert main([str(out), "--eval-results", str(trained["results"]), "--eval-model", "tuned"]) == 0
+    assert main(["card", str(out), "--eval-results", str(trained["results"]), "--eval-model", "tuned"]) == 0
     printed = capsys.readouterr().out
     chosen = trained["report"]["models"]["tuned"]["chosen_threshold"]
     assert f"wrote {out / 'merged' / 'README.md'} (threshold {chosen:.4f} from {trained['results']})" in printed
     assert read_threshold(out / "merged") == read_threshold(out / "adapter") == chosen
-    assert main([str(out / "merged")]) == 2
+    assert main(["card", str(out / "merged")]) == 2
     assert "no train_summary.json" in capsys.readouterr().err

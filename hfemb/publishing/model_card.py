@@ -532,7 +532,7 @@ def build_model_card(model_dir: str | os.PathLike, *, output_dir: str | os.PathL
         lines += _training(m, mining)
     lines += ["## Evaluation", ""]
     lines += eval_lines or ["Not evaluated yet. Run `python run_eval.py --model tuned=OUTPUT_DIR ...`, then "
-                            "`python -m hfemb.publishing.model_card OUTPUT_DIR` to add the table here (`hfemb push` "
+                            "`hfemb card OUTPUT_DIR` to add the table here (`hfemb push` "
                             "regenerates the card and finds the results too; `--eval-results FILE` names them)."]
     lines += ["", "## Usage", "", *_usage_section(repo_id or str(m.folder), m.prompts, m.pooling, m.max_length,
                                                   threshold["threshold"] if threshold else None,
@@ -571,47 +571,3 @@ def read_threshold(model_dir: str | os.PathLike) -> float | None:
     """The recommended cosine threshold saved with a model folder, or None."""
     data = _read_json(Path(model_dir) / THRESHOLD_FILE)
     return float(data["threshold"]) if isinstance(data, dict) and data.get("threshold") is not None else None
-
-
-# ---- command line: `python -m hfemb.publishing.model_card OUTPUT_DIR` (also usable as an `hfemb` command module) ----
-HELP = "write the model cards (README.md) of a training output, with its evaluation results"
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("output_dir", help="training output folder (with train_summary.json, merged/, adapter/)")
-    parser.add_argument("--eval-results", default=None, metavar="RESULTS_JSON",
-                        help="results.json of run_eval.py (default: OUTPUT_DIR/eval/, OUTPUT_DIR/../eval/, else the "
-                             "newest eval_output/results.json that names this model)")
-    parser.add_argument("--eval-model", default=None, metavar="NAME",
-                        help="this model's name in the results (default: matched by path)")
-
-
-def run(args) -> int:
-    """(Re)write ``merged/README.md`` and ``adapter/README.md``; raises `HfembError` on bad input."""
-    if not Path(args.output_dir, "train_summary.json").is_file():
-        raise HfembError(f"{args.output_dir}: no train_summary.json (not a training output folder)")
-    for sub in ("merged", "adapter"):
-        if Path(args.output_dir, sub).is_dir():
-            result = write_model_card(Path(args.output_dir, sub), output_dir=args.output_dir,
-                                      eval_results=args.eval_results, eval_model_name=args.eval_model)
-            print(f"wrote {Path(args.output_dir, sub, 'README.md')}"
-                  + (f" (threshold {result.threshold['threshold']:.4f} from {result.eval_results_file})"
-                     if result.threshold else " (no evaluation results found)"))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m hfemb.publishing.model_card", description=HELP)
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except HfembError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
