@@ -10,7 +10,7 @@ import pytest
 from hfemb.training.config import TRAINING_DEFAULTS, load_config, parse_override
 from hfemb.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, cfg) -> Path:

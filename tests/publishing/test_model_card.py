@@ -37,7 +37,7 @@ def trained(tmp_path_factory, tiny_qwen3, zh_sample_csv):
     """A training output (adapter/, merged/, log with eval metrics) and results.json from `evaluate()`."""
     import sys
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
     from test_trainer import make_config
 
     from hfemb.data.formats import read_records
