@@ -17,7 +17,10 @@ gradient then equals the single-process gradient on the concatenated batch.
 GradCache (``grad_cache_mini_batch``): see `hfemb.training.grad_cache`.
 
 Train-time statistics follow trl's pattern: each step appends to ``self._metrics[mode]`` values gathered from
-every process with ``accelerator.gather_for_metrics``; ``log`` turns them into means and clears them.
+every process through the accelerator; ``log`` turns them into means and clears them. The gather is
+``accelerator.gather``, not ``gather_for_metrics``: the latter cuts the gathered rows to the dataset's remainder
+once the dataloader has reached its end, and the Trainer fetches a whole gradient-accumulation window ahead,
+so it would drop real queries of the window's earlier batches.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ class MultiNegEmbeddingTrainer(Trainer):
         every process makes it at the same steps)."""
         with torch.no_grad():
             correct = (out.logits.argmax(dim=-1) == out.labels).float()  # [B]
-            correct = self.accelerator.gather_for_metrics(correct)  # [B summed over processes]
+            correct = self.accelerator.gather(correct)  # [B * processes]
         self._metrics[mode]["correct"].append(float(correct.sum()))
         self._metrics[mode]["queries"].append(float(correct.numel()))
 
