@@ -9,7 +9,7 @@ Each (path, batch) runs in a fresh subprocess: load the model, collate the batch
 `MultiNegEmbeddingTrainer.training_step` calls (the second one timed). Memory: the resident-set high-water
 mark is reset after loading and collating (``/proc/self/clear_refs``) and read after the steps (``VmHWM``);
 the difference is what the step itself needs (activations, autograd graph, gradients, allocator slack).
-Both paths compute the same loss and gradients for the same dropout masks (tests/test_grad_cache.py); MiniLM
+Both paths compute the same loss and gradients for the same dropout masks (tests/training/test_grad_cache.py); MiniLM
 trains with dropout 0.1 and the two paths draw different masks, so their losses here differ a little.
 GradCache runs one extra forward pass without a graph, and smaller matrix products.
 """

@@ -11,6 +11,8 @@ import importlib
 import sys
 
 from hfemb import __version__
+from hfemb.errors import HfembError
+from hfemb.io_utils import Terminated, handle_sigterm
 
 # name -> (module, one-line help); kept here so `hfemb --help` needs no heavy import.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("hfemb.commands.merge", "merge a LoRA adapter onto its base model"),
     "push": ("hfemb.commands.push", "upload a trained model (with model card) to the Hugging Face Hub"),
     "serve": ("hfemb.commands.serve", "serve a model as an OpenAI-compatible /v1/embeddings endpoint"),
-    "card": ("hfemb.publishing.model_card", "write the model cards of a training output, with its evaluation results"),
+    "card": ("hfemb.commands.card", "write the model cards of a training output, with its evaluation results"),
     "plot": ("hfemb.commands.plot", "draw training curves from a run's train_log.jsonl"),
 }
 
@@ -66,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    from hfemb.errors import HfembError
-    from hfemb.io_utils import Terminated, handle_sigterm
 
     handle_sigterm()  # SIGTERM cleans up like Ctrl-C: no temporary file is left behind
     try:

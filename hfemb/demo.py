@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from hfemb.cli import main
+from hfemb.data.formats import read_records, write_records
+from hfemb.testing.tiny import tiny_qwen3_path
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -34,8 +38,6 @@ def _step(title: str) -> None:
 
 def _run(argv: list[str]) -> None:
     """Run an hfemb command in this process, after printing it as a user would type it."""
-    from hfemb.cli import main
-
     shown = {"train": ["python", "run_train.py"], "eval": ["python", "run_eval.py"]}.get(argv[0], ["hfemb", argv[0]])
     print("$ " + " ".join(shlex.quote(a) for a in shown + argv[1:]), flush=True)
     status = main(argv)
@@ -44,8 +46,6 @@ def _run(argv: list[str]) -> None:
 
 
 def split_sample(out: Path, seed: int = 0, n_dev: int = 60, n_test: int = 60) -> None:
-    from hfemb.data.formats import read_records, write_records
-
     records = read_records(str(SAMPLE)).records
     queries = sorted({r.query for r in records})
     random.Random(seed).shuffle(queries)
@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     _step("0. a tiny random Qwen3 with the real Qwen BPE (stand-in for Qwen/Qwen3-Embedding-0.6B, offline)")
-    from hfemb.testing.tiny import tiny_qwen3_path
 
     tiny = tiny_qwen3_path(out / "tiny-qwen3")
     print(f"model: {tiny}")

@@ -1,5 +1,6 @@
-"""Safe writes: atomic files (temporary file beside the target, then rename), output checks made before any
-work (an output must not be an input, its folder must be writable), and SIGTERM handled like Ctrl-C."""
+"""Files and folders: atomic writes (nothing half-written: write to a temporary file or folder beside the target,
+then rename), hfemb's cache root, output checks made before any work (an output must not be an input, its
+folder must be writable), and SIGTERM handled like Ctrl-C."""
 
 from __future__ import annotations
 
@@ -7,15 +8,21 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from hfemb.errors import ConfigError, HfembError
 
-
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
+
+
+def cache_root() -> Path:
+    """hfemb's cache folder: ``$HFEMB_CACHE`` if set, else ``~/.cache/hfemb`` (token cache, embedding cache,
+    the tiny test model each live in a subfolder)."""
+    return Path(os.environ.get("HFEMB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hfemb"))
 
 
 @contextlib.contextmanager
@@ -56,6 +63,38 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
             fh.write("\n")
             n += 1
     return n
+
+
+@contextlib.contextmanager
+def temporary_folder_beside(target: str | os.PathLike) -> Iterator[Path]:
+    """A fresh hidden folder next to ``target`` (same filesystem, so renaming it or its files is atomic);
+    removed on exit unless it was moved away."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_atomically(write: Callable[[str], None], target: str | os.PathLike) -> Path:
+    """Call ``write(tmp_dir)`` and move the finished folder to ``target`` (replacing it); on error the
+    target is left as it was."""
+    target = Path(target)
+    with temporary_folder_beside(target) as tmp:
+        write(str(tmp))
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        os.chmod(target, 0o755)  # mkdtemp made it 0700
+    return target
 
 
 # ---- output checks, made before loading models or mining ------------------------------------------

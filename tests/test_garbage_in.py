@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hfemb.cli import main
-from hfemb.data.formats import DEFAULT_MAX_ROW_BYTES, check_row_sizes, count_duplicates, read_records
+from hfemb.data.containers import DEFAULT_MAX_ROW_BYTES, check_row_sizes
+from hfemb.data.formats import count_duplicates, read_records
 from hfemb.errors import DataError
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from hfemb.data.formats import FORMATS, READ_FORMATS, ColumnMap, count_duplicates, read_records, write_records
+from hfemb.data import cases
+from hfemb.data.formats import FORMATS, READ_FORMATS, count_duplicates, read_records, write_records
+from hfemb.data.records import column_map_from_flags
 from hfemb.errors import ConfigError, DataError
 from hfemb.io_utils import check_output
 
@@ -64,26 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "for `hfemb mine --mode corpus --corpus FILE`")
 
 
-def _column_map(args) -> ColumnMap | None:
-    if not args.query_columns and not args.positive_column:
-        return None
-    if not (args.query_columns and args.positive_column):
-        raise ConfigError("--query-columns and --positive-column go together")
-    query = [c.strip() for c in args.query_columns.split(",") if c.strip()]
-    if not query:
-        raise ConfigError("--query-columns names no column")
-    sep = args.query_sep.replace("\\n", "\n").replace("\\t", "\t")
-    return ColumnMap(query=query, positive=args.positive_column.strip(), sep=sep)
-
-
 def _case_mode(args) -> bool:
     return any(getattr(args, k, None) for k in ("knowledge", "query_fields", "label_field", "query_template",
                                                    "corpus_output"))
 
 
 def _run_cases(args) -> int:
-    from hfemb.data import cases
-
     if args.query_columns or args.positive_column or args.from_format != "auto":
         raise ConfigError("case records (--knowledge/--query-fields/--label-field/--query-template) exclude "
                           "--query-columns, --positive-column and --from")
@@ -117,7 +105,7 @@ def run(args) -> int:
     check_outputs(args)
     if _case_mode(args):
         return _run_cases(args)
-    result = read_records(args.input, fmt=args.from_format, columns=_column_map(args),
+    result = read_records(args.input, fmt=args.from_format, columns=column_map_from_flags(args.query_columns, args.positive_column, args.query_sep),
                           on_error="skip" if args.skip_bad else "raise", label_threshold=args.label_threshold,
                           bad_label=args.bad_label)
     records = result.records

@@ -16,6 +16,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from hfemb.config_fields import check_annotated
+from hfemb.data.cases import case_settings
+from hfemb.errors import ConfigError
+from hfemb.modeling.dtypes import DTYPES
+
 HELP = "threshold-sweep F1 evaluation of several models (= run_eval.py)"
 DEFAULT_CONFIG = Path("configs") / "eval.json"
 OUTPUT_FILES = ("results.json", "results.csv", "results.md", "f1_vs_threshold.png", "pr_curves.png",
@@ -52,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="no query prompt for any model")
     a("--symmetric", action="store_const", const=True, help="documents get the query prompt too (all models)")
     a("--pooling", choices=("last", "mean", "cls"), help="override pooling (default: each model's own)")
-    a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="default auto: bf16 on a bf16 GPU, else fp32")
+    a("--dtype", choices=DTYPES, help="default auto: bf16 on a bf16 GPU, else fp32")
     a("--quantization", choices=("4bit", "8bit"), help="load local models in 4/8 bit (bitsandbytes, CUDA)")
     a("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     a("--batch-size", type=int, help="texts per forward pass (default 32)")
@@ -82,8 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_config(path: str | Path | None) -> dict:
     """The JSON config as a dict; unknown keys are an error naming them."""
-    from hfemb.errors import ConfigError
-    from hfemb.evaluation.evaluate import EvalSettings
+    # lazy (numpy): not loaded for `hfemb eval --help`
+    from hfemb.evaluation.settings import EvalSettings
 
     if path is None:
         if not DEFAULT_CONFIG.is_file():
@@ -106,7 +111,6 @@ def load_config(path: str | Path | None) -> dict:
         raise ConfigError(f"{path}: 'models' must be an object {{name: spec}}")
     if models == {}:
         raise ConfigError(f"{path}: 'models' is empty (leave it out for the defaults)")
-    from hfemb.training.config import check_annotated
 
     types = {f.name: f.type for f in fields(EvalSettings)}
     types.update(data="str | None", dev="str | None", split_dev="float | None", output_dir="str",
@@ -124,6 +128,7 @@ def load_config(path: str | Path | None) -> dict:
 
 
 def resolve_models(cli_models: list[str] | None, config_models: dict | None, train_output_root: str) -> dict[str, str]:
+    # lazy (numpy): not loaded for `hfemb eval --help`
     from hfemb.evaluation.encoders import default_models, latest_training_output, parse_model_args
 
     if cli_models:
@@ -148,8 +153,9 @@ def resolve_models(cli_models: list[str] | None, config_models: dict | None, tra
 
 
 def run(args) -> int:
-    from hfemb.errors import ConfigError
-    from hfemb.evaluation.evaluate import EvalSettings, evaluate
+    # lazy (numpy): not loaded for `hfemb eval --help`
+    from hfemb.evaluation.evaluate import evaluate
+    from hfemb.evaluation.settings import EvalSettings
 
     config = load_config(args.config)
     cli = {k: v for k, v in vars(args).items() if v is not None and not k.startswith("_")
@@ -165,7 +171,7 @@ def run(args) -> int:
     settings = EvalSettings(**{k: v for k, v in values.items() if k in setting_names})
     models = resolve_models(args.model, config.get("models"), values["train_output_root"])
     if getattr(args, "classify_knowledge", None):
-        from hfemb.data.cases import case_settings
+        # lazy (numpy): not loaded for `hfemb eval --help`
         from hfemb.evaluation.classification import evaluate_classification
 
         evaluate_classification(models, values["data"], args.classify_knowledge, dev_cases=values["dev"],

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from hfemb.errors import HfembError
+from hfemb.io_utils import check_output
+from hfemb.modeling.dtypes import DTYPES
+
 HELP = "merge a LoRA adapter onto its base model"
 
 
@@ -15,10 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("adapter", metavar="ADAPTER", help="LoRA adapter folder (adapter_config.json) or training output folder")
     a("--output", required=True, metavar="DIR", help="folder for the merged model")
-    a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    a("--dtype", default="auto", choices=DTYPES,
       help="dtype to store the merged model in (the merge itself runs in fp32 on the CPU); auto = the base's "
            "dtype when the LoRA delta survives it (<= 1%% lost), else float32")
-    a("--base-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    a("--base-dtype", default="auto", choices=DTYPES,
       help="dtype the base was trained in (its weights are rounded to it before merging); auto = the "
            "checkpoint's own dtype")
     a("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
@@ -28,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hfemb.errors import HfembError
+    # lazy (numpy, torch): not loaded for `hfemb merge --help`
     from hfemb.training.merging import merge_adapter
     from hfemb.publishing.model_card import write_model_card
 
@@ -40,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
         raise HfembError(f"--output {output} must not be the adapter folder or inside it")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise HfembError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
-    from hfemb.io_utils import check_output
-
     check_output(output.parent, option="--output", folder=True)  # writable, before loading the base model
     report = merge_adapter(adapter, output, base_dtype=args.base_dtype, merged_dtype=args.dtype,
                            trust_remote_code=args.trust_remote_code)

@@ -6,6 +6,11 @@ import argparse
 import dataclasses
 from collections import Counter
 
+from hfemb.data.formats import count_duplicates, read_corpus, read_records
+from hfemb.data.records import column_map_from_flags
+from hfemb.errors import ConfigError, DataError
+from hfemb.io_utils import check_output
+
 HELP = "mine BM25 hard/easy negatives (jieba for Chinese)"
 
 
@@ -76,14 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hfemb.errors import ConfigError
-    from hfemb.io_utils import check_output
+    # lazy (numpy, scipy): not loaded for `hfemb mine --help`
+    from hfemb.mining.mine import MiningConfig, merge_shards, mine, report_path, write_output
 
     if args.merge:
         if args.input:
             raise ConfigError("--merge and --input exclude each other")
-        from hfemb.mining.mine import merge_shards, report_path
-
         shards = [*args.merge, *(report_path(p) for p in args.merge)]
         check_output(args.output, inputs=shards, option="--output")
         check_output(report_path(args.output), inputs=shards, option="--output's report")
@@ -92,19 +95,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.input:
         raise ConfigError("--input is required (or --merge SHARD...)")
-    from hfemb.mining.mine import report_path
-
     check_output(args.output, inputs=[args.input, args.corpus], option="--output")
     check_output(report_path(args.output), inputs=[args.input, args.corpus], option="--output's report")
-    from hfemb.data.formats import ColumnMap, count_duplicates, read_corpus, read_records
-    from hfemb.mining.mine import MiningConfig, mine, report_path, write_output
-
-    columns = None
-    if args.query_columns or args.positive_column:
-        if not (args.query_columns and args.positive_column):
-            raise ConfigError("--query-columns and --positive-column go together")
-        columns = ColumnMap(query=[c.strip() for c in args.query_columns.split(",") if c.strip()],
-                            positive=args.positive_column)
+    columns = column_map_from_flags(args.query_columns, args.positive_column)
     config = MiningConfig(  # validated before reading anything; the mode may depend on the data
         mode=args.mode or "corpus", tokenizer=args.tokenizer, k1=args.k1, b=args.b, epsilon=args.epsilon,
         idf=args.idf, idf_scope=args.idf_scope, hard_top_k=args.hard_top_k, easy_bottom_k=args.easy_bottom_k,
@@ -127,8 +120,6 @@ def run(args: argparse.Namespace) -> int:
         "corpus": args.corpus,
     }
     if result.report["rows_written"] == 0 and not args.allow_empty:
-        from hfemb.errors import DataError
-
         raise DataError(f"no row could be mined, nothing written: {empty_reason(result.report, config)} "
                         "(--allow-empty writes the empty output and exits 0)", args.input)
     write_output(result, args.output)

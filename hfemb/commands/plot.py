@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from hfemb.errors import HfembError
+from hfemb.publishing.plotting import log_path, plot_training_curves, read_train_log
+
 HELP = "draw training curves from a run's train_log.jsonl"
 
 
@@ -20,9 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from pathlib import Path
-
-    from hfemb.errors import HfembError
-    from hfemb.publishing.plotting import log_path, plot_training_curves, read_train_log
 
     if not Path(args.output_dir).exists():
         raise HfembError(f"{args.output_dir}: no such folder (give a training output folder or its train_log.jsonl)")

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy (numpy, scipy): not loaded for `hfemb push --help`
     from hfemb.publishing.hub import PushSettings, push
 
     settings = PushSettings(args.repo_id, private=True if args.private else None, revision=args.revision,

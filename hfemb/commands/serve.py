@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from hfemb.errors import ConfigError
+from hfemb.modeling.dtypes import DTYPES
+
 HELP = "serve a model as an OpenAI-compatible /v1/embeddings endpoint"
 
 
@@ -23,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=512, help="tokens per text (longer texts are truncated)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     parser.add_argument("--max-tokens-per-batch", type=int, default=16384, help="padded tokens per forward pass")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights dtype (auto: bf16 on a bf16 GPU, else fp32)")
     parser.add_argument("--quantization", choices=("4bit", "8bit"), default=None, help="bitsandbytes (CUDA)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
@@ -38,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from hfemb.errors import ConfigError
+    # lazy (numpy, torch): not loaded for `hfemb serve --help`
     from hfemb.evaluation.encoders import resolve_model_path
     from hfemb.modeling.model import load_embedding_model
     from hfemb.publishing.serve import EmbeddingService, check_port, make_server

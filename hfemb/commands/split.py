@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from hfemb.errors import ConfigError
+from hfemb.io_utils import check_output, same_file, write_json, write_jsonl
+
 HELP = "split a labelled eval file into dev/test by query"
 
 
@@ -20,22 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows with a non-integer label such as 'NA'")
 
 
-def pool_rows(records) -> list[dict]:
-    """One ``{"query", "documents": [{"content", "label"}]}`` row per query (records of a query merged,
-    repeated documents kept once with their highest label)."""
-    rows: dict[str, dict[str, int]] = {}
-    for rec in records:
-        labelled = rec.candidates or [(t, 1) for t in rec.positives] + [(t, 0) for t in rec.negatives]
-        docs = rows.setdefault(rec.query, {})
-        for text, label in labelled:
-            docs[text] = max(docs.get(text, label), int(label))
-    return [{"query": q, "documents": [{"content": t, "label": l} for t, l in docs.items()]} for q, docs in rows.items()]
-
-
 def write_pools(path: str, rows: list[dict]) -> None:
     """JSONL, or a JSON array when the name ends in .json; atomic."""
-    from hfemb.io_utils import write_json, write_jsonl
-
     if str(path).endswith(".json"):
         write_json(path, rows)
     else:
@@ -43,9 +32,10 @@ def write_pools(path: str, rows: list[dict]) -> None:
 
 
 def run(args) -> int:
-    from hfemb.errors import ConfigError
-    from hfemb.io_utils import check_output, same_file
-    from hfemb.evaluation.evaluate import EvalSettings, read_eval_records, split_by_query
+    # lazy (numpy): not loaded for `hfemb split --help`
+    from hfemb.data.splits import pool_rows_by_query, split_by_query
+    from hfemb.evaluation.evaluate import read_eval_records
+    from hfemb.evaluation.settings import EvalSettings
 
     if same_file(args.dev_out, args.test_out):
         raise ConfigError("--dev-out and --test-out must differ")
@@ -55,7 +45,7 @@ def run(args) -> int:
                             bad_label=args.bad_label, label_threshold=args.label_threshold)
     result = read_eval_records(args.input, settings)
     dev, test = split_by_query(result.records, args.dev_fraction, args.seed)
-    dev_rows, test_rows = pool_rows(dev), pool_rows(test)
+    dev_rows, test_rows = pool_rows_by_query(dev), pool_rows_by_query(test)
     write_pools(args.dev_out, dev_rows)
     write_pools(args.test_out, test_rows)
     print(f"{args.input}: {len(dev_rows) + len(test_rows)} queries -> dev {args.dev_out} ({len(dev_rows)} queries, "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from hfemb.errors import ConfigError
+
 HELP = "fine-tune an embedding model from a JSON config (= run_train.py)"
 
 
@@ -21,15 +23,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from hfemb.training.config import load_config
+    # lazy (numpy, transformers): not loaded for `hfemb train --help`
+    from hfemb.training.config import blame_override, load_config, parse_override
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from hfemb.errors import ConfigError
-    from hfemb.training.config import blame_override, parse_override
+    # lazy (numpy, torch): not loaded for `hfemb train --help`
     from hfemb.training.runner import run_training
 
     try:

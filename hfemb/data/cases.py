@@ -33,7 +33,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
-from hfemb.data.formats import Record, _bad, _clean, _json_array_rows, _jsonl_rows, _read_text, _table_rows
+from hfemb.data.containers import json_array_rows, jsonl_rows, object_row, read_text, table_rows
+from hfemb.data.records import Record, bad_row, clean_text
 from hfemb.errors import ConfigError, DataError
 from hfemb.io_utils import write_jsonl
 
@@ -117,20 +118,20 @@ class CaseSettings:
 
 def _value(row: dict, key: str, where) -> str:
     if key not in row:
-        raise _bad("missing field", *where, key)
+        raise bad_row("missing field", *where, key)
     value = row[key]
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise _bad("wrong type", *where, key, f"expected a string, got {type(value).__name__}")
-    return _clean(str(value))
+        raise bad_row("wrong type", *where, key, f"expected a string, got {type(value).__name__}")
+    return clean_text(str(value))
 
 
 def render_query(row: dict, settings: CaseSettings, where) -> str:
     """The query text of a case: template lines whose fields are all empty are dropped."""
     values = {f: _value(row, f, where) for f in settings.fields}
     if not any(values.values()):
-        raise _bad("empty field", *where, "+".join(settings.fields), "every query field is empty")
+        raise bad_row("empty field", *where, "+".join(settings.fields), "every query field is empty")
     lines = []
     for line in settings.template.split("\n"):
         used = [f for _, f, _, _ in string.Formatter().parse(line) if f]
@@ -143,7 +144,7 @@ def render_query(row: dict, settings: CaseSettings, where) -> str:
 def case_label(row: dict, settings: CaseSettings, where) -> str:
     label = _value(row, settings.label_field, where)
     if not label:
-        raise _bad("empty field", *where, settings.label_field, "no label")
+        raise bad_row("empty field", *where, settings.label_field, "no label")
     return label
 
 
@@ -164,33 +165,33 @@ def is_candidate_row(keys: Iterable[str]) -> bool:
 def split_candidates(row: dict, where) -> list[tuple[str, str]]:
     """``(name, text)`` of each candidate of a ``knowledge_option`` / ``knowledge_para`` row, in order."""
     options = row.get(OPTION_FIELD)
-    if not isinstance(options, list) or not options or not all(isinstance(o, str) and _clean(o) for o in options):
-        raise _bad("wrong type", *where, OPTION_FIELD, "expected a non-empty list of candidate names")
-    names = [_clean(o) for o in options]
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) and clean_text(o) for o in options):
+        raise bad_row("wrong type", *where, OPTION_FIELD, "expected a non-empty list of candidate names")
+    names = [clean_text(o) for o in options]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise _bad("duplicate candidate", *where, OPTION_FIELD, f"{dup!r} is listed twice")
+        raise bad_row("duplicate candidate", *where, OPTION_FIELD, f"{dup!r} is listed twice")
     para = row.get(PARA_FIELD)
     if isinstance(para, list):
-        if len(para) != len(names) or not all(isinstance(p, str) and _clean(p) for p in para):
-            raise _bad("wrong type", *where, PARA_FIELD, f"expected {len(names)} non-empty texts, one per candidate")
-        return [(n, _clean(p)) for n, p in zip(names, para)]
-    if not isinstance(para, str) or not _clean(para):
-        raise _bad("wrong type", *where, PARA_FIELD, "expected the candidates' texts (a string or a list)")
+        if len(para) != len(names) or not all(isinstance(p, str) and clean_text(p) for p in para):
+            raise bad_row("wrong type", *where, PARA_FIELD, f"expected {len(names)} non-empty texts, one per candidate")
+        return [(n, clean_text(p)) for n, p in zip(names, para)]
+    if not isinstance(para, str) or not clean_text(para):
+        raise bad_row("wrong type", *where, PARA_FIELD, "expected the candidates' texts (a string or a list)")
     starts, cursor = [], 0
     for i, name in enumerate(names):
         pos = para.find(name + PARA_MARKER, cursor)
         if pos < 0:  # no marker: the name at the start of the text or after whitespace
             pos = next((p for p in _find_all(para, name, cursor) if p == 0 or para[p - 1].isspace()), -1)
         if pos < 0:
-            raise _bad("bad candidates", *where, PARA_FIELD,
-                       f"cannot find candidate {i} {name!r} (after candidate {i - 1}) in the text")
+            raise bad_row("bad candidates", *where, PARA_FIELD,
+                          f"cannot find candidate {i} {name!r} (after candidate {i - 1}) in the text")
         starts.append(pos)
         cursor = pos + len(name)
-    if _clean(para[:starts[0]]):
-        raise _bad("bad candidates", *where, PARA_FIELD, f"text before the first candidate {names[0]!r}")
+    if clean_text(para[:starts[0]]):
+        raise bad_row("bad candidates", *where, PARA_FIELD, f"text before the first candidate {names[0]!r}")
     bounds = starts + [len(para)]
-    return [(n, _clean(para[bounds[i]:bounds[i + 1]])) for i, n in enumerate(names)]
+    return [(n, clean_text(para[bounds[i]:bounds[i + 1]])) for i, n in enumerate(names)]
 
 
 def _find_all(text: str, sub: str, start: int) -> Iterator[int]:
@@ -213,28 +214,28 @@ def candidate_record(row: dict, where, settings: CaseSettings | None = None, lab
 # --------------------------------------------------------------------------- files
 
 def _rows(path: str, names: Sequence[str] = ()) -> Iterator[tuple[int, object]]:
-    text = _read_text(path)
+    text = read_text(path)
     lower = path.lower().removesuffix(".gz")
     if lower.endswith((".csv", ".tsv")):
-        return _table_rows(text, path, "\t" if lower.endswith(".tsv") else ",", names)
-    return _json_array_rows(text, path) if text.lstrip()[:1] == "[" else _jsonl_rows(text, path)
+        return table_rows(text, path, "\t" if lower.endswith(".tsv") else ",", names)
+    return json_array_rows(text, path) if text.lstrip()[:1] == "[" else jsonl_rows(text, path)
 
 
 def _pick(row: dict, keys: Sequence[str], where) -> str:
     key = next((k for k in keys if k in row), None)
     if key is None:
-        raise _bad("missing field", *where, keys[0], f"expected one of {', '.join(keys)}")
+        raise bad_row("missing field", *where, keys[0], f"expected one of {', '.join(keys)}")
     value = row[key]
-    if not isinstance(value, str) or not _clean(value):
+    if not isinstance(value, str) or not clean_text(value):
         kind = "empty field" if isinstance(value, str) else "wrong type"
-        raise _bad(kind, *where, key, "expected a non-empty string")
-    return _clean(value)
+        raise bad_row(kind, *where, key, "expected a non-empty string")
+    return clean_text(value)
 
 
 def read_knowledge(path) -> dict[str, str]:
     """Knowledge base ``{name: text}`` in file order (formats: see the module docstring)."""
     path = os.fspath(path)
-    text = _read_text(path)
+    text = read_text(path)
     entries: dict[str, str] = {}
     first_line: dict[str, int] = {}
 
@@ -244,11 +245,11 @@ def read_knowledge(path) -> dict[str, str]:
         entries[name], first_line[name] = body, line
 
     if text.lstrip()[:1] in ("{", "["):
-        for line, row in (_json_array_rows if text.lstrip()[:1] == "[" else _jsonl_rows)(text, path):
+        for line, row in (json_array_rows if text.lstrip()[:1] == "[" else jsonl_rows)(text, path):
             if isinstance(row, DataError):
                 raise row
             if not isinstance(row, dict):
-                raise _bad("not an object", path, line, None, f"expected {{name, text}}, got {type(row).__name__}")
+                raise bad_row("not an object", path, line, None, f"expected {{name, text}}, got {type(row).__name__}")
             if not entries and is_candidate_row(row):  # a case file in the candidate layout
                 return knowledge_from_candidates(path)
             name_key = next((k for k in KNOWLEDGE_NAME_KEYS if k in row), KNOWLEDGE_NAME_KEYS[0])
@@ -259,7 +260,7 @@ def read_knowledge(path) -> dict[str, str]:
             if not raw.strip():
                 continue
             name, tab, body = raw.partition("\t")
-            name, body = _clean(name), _clean(body)
+            name, body = clean_text(name), clean_text(body)
             if not entries and name.lower() in KNOWLEDGE_NAME_KEYS and body.lower() in KNOWLEDGE_TEXT_KEYS:
                 continue  # header row
             if not tab:
@@ -282,7 +283,7 @@ def knowledge_from_candidates(path) -> dict[str, str]:
         if isinstance(row, DataError):
             raise row
         if not isinstance(row, dict):
-            raise _bad("not an object", path, line, None, f"expected a JSON object, got {type(row).__name__}")
+            raise bad_row("not an object", path, line, None, f"expected a JSON object, got {type(row).__name__}")
         for name, body in split_candidates(row, (path, line)):
             if name in entries and entries[name] != body:
                 raise DataError(f"candidate {name!r} has another text than on line {seen[name]}", path, line,
@@ -339,14 +340,11 @@ def read_cases(path, *, knowledge: dict[str, str] | None = None, settings: CaseS
         out.rows += 1
         where = (path, line)
         try:
-            if isinstance(row, DataError):
-                raise row
-            if not isinstance(row, dict):
-                raise _bad("not an object", path, line, None, f"expected a JSON object, got {type(row).__name__}")
+            row = object_row(row, path, line)
             if knowledge is None:
                 if not is_candidate_row(row):
-                    raise _bad("missing field", path, line, OPTION_FIELD,
-                               "no knowledge base given and the case has no candidates (pass --knowledge FILE)")
+                    raise bad_row("missing field", path, line, OPTION_FIELD,
+                                  "no knowledge base given and the case has no candidates (pass --knowledge FILE)")
                 record = candidate_record(row, where, settings)
             else:
                 query, label = render_query(row, settings, where), case_label(row, settings, where)
@@ -366,10 +364,3 @@ def read_cases(path, *, knowledge: dict[str, str] | None = None, settings: CaseS
     if out.rows == 0:
         raise DataError("no case rows (empty file)", path)
     return out
-
-
-def pool_rows(records: Sequence[Record]) -> Iterator[dict]:
-    """Records as labelled pool rows ``{"query", "documents": [{"content", "label"}], ...extra}``."""
-    for rec in records:
-        docs = rec.candidates or [(t, 1) for t in rec.positives] + [(t, 0) for t in rec.negatives]
-        yield {"query": rec.query, "documents": [{"content": t, "label": int(lab)} for t, lab in docs], **rec.extra}

@@ -37,16 +37,16 @@ a JSON array is always fatal (the parser cannot resume after it).
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import json
 import os
-import re
-from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Iterable, Iterator
+from typing import Iterable
 
+from hfemb.data.cases import candidate_record
+from hfemb.data.containers import block_rows, json_array_rows, jsonl_rows, object_row, read_text, table_rows
+from hfemb.data.records import MEDICAL_QA_COLUMNS, STRIP_CHARS, ColumnMap, ReadResult, Record, bad_row, clean_text
 from hfemb.errors import ConfigError, DataError
 from hfemb.io_utils import atomic_open
 
@@ -55,74 +55,18 @@ READ_FORMATS = FORMATS + ("swift_messages", "pos_doc", "pool", "qa_table", "qa_b
                           "case_candidates")
 
 
-@dataclass
-class Record:
-    """One query with its documents, whatever file format it came from.
-
-    * ``positives``: relevant documents (at least one for training rows).
-    * ``negatives``: irrelevant documents given by the file (mined or labelled 0), in file order.
-    * ``candidates``: the labelled pool as given (``(text, label)``; label > 0 is relevant), for
-      formats that have one (``documents`` / ``content_private`` pools, pair rows). Positives and
-      negatives of a pool record are derived from it.
-    * ``source``: ``"path:line"`` of the row, for error messages and reports.
-    * ``extra``: anything else worth carrying (``id``, ``mining`` info of mined rows, ...).
-    """
-
-    query: str
-    positives: list[str]
-    negatives: list[str] = field(default_factory=list)
-    candidates: list[tuple[str, int]] = field(default_factory=list)
-    source: str | None = None
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class ColumnMap:
-    """QA-table mapping: ``query`` columns joined by ``sep`` (empty parts skipped), ``positive`` column."""
-
-    query: list[str]
-    positive: str
-    sep: str = "\n"
-
-
-MEDICAL_QA_COLUMNS = ColumnMap(query=["title", "ask"], positive="answer")
-
-
-@dataclass
-class ReadResult:
-    records: list[Record]
-    format: str
-    path: str
-    skipped: list[DataError] = field(default_factory=list)
-    rows: int = 0  # rows (or blocks) read, good and bad
-
-
-# --------------------------------------------------------------------------- errors and field values
-
-def _bad(kind: str, path: str, line: int | None, field: str | None = None, detail: str = "") -> DataError:
-    err = DataError(f"{kind}: {detail}" if detail else kind, path, line, field)
-    err.kind = kind
-    return err
-
-
-# every character str.isspace() accepts (all are below U+3001), plus the byte-order mark
-_STRIP = "".join(chr(c) for c in range(0x3001) if chr(c).isspace()) + "\ufeff"
-
-
-def _clean(text: str) -> str:
-    return text.strip(_STRIP)
-
+# --------------------------------------------------------------------------- field values
 
 def _text(row: dict, key: str, where: tuple[str, int], name: str | None = None) -> str:
     """The non-empty string ``row[key]``; errors name the field ``name`` (default ``key``)."""
     value, name = row.get(key), name or key
     if value is None:
-        raise _bad("missing field", *where, name)
+        raise bad_row("missing field", *where, name)
     if not isinstance(value, str):
-        raise _bad("wrong type", *where, name, f"expected a string, got {type(value).__name__}")
-    value = _clean(value)
+        raise bad_row("wrong type", *where, name, f"expected a string, got {type(value).__name__}")
+    value = clean_text(value)
     if not value:
-        raise _bad("empty field", *where, name)
+        raise bad_row("empty field", *where, name)
     return value
 
 
@@ -131,22 +75,22 @@ def _texts(row: dict, key: str, where: tuple[str, int], required: bool) -> list[
     value = row.get(key)
     if type(value) is list:  # fast path: a list of non-empty strings
         try:
-            out = list(map(str.strip, value, repeat(_STRIP, len(value))))
+            out = list(map(str.strip, value, repeat(STRIP_CHARS, len(value))))
         except TypeError:
             i, item = next((i, t) for i, t in enumerate(value) if not isinstance(t, str))
-            raise _bad("wrong type", *where, f"{key}[{i}]", f"expected a string, got {type(item).__name__}") from None
+            raise bad_row("wrong type", *where, f"{key}[{i}]", f"expected a string, got {type(item).__name__}") from None
         if all(out) and (out or not required):
             return out
         if not out:
-            raise _bad("empty field", *where, key, "empty list")
-        raise _bad("empty field", *where, f"{key}[{out.index('')}]")
+            raise bad_row("empty field", *where, key, "empty list")
+        raise bad_row("empty field", *where, f"{key}[{out.index('')}]")
     if isinstance(value, str) and (value or required):
         return [_text(row, key, where)]
     if value is None or value == "":
         if required:
-            raise _bad("missing field", *where, key)
+            raise bad_row("missing field", *where, key)
         return []
-    raise _bad("wrong type", *where, key, f"expected a list of strings, got {type(value).__name__}")
+    raise bad_row("wrong type", *where, key, f"expected a list of strings, got {type(value).__name__}")
 
 
 def _label(value, where: tuple[str, int], key: str) -> int:
@@ -166,7 +110,7 @@ def _label(value, where: tuple[str, int], key: str) -> int:
                 number = None
             if number is not None and number.is_integer():
                 return int(number)
-    raise _bad("bad label", *where, key, f"expected an integer label, got {value!r}")
+    raise bad_row("bad label", *where, key, f"expected an integer label, got {value!r}")
 
 
 def _rest(row: dict, used: tuple[str, ...]) -> dict:
@@ -197,10 +141,10 @@ def _row_swift(row, where, ctx):
 def _message_text(messages, where, key: str) -> str:
     """Content of the last user message of an ms-swift conversation."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise _bad("wrong type", *where, key, "expected a list of {role, content} messages")
+        raise bad_row("wrong type", *where, key, "expected a list of {role, content} messages")
     users = [m for m in messages if m.get("role") == "user"]
     if not users:
-        raise _bad("missing field", *where, key, "no user message")
+        raise bad_row("missing field", *where, key, "no user message")
     return _text(users[-1], "content", where, f"{key}.content")
 
 
@@ -209,10 +153,10 @@ def _row_swift_messages(row, where, ctx):
     for key in ("positive_messages", "negative_messages"):
         value = row.get(key) or []
         if not isinstance(value, list):
-            raise _bad("wrong type", *where, key, "expected a list of message lists")
+            raise bad_row("wrong type", *where, key, "expected a list of message lists")
         conversations[key] = [_message_text(m, where, f"{key}[{i}]") for i, m in enumerate(value)]
     if not conversations["positive_messages"]:
-        raise _bad("missing field", *where, "positive_messages")
+        raise bad_row("missing field", *where, "positive_messages")
     return Record(_message_text(row.get("messages"), where, "messages"), conversations["positive_messages"],
                   conversations["negative_messages"],
                   extra=_rest(row, ("messages", "positive_messages", "negative_messages")))
@@ -226,19 +170,19 @@ def _row_pos_doc(row, where, ctx):
 def _pool_items(items, key: str, where, labelled: bool) -> tuple[list[tuple[str, int]], list[str]]:
     """Pool items -> (labelled candidates, unlabelled texts). ``labelled``: a label is required."""
     if not isinstance(items, list):
-        raise _bad("wrong type", *where, key, f"expected a list, got {type(items).__name__}")
+        raise bad_row("wrong type", *where, key, f"expected a list, got {type(items).__name__}")
     candidates, unlabelled = [], []
     for i, item in enumerate(items):
         name = f"{key}[{i}]"
         if isinstance(item, str) and not labelled:
             item = {"content": item}
         if not isinstance(item, dict):
-            raise _bad("wrong type", *where, name, "expected an object {content, label}")
+            raise bad_row("wrong type", *where, name, "expected an object {content, label}")
         text = _text(item, "content", where, f"{name}.content")
         label_key = "label" if "label" in item else "is_relevant" if "is_relevant" in item else None
         if label_key is None:
             if labelled:
-                raise _bad("missing field", *where, f"{name}.label")
+                raise bad_row("missing field", *where, f"{name}.label")
             unlabelled.append(text)
         else:
             candidates.append((text, _label(item[label_key], where, f"{name}.{label_key}")))
@@ -257,7 +201,7 @@ def _row_pool(row, where, ctx):
         if unlabelled:
             extra["content_public"] = unlabelled
     else:
-        raise _bad("missing field", *where, "documents")
+        raise bad_row("missing field", *where, "documents")
     return _pool_record(query, candidates, ctx["label_threshold"], extra)
 
 
@@ -272,14 +216,14 @@ def _row_qa_table(row, where, ctx):
     for name in columns.query:
         value = row.get(name)
         if value is None:
-            raise _bad("missing field", *where, name)
+            raise bad_row("missing field", *where, name)
         if not isinstance(value, str):
-            raise _bad("wrong type", *where, name, f"expected a string, got {type(value).__name__}")
-        value = _clean(value)
+            raise bad_row("wrong type", *where, name, f"expected a string, got {type(value).__name__}")
+        value = clean_text(value)
         if value:
             parts.append(value)
     if not parts:
-        raise _bad("empty field", *where, "+".join(columns.query))
+        raise bad_row("empty field", *where, "+".join(columns.query))
     return Record(columns.sep.join(parts), [_text(row, columns.positive, where)],
                   extra=_rest(row, (*columns.query, columns.positive)))
 
@@ -298,7 +242,7 @@ def _row_pairs(row, where, ctx):
     second = next((k for k in PAIR_SECOND if k in row), PAIR_SECOND[0])
     query, text = _text(row, first, where), _text(row, second, where)
     if "label" not in row:
-        raise _bad("missing field", *where, "label")
+        raise bad_row("missing field", *where, "label")
     return query, query, text, _label(row["label"], where, "label"), {}
 
 
@@ -306,13 +250,11 @@ def _row_wikiqa(row, where, ctx):
     qid = _text(row, "QuestionID", where)
     query, text = _text(row, "Question", where), _text(row, "Sentence", where)
     if "Label" not in row:
-        raise _bad("missing field", *where, "Label")
+        raise bad_row("missing field", *where, "Label")
     return qid, query, text, _label(row["Label"], where, "Label"), {"question_id": qid}
 
 
 def _row_case_candidates(row, where, ctx):
-    from hfemb.data.cases import candidate_record  # hfemb.data.cases imports this module
-
     return candidate_record(row, where, label_threshold=ctx["label_threshold"])
 
 
@@ -350,177 +292,24 @@ def detect_format(keys: Iterable[str]) -> str | None:
 
 # --------------------------------------------------------------------------- files -> raw rows
 
-_WS = re.compile(r"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
-_HEADER_NAMES = frozenset(
-    "query positive negative pos neg response rejected_response pos_doc text1 text2 query1 query2 sentence1 "
-    "sentence2 document label id department title ask answer questionid question sentence documents".split())
-
-
-DEFAULT_MAX_ROW_BYTES = 1 << 20  # 1 MiB: far above any real query or passage, far below what exhausts memory
-MAX_ROW_ENV = "HFEMB_MAX_ROW_BYTES"
-
-
-def max_row_bytes() -> int:
-    """The largest row (a line of a JSONL/CSV/TSV/text file, an element of a JSON array) hfemb reads, in bytes:
-    ``$HFEMB_MAX_ROW_BYTES`` when set, else 1 MiB. Mining and training hold each text several times over
-    (tokens, BM25 statistics, batches), so one huge row can take gigabytes; a larger row is a `DataError`
-    naming its file and line."""
-    value = os.environ.get(MAX_ROW_ENV, "")
-    if not value:
-        return DEFAULT_MAX_ROW_BYTES
-    try:
-        limit = int(value)
-    except ValueError:
-        limit = 0
-    if limit < 1:
-        raise ConfigError(f"{MAX_ROW_ENV}={value!r}: expected a positive number of bytes")
-    return limit
-
-
-def _row_too_large(path: str, line: int, size: int, limit: int) -> DataError:
-    return DataError(f"row of {size:,} bytes exceeds the limit of {limit:,} bytes (set {MAX_ROW_ENV} to allow "
-                     "larger rows; memory grows with the row)", path, line)
-
-
-def check_row_sizes(data: bytes, path: str, limit: int | None = None) -> None:
-    """Raise `DataError` naming the first line of ``data`` longer than ``limit`` bytes (`max_row_bytes`).
-    Each step jumps to the last newline within the next ``limit + 1`` bytes (a C-level search), so it takes
-    about ``2 * len(data) / limit`` steps."""
-    limit = max_row_bytes() if limit is None else limit
-    pos, n = 0, len(data)
-    while n - pos > limit:
-        newline = data.rfind(b"\n", pos, pos + limit + 1)
-        if newline < 0:  # limit + 1 bytes from a line start without a newline
-            end = data.find(b"\n", pos)
-            raise _row_too_large(path, data.count(b"\n", 0, pos) + 1, (n if end < 0 else end) - pos, limit)
-        pos = newline + 1
-
-
-def _read_text(path: str) -> str:
-    try:
-        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise DataError("no such file", path) from None
-    except (OSError, EOFError) as exc:
-        raise DataError(f"cannot read file: {exc}", path) from None
-    if not data.lstrip()[:1] == b"[":  # JSON arrays: checked per element (pretty-printed rows span lines)
-        check_row_sizes(data, path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"not valid UTF-8 (byte {exc.start}); save the file as UTF-8", path, line) from None
-    return text[1:] if text[:1] == "\ufeff" else text
-
-
-def _jsonl_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
-    loads = json.loads
-    for lineno, raw in enumerate(text.split("\n"), 1):
-        if not raw or raw.isspace():
-            continue
-        try:
-            yield lineno, loads(raw)
-        except json.JSONDecodeError as exc:
-            yield lineno, _bad("invalid JSON", path, lineno, None, f"{exc.msg} (column {exc.colno})")
-
-
-def _json_array_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
-    """Elements of a top-level JSON array with the line each starts on."""
-    pos = _WS.match(text, text.index("[") + 1).end()
-    line, counted = 1, 0
-    limit = max_row_bytes()
-    if text.startswith("]", pos) and not text[pos + 1:].strip():
-        return
-    while pos < len(text):
-        line += text.count("\n", counted, pos)
-        counted = pos
-        try:
-            start = pos
-            obj, pos = _DECODER.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", path, exc.lineno) from None
-        if pos - start > limit // 4 and len(text[start:pos].encode("utf-8")) > limit:  # chars <= bytes <= 4 chars
-            raise _row_too_large(path, line, len(text[start:pos].encode("utf-8")), limit)
-        yield line, obj
-        pos = _WS.match(text, pos).end()
-        if text.startswith(",", pos):
-            pos = _WS.match(text, pos + 1).end()
-            continue
-        if text.startswith("]", pos) and not text[pos + 1:].strip():
-            return
-        raise DataError("invalid JSON: expected ',' or ']' after an array element", path,
-                        1 + text.count("\n", 0, pos))
-    raise DataError("invalid JSON: the array is not closed", path, 1 + text.count("\n"))
-
-
-def _table_rows(text: str, path: str, delimiter: str, extra_names: Iterable[str]) -> Iterator[tuple[int, object]]:
-    """CSV/TSV rows as dicts. A first row without any known column name is data: text1, text2, label."""
-    csv.field_size_limit(1 << 30)
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    header, known = None, _HEADER_NAMES | {n.lower() for n in extra_names}
-    end = 0
-    while True:
-        start = end + 1
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise DataError(f"bad CSV: {exc}", path, reader.line_num) from None
-        end = reader.line_num
-        if not cells or (len(cells) == 1 and not cells[0].strip()):
-            continue
-        if header is None:
-            if any(c.strip().lower() in known for c in cells):
-                header = [c.strip() for c in cells]
-                continue
-            if len(cells) != 3:
-                raise DataError(f"no header row (expected column names such as query, text1, label; "
-                                f"or 3 headerless columns text1, text2, label; got {len(cells)} columns)", path, start)
-            header = ["text1", "text2", "label"]
-        if len(cells) != len(header):
-            yield start, _bad("wrong column count", path, start, None,
-                              f"expected {len(header)} columns, got {len(cells)}")
-            continue
-        yield start, dict(zip(header, cells))
-
-
-def _block_rows(text: str, path: str) -> Iterator[tuple[int, object]]:
-    block, start = [], 0
-    for lineno, raw in enumerate(text.split("\n") + [""], 1):
-        if raw.strip():
-            if not block:
-                start = lineno
-            block.append(raw)
-            continue
-        if block:
-            if len(block) == 2:
-                yield start, {"question": block[0], "answer": block[1]}
-            else:
-                yield start, _bad("bad block", path, start, None,
-                                  f"expected 2 lines (question, answer), got {len(block)}")
-            block = []
 
 
 def _raw_rows(text: str, path: str, fmt: str, columns: ColumnMap | None):
     """-> (rows iterator, format forced by the container or None)."""
     name = path.lower().removesuffix(".gz")
     if fmt == "qa_blocks":
-        return _block_rows(text, path), "qa_blocks"
+        return block_rows(text, path), "qa_blocks"
     extra_names = [*columns.query, columns.positive] if columns else []
     if name.endswith(".csv"):
-        return _table_rows(text, path, ",", extra_names), None
+        return table_rows(text, path, ",", extra_names), None
     if name.endswith(".tsv"):
-        return _table_rows(text, path, "\t", extra_names), None
+        return table_rows(text, path, "\t", extra_names), None
     head = text.lstrip()[:1]
     if head == "[":
-        return _json_array_rows(text, path), None
+        return json_array_rows(text, path), None
     if head and head != "{" and fmt == "auto" and name.endswith(".txt"):
-        return _block_rows(text, path), "qa_blocks"
-    return _jsonl_rows(text, path), None
+        return block_rows(text, path), "qa_blocks"
+    return jsonl_rows(text, path), None
 
 
 # --------------------------------------------------------------------------- public readers
@@ -543,7 +332,7 @@ def read_records(path, *, fmt: str = "auto", columns: ColumnMap | None = None, o
         raise ConfigError(f"--query-columns/--positive-column (data.query_columns/positive_column) map QA tables; "
                           f"they do not go with the format {fmt!r}")
     path = os.fspath(path)
-    rows, forced = _raw_rows(_read_text(path), path, fmt, columns)
+    rows, forced = _raw_rows(read_text(path), path, fmt, columns)
     detected = forced or ("qa_table" if columns is not None else None if fmt == "auto" else fmt)
     ctx = {"columns": columns or MEDICAL_QA_COLUMNS, "label_threshold": label_threshold}
     records: list[Record] = []
@@ -554,17 +343,14 @@ def read_records(path, *, fmt: str = "auto", columns: ColumnMap | None = None, o
         n_rows += 1
         where = (path, line)
         try:
-            if isinstance(row, DataError):
-                raise row
-            if not isinstance(row, dict):
-                raise _bad("not an object", path, line, None, f"expected a JSON object, got {type(row).__name__}")
+            row = object_row(row, path, line)
             if detected is None:
                 detected = detect_format(row)
                 if detected is None:
-                    raise _bad("unknown format", path, line, None,
-                               f"keys {sorted(row)} match no known format; name the format with --format "
-                               "(hfemb convert: --from; a training config: data.format) or map a QA table with "
-                               "--query-columns and --positive-column")
+                    raise bad_row("unknown format", path, line, None,
+                                  f"keys {sorted(row)} match no known format; name the format with --format "
+                                  "(hfemb convert: --from; a training config: data.format) or map a QA table with "
+                                  "--query-columns and --positive-column")
             converted = _CONVERTERS[detected](row, where, ctx)
         except DataError as exc:
             if on_error == "skip" or (bad_label == "skip" and getattr(exc, "kind", None) == "bad label"):
@@ -594,14 +380,14 @@ def read_corpus(path) -> list[str]:
     """Mining corpus: JSONL rows ``{"text": ...}`` (or a JSON array of them / of strings), else plain text with
     one document a line. Blank lines are skipped; texts are stripped."""
     path = os.fspath(path)
-    text = _read_text(path)
+    text = read_text(path)
     head = text.lstrip()[:1]
     if head == "[":
-        rows = _json_array_rows(text, path)
+        rows = json_array_rows(text, path)
     elif head == "{":
-        rows = _jsonl_rows(text, path)
+        rows = jsonl_rows(text, path)
     else:
-        docs = [_clean(line) for line in text.split("\n")]
+        docs = [clean_text(line) for line in text.split("\n")]
         docs = [d for d in docs if d]
         if not docs:
             raise DataError("no documents (empty file)", path)
@@ -613,7 +399,7 @@ def read_corpus(path) -> list[str]:
         if isinstance(row, str):
             row = {"text": row}
         if not isinstance(row, dict):
-            raise _bad("not an object", path, line, None, f"expected {{\"text\": ...}}, got {type(row).__name__}")
+            raise bad_row("not an object", path, line, None, f"expected {{\"text\": ...}}, got {type(row).__name__}")
         docs.append(_text(row, "text", (path, line)))
     if not docs:
         raise DataError("no documents (empty file)", path)

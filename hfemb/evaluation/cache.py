@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from hfemb.io_utils import cache_root
+
 _SQL_CHUNK = 500
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("HFEMB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hfemb")
-    return Path(base) / "embeddings"
+    """``$HFEMB_CACHE/embeddings`` if set, else ``~/.cache/hfemb/embeddings``."""
+    return cache_root() / "embeddings"
 
 
 def sha1(text: str) -> str:

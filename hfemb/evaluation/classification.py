@@ -27,6 +27,9 @@ import numpy as np
 
 from hfemb.data.cases import CaseSettings, read_cases, read_knowledge
 from hfemb.errors import ConfigError, HfembError
+from hfemb.evaluation.encoders import encode_texts
+from hfemb.evaluation.evaluate import evaluate
+from hfemb.evaluation.settings import EvalSettings
 from hfemb.io_utils import atomic_open, write_json, write_jsonl
 
 PAIRS_FILE, DEV_PAIRS_FILE = "classification_pairs.jsonl", "classification_dev_pairs.jsonl"
@@ -137,9 +140,6 @@ def evaluate_classification(models: dict[str, str], cases_path, knowledge, *, ou
     to ``classification_predictions.jsonl``. ``dev_cases`` (classified over the same knowledge) or
     ``split_dev`` choose the threshold of the sweep as in evaluate(). ``options`` are ``EvalSettings`` fields.
     """
-    from hfemb.evaluation.encoders import encode_texts
-    from hfemb.evaluation.evaluate import EvalSettings, evaluate
-
     top_k = sorted({int(k) for k in top_k})
     if not top_k or top_k[0] < 1:
         raise ConfigError(f"top_k must be positive integers, got {top_k}")

@@ -10,14 +10,13 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hfemb.errors import ConfigError, HfembError
-
-if TYPE_CHECKING:
-    from hfemb.evaluation.evaluate import EvalSettings
+from hfemb.evaluation.cache import EmbeddingCache, default_cache_dir, model_location_fingerprint
+from hfemb.evaluation.openai_client import embeddings_url, is_openai_spec, openai_encoder, parse_openai_spec
+from hfemb.evaluation.settings import EvalSettings
 
 DEFAULT_BASE_MODELS = {"base 0.6B": "Qwen/Qwen3-Embedding-0.6B", "base 8B": "Qwen/Qwen3-Embedding-8B"}
 CACHE_FORMAT = 1  # bump when what a cached vector means changes
@@ -97,9 +96,6 @@ def _resolved_device_dtype(settings: EvalSettings) -> tuple[str, str]:
 
 def model_fingerprint(spec: str, settings: EvalSettings) -> dict:
     """What determines a model's vectors (without loading it); keys the embedding cache."""
-    from hfemb.evaluation.cache import model_location_fingerprint
-    from hfemb.evaluation.openai_client import embeddings_url, is_openai_spec, parse_openai_spec
-
     if is_openai_spec(spec):
         model, url = parse_openai_spec(spec)
         return {"cache_format": CACHE_FORMAT, "openai": model, "url": embeddings_url(url),
@@ -113,13 +109,11 @@ def model_fingerprint(spec: str, settings: EvalSettings) -> dict:
 
 def load_encoder(spec: str, settings: EvalSettings):
     """A local ``EmbeddingModel`` or an ``OpenAIEncoder``: both have ``encode(texts, is_query=...)`` and prompts."""
-    from hfemb.evaluation.openai_client import is_openai_spec, openai_encoder
-
     if is_openai_spec(spec):
         return openai_encoder(spec, instruction=settings.instruction, symmetric=settings.symmetric,
                               api_key_env=settings.api_key_env, batch_size=settings.request_batch_size,
                               dimensions=settings.truncate_dim)
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.model import load_embedding_model  # lazy: torch; OpenAI-compatible endpoints need none
 
     _, dtype = _resolved_device_dtype(settings)
     return load_embedding_model(
@@ -151,8 +145,6 @@ class EncodedTexts:
 def encode_texts(spec: str, name: str, query_texts: list[str], doc_texts: list[str],
                  settings: EvalSettings) -> EncodedTexts:
     """Encode distinct query and document texts once, through the cache; the model loads only if needed."""
-    from hfemb.evaluation.cache import EmbeddingCache, default_cache_dir
-
     started = time.perf_counter()
     request = {"instruction": settings.instruction, "symmetric": settings.symmetric}
     cache = EmbeddingCache(settings.cache_dir or default_cache_dir(), model_fingerprint(spec, settings)) \

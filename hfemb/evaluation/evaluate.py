@@ -13,63 +13,18 @@ eval set itself: optimistic) with bootstrap intervals. Models are loaded and enc
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hfemb.evaluation import metrics
+from hfemb.data.formats import read_records
+from hfemb.data.records import labelled_documents
+from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
-from hfemb.evaluation.encoders import (DEFAULT_BASE_MODELS, EncodedTexts, default_models, encode_texts,  # noqa: F401
-                               latest_training_output, load_encoder, model_fingerprint, parse_model_args,
-                               resolve_model_path)
-
-
-@dataclass
-class EvalSettings:
-    """Everything that shapes an evaluation run besides the models and files (recorded in results.json)."""
-
-    thresholds: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7])
-    label_threshold: int = 1  # a pair is relevant when label >= this (KUAKE-QQR: 2)
-    data_format: str = "auto"
-    on_error: str = "raise"  # bad data rows: "raise" or "skip" (counted in the report)
-    bad_label: str = "error"  # rows with a label such as "NA": "error" (see on_error) or "skip"
-    instruction: str | bool | None = None  # None: each model's default; str: task for all; False: no prompt
-    symmetric: bool = False  # documents get the query prompt too
-    pooling: str | None = None
-    dtype: str = "auto"  # bf16 on a bf16 GPU, fp32 on CPU
-    quantization: str | None = None  # "4bit" | "8bit" (bitsandbytes, CUDA)
-    device: str | None = None
-    max_length: int = 512
-    truncate_dim: int | None = None
-    batch_size: int = 32
-    max_tokens_per_batch: int | None = 16384  # batches by token budget, texts sorted by length
-    trust_remote_code: bool = False
-    cache_dir: str | None = None
-    use_cache: bool = True
-    n_bootstrap: int = 1000
-    seed: int = 0
-    api_key_env: str = "OPENAI_API_KEY"
-    request_batch_size: int = 64  # texts per request to an OpenAI-compatible endpoint
-    skip_failed: bool = False  # a model that fails to load/encode is reported and skipped
-    plots: bool = True
-    show_progress: bool = True
-
-    def __post_init__(self):
-        if isinstance(self.thresholds, str):
-            self.thresholds = metrics.parse_thresholds(self.thresholds)
-        self.thresholds = sorted(float(t) for t in self.thresholds)
-        if not self.thresholds:
-            raise ConfigError("thresholds: none given")
-        for name in ("batch_size", "max_length", "n_bootstrap", "request_batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name == "n_bootstrap" else 1):
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.max_tokens_per_batch is not None and (not isinstance(self.max_tokens_per_batch, int)
-                                                      or self.max_tokens_per_batch < 1):
-            raise ConfigError(f"max_tokens_per_batch must be a positive integer, got {self.max_tokens_per_batch!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantization not in (None, "4bit", "8bit"):
-            raise ConfigError(f"quantization must be 4bit or 8bit, got {self.quantization!r}")
+from hfemb.evaluation import metrics
+from hfemb.evaluation.encoders import encode_texts
+from hfemb.evaluation.report import write_report
+from hfemb.evaluation.settings import EvalSettings
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -96,9 +51,8 @@ def pairs_from_records(records, *, label_threshold: int = 1) -> EvalPairs:
     pair_label: dict[tuple[int, int], int] = {}
     duplicates = conflicts = 0
     for rec in records:
-        labelled = rec.candidates or [(t, 1) for t in rec.positives] + [(t, 0) for t in rec.negatives]
         qi = q_ids.setdefault(rec.query, len(q_ids))
-        for text, label in labelled:
+        for text, label in labelled_documents(rec):
             key = (qi, d_ids.setdefault(text, len(d_ids)))
             if key in pair_label:
                 duplicates += 1
@@ -120,8 +74,6 @@ def pairs_from_records(records, *, label_threshold: int = 1) -> EvalPairs:
 
 def read_eval_records(path, settings: EvalSettings):
     """``read_records`` with the settings' format, bad-row policy and label threshold."""
-    from hfemb.data.formats import read_records
-
     return read_records(path, fmt=settings.data_format, on_error=settings.on_error,
                         label_threshold=settings.label_threshold, bad_label=settings.bad_label)
 
@@ -146,19 +98,6 @@ def make_pairs(records, settings: EvalSettings, *, path, read_result=None, part:
 def load_pairs(path, settings: EvalSettings) -> EvalPairs:
     result = read_eval_records(path, settings)
     return make_pairs(result.records, settings, path=path, read_result=result)
-
-
-def split_by_query(records, dev_fraction: float, seed: int = 0) -> tuple[list, list]:
-    """Split records into (dev, test) by query text, seeded; records of one query stay together, in file order."""
-    if not 0 < dev_fraction < 1:
-        raise ConfigError(f"dev fraction must be between 0 and 1 (exclusive), got {dev_fraction}")
-    queries = list(dict.fromkeys(r.query for r in records))
-    if len(queries) < 2:
-        raise HfembError(f"cannot split {len(queries)} query into dev and test")
-    n_dev = min(max(int(round(dev_fraction * len(queries))), 1), len(queries) - 1)
-    order = np.random.default_rng(seed).permutation(len(queries))
-    dev_queries = {queries[i] for i in order[:n_dev]}
-    return [r for r in records if r.query in dev_queries], [r for r in records if r.query not in dev_queries]
 
 
 def cosine_scores(pairs: EvalPairs, q_emb: np.ndarray, d_emb: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -228,8 +167,6 @@ def evaluate(models: dict[str, str], data_path, *, dev_path=None, split_dev: flo
     eval file's queries (seeded) as dev. ``options`` are ``EvalSettings`` fields. Returns the
     ``results.json`` content. The first model is the reference for the paired F1 differences.
     """
-    from hfemb.evaluation.report import write_report
-
     if not models:
         raise ConfigError("no model to evaluate")
     if dev_path and split_dev:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hfemb.evaluation.metrics import pr_curve, threshold_sweep
 from hfemb.io_utils import atomic_open, write_json
 
 MAX_PLOT_POINTS = 4000
@@ -163,8 +164,6 @@ def write_plots(report: dict, eval_scores: dict, eval_labels: np.ndarray, output
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from hfemb.evaluation.metrics import pr_curve, threshold_sweep
 
     lt = report["settings"]["label_threshold"]
     thresholds = report["settings"]["thresholds"]

@@ -31,6 +31,9 @@ from typing import Sequence
 import numpy as np
 from scipy import sparse
 
+from hfemb.errors import ConfigError
+from hfemb.io_utils import atomic_open, cache_root
+
 TOKENIZERS = ("jieba", "regex", "char")
 # Bump when the post-processing of a tokeniser changes: cached token files then stop matching.
 _TOKENIZER_REVISION = {"jieba": "1", "regex": "1", "char": "1"}
@@ -83,15 +86,12 @@ def tokenizer_version(name: str) -> str:
 
 def check_tokenizer(name: str) -> None:
     if name not in _TOKENIZE:
-        from hfemb.errors import ConfigError
-
         raise ConfigError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
 
 
 def default_cache_dir() -> Path:
     """``$HFEMB_CACHE/tokens`` if set, else ``~/.cache/hfemb/tokens``."""
-    root = os.environ.get("HFEMB_CACHE")
-    return Path(root) / "tokens" if root else Path.home() / ".cache" / "hfemb" / "tokens"
+    return cache_root() / "tokens"
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:
@@ -191,8 +191,6 @@ def _load_cache(path: Path, n: int) -> list[list[str]] | None:
 
 
 def _save_cache(path: Path, tokens: list[list[str]]) -> None:
-    from hfemb.io_utils import atomic_open
-
     try:
         with atomic_open(path) as fh:
             json.dump({"docs": [" ".join(doc) for doc in tokens]}, fh, ensure_ascii=False)
@@ -228,12 +226,8 @@ class BM25:
 
     def __post_init__(self) -> None:
         if self.idf_kind not in IDF_KINDS:
-            from hfemb.errors import ConfigError
-
             raise ConfigError(f"unknown idf {self.idf_kind!r}; choose one of {', '.join(IDF_KINDS)}")
         if not self.corpus_tokens:
-            from hfemb.errors import ConfigError
-
             raise ConfigError("BM25 needs at least one document")
         vocab: dict[str, int] = {}
         term_ids = [vocab.setdefault(t, len(vocab)) for doc in self.corpus_tokens for t in doc]

@@ -36,9 +36,10 @@ from typing import Sequence
 
 import numpy as np
 
-from hfemb.mining.bm25 import BM25, IDF_KINDS, TokenizeStats, check_tokenizer, tokenize
-from hfemb.data.formats import Record
+from hfemb.data.records import Record
 from hfemb.errors import ConfigError, HfembError
+from hfemb.io_utils import write_json, write_jsonl
+from hfemb.mining.bm25 import BM25, IDF_KINDS, TokenizeStats, check_tokenizer, tokenize
 
 MODES = ("pool", "corpus")
 IDF_SCOPES = ("all", "pool")
@@ -397,8 +398,6 @@ def report_path(output: str | os.PathLike) -> Path:
 
 def write_output(result: MiningResult, output: str | os.PathLike) -> None:
     """Rows as JSONL at ``output`` and the report beside it, both atomically."""
-    from hfemb.io_utils import write_json, write_jsonl
-
     write_jsonl(output, result.rows)
     write_json(report_path(output), result.report)
 

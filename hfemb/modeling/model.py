@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +30,19 @@ import torch
 from transformers import BatchEncoding
 
 from hfemb.errors import ConfigError, HfembError
+from hfemb.io_utils import temporary_folder_beside
+from hfemb.modeling.dtypes import check_dtype
+from hfemb.modeling.st_layout import read_model_json, st_pooling, write_st_files
 
 logger = logging.getLogger(__name__)
 
 QWEN3_WEB_SEARCH_TASK = "Given a web search query, retrieve relevant passages that answer the query"
 POOLINGS = ("last", "mean", "cls")
 CHUNK_OVERHEAD_TOKENS = 64  # `length_chunks`: an extra forward call costs about as much as this many tokens
-DTYPES = ("float32", "bfloat16", "float16", "auto")
 DECODER_MODEL_TYPES = {
     "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text",
     "phi", "phi3", "gpt2", "gpt_neox", "falcon", "olmo", "olmo2", "granite", "internlm2", "deepseek_v3",
 }
-_ST_POOLING = {"lasttoken": "last", "mean": "mean", "cls": "cls"}
-_ST_MODULES = ("Transformer", "Pooling", "Normalize")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors",
                  "adapter_model.bin")
@@ -303,9 +302,7 @@ class EmbeddingModel(torch.nn.Module):
         Written to a temporary folder first; each finished file then replaces its namesake in
         ``output_dir`` (other files there are kept, stale weight/adapter files removed)."""
         output_dir = Path(output_dir)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-        try:
+        with temporary_folder_beside(output_dir) as tmp:
             backbone = self.backbone
             if merged and self.is_peft:
                 if getattr(self._hf_model(), "is_quantized", False):
@@ -318,31 +315,11 @@ class EmbeddingModel(torch.nn.Module):
                 _bake_eos_into_tokenizer_json(tmp, self.eos_token_id_to_append, self.tokenizer)
             self._write_sentence_transformers_files(tmp)
             _move_into(tmp, output_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_sentence_transformers_files(self, folder: Path) -> None:
-        from hfemb.io_utils import write_json
-
-        write_json(folder / "modules.json", [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-        ])
-        write_json(folder / "1_Pooling" / "config.json", {
-            "word_embedding_dimension": _text_config(self.config).hidden_size,
-            "pooling_mode_cls_token": self.pooling == "cls", "pooling_mode_mean_tokens": self.pooling == "mean",
-            "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-            "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": self.pooling == "last",
-            "include_prompt": True,
-        })
-        (folder / "2_Normalize").mkdir(exist_ok=True)
-        write_json(folder / "config_sentence_transformers.json", {
-            "model_type": "SentenceTransformer",
-            "prompts": {"query": self.query_prompt, "document": self.document_prompt},
-            "default_prompt_name": None, "similarity_fn_name": "cosine",
-        })
-        write_json(folder / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
+        write_st_files(folder, dim=_text_config(self.config).hidden_size, pooling=self.pooling,
+                       query_prompt=self.query_prompt, document_prompt=self.document_prompt,
+                       max_length=self.max_length)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -421,48 +398,6 @@ def _bake_eos_into_tokenizer_json(folder: Path, eos_id: int, tokenizer) -> None:
 
 
 # ---- loading -------------------------------------------------------------------------------------
-def _read_json(name_or_path: str, filename: str, revision: str | None = None) -> dict | list | None:
-    """A JSON file of a local folder or a (cached) Hub repository; None when absent."""
-    if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, filename)
-    else:
-        from transformers.utils import cached_file
-
-        try:
-            path = cached_file(name_or_path, filename, revision=revision, _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False)
-        except OSError:
-            path = None
-    if not path or not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def _st_pooling(name_or_path: str) -> str | None:
-    modules = _read_json(name_or_path, "modules.json")
-    if not modules:
-        return None
-    for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        if kind not in _ST_MODULES:
-            raise HfembError(f"{name_or_path}: sentence-transformers module {module.get('type')!r} is not supported "
-                             f"by hfemb (only {', '.join(_ST_MODULES)})")
-        if kind != "Pooling":
-            continue
-        cfg = _read_json(name_or_path, f"{module.get('path', '1_Pooling')}/config.json") or {}
-        modes = cfg.get("pooling_mode") or [key for key, on in (
-            ("lasttoken", cfg.get("pooling_mode_lasttoken")), ("mean", cfg.get("pooling_mode_mean_tokens")),
-            ("cls", cfg.get("pooling_mode_cls_token")), ("max", cfg.get("pooling_mode_max_tokens")),
-            ("mean_sqrt_len_tokens", cfg.get("pooling_mode_mean_sqrt_len_tokens")),
-            ("weightedmean", cfg.get("pooling_mode_weightedmean_tokens"))) if on] or ["mean"]
-        modes = [modes] if isinstance(modes, str) else list(modes)
-        if len(modes) != 1 or modes[0] not in _ST_POOLING:
-            raise HfembError(f"{name_or_path}: pooling {modes} is not supported by hfemb (last, mean or cls)")
-        return _ST_POOLING[modes[0]]
-    return None
-
-
 def _is_decoder(config) -> bool:
     config = _text_config(config)
     archs = getattr(config, "architectures", None) or []
@@ -473,7 +408,7 @@ def _is_decoder(config) -> bool:
 def _resolve_prompts(sources: list[str], query_instruction, symmetric: bool) -> tuple[str, str]:
     st_config: dict[str, Any] = {}
     for source in sources:  # the adapter folder first, then its base
-        st_config = _read_json(source, "config_sentence_transformers.json") or {}
+        st_config = read_model_json(source, "config_sentence_transformers.json") or {}
         if st_config.get("prompts"):
             break
     prompts = st_config.get("prompts") or {}
@@ -498,8 +433,7 @@ def _resolve_prompts(sources: list[str], query_instruction, symmetric: bool) -> 
 
 
 def _torch_dtype(name: str):
-    if name not in DTYPES:
-        raise ConfigError(f"torch_dtype must be one of {DTYPES}, got {name!r}")
+    check_dtype(name, "torch_dtype")
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
@@ -571,7 +505,7 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
     dtype = _torch_dtype(torch_dtype)
     quantization_config = _quantization_config(quantization, dtype)
 
-    adapter_config = _read_json(name_or_path, "adapter_config.json")
+    adapter_config = read_model_json(name_or_path, "adapter_config.json")
     base_path = name_or_path
     if adapter_config is not None:
         base_path = adapter_config.get("base_model_name_or_path")
@@ -584,7 +518,7 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
         raise _not_found(base_path, exc) from None
     config.use_cache = False  # no KV cache for embedding
 
-    tokenizer_source = next((s for s in sources if _read_json(s, "tokenizer_config.json") is not None), base_path)
+    tokenizer_source = next((s for s in sources if read_model_json(s, "tokenizer_config.json") is not None), base_path)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -617,7 +551,7 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
     backbone.eval()
 
     if pooling is None:
-        pooling = next((p for p in map(_st_pooling, sources) if p), None) or ("last" if _is_decoder(config) else "mean")
+        pooling = next((p for p in map(st_pooling, sources) if p), None) or ("last" if _is_decoder(config) else "mean")
     tokenizer.padding_side = "left" if pooling == "last" else "right"
     query_prompt, document_prompt = _resolve_prompts(sources, query_instruction, symmetric)
     eos_id = _end_token_id(tokenizer)
@@ -626,7 +560,7 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
     if do_append and eos_id is None:
         raise HfembError(f"{name_or_path}: append_eos needs an end token, but the tokenizer has none")
     if max_length is None:
-        st = next((c for c in (_read_json(s, "sentence_bert_config.json") for s in sources) if c), {})
+        st = next((c for c in (read_model_json(s, "sentence_bert_config.json") for s in sources) if c), {})
         max_length = st.get("max_seq_length")
     hidden = _text_config(config).hidden_size
     if truncate_dim is not None and truncate_dim > hidden:

@@ -25,6 +25,7 @@ from typing import Callable
 
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json
+from hfemb.publishing.model_card import clean_config, is_hub_id, write_model_card
 
 log = logging.getLogger("hfemb.publishing.hub")
 
@@ -195,8 +196,6 @@ def public_paths(obj, output_dir: str | os.PathLike):
 def stage_upload(source: str | os.PathLike, staging_dir: str | os.PathLike, *, adapter_only: bool = False,
                  repo_id: str | None = None, eval_results=None, eval_model_name: str | None = None) -> list[StagedFile]:
     """Fill the empty ``staging_dir`` with exactly what will be uploaded; returns the files, sorted."""
-    from hfemb.publishing.model_card import clean_config, write_model_card
-
     model_dir, output_dir = resolve_push_source(source, adapter_only)
     staging = Path(staging_dir)
     for path in sorted(model_dir.rglob("*")):
@@ -328,8 +327,6 @@ def _adapter_base(folder: Path) -> str | None:
 
 
 def _is_hub_base(name: str) -> bool:
-    from hfemb.publishing.model_card import is_hub_id
-
     return is_hub_id(name)
 
 

@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from hfemb.errors import HfembError
-from hfemb.io_utils import atomic_open, check_output, write_json
+from hfemb.evaluation.encoders import resolve_model_path
+from hfemb.evaluation.report import summary_table
+from hfemb.io_utils import atomic_open, write_json
+from hfemb.mining.mine import report_path
+from hfemb.modeling.st_layout import st_pooling
 
 log = logging.getLogger("hfemb.publishing.model_card")
 
@@ -122,8 +126,6 @@ def training_curve_summary(log_file: Path) -> list[dict]:
 
 
 def _same_model(spec: str, identities: set[Path], bases: list[Path]) -> bool:
-    from hfemb.evaluation.evaluate import resolve_model_path
-
     for base in bases:
         path = Path(resolve_model_path(str(base / spec)))
         if path.exists() and path.resolve() in identities:
@@ -282,7 +284,6 @@ def _mining_report(summary: dict) -> dict | None:
     train = (summary.get("data") or {}).get("train") or {}
     if isinstance(train.get("mining"), dict):
         return train["mining"]
-    from hfemb.mining.mine import report_path
 
     file = train.get("file")
     return _read_json(report_path(file)) if file and report_path(file).is_file() else None
@@ -317,8 +318,6 @@ def _curves_section(curves: list[dict], has_png: bool) -> list[str]:
 
 
 def _eval_section(report: dict, name: str, results_file: Path) -> tuple[list[str], dict]:
-    from hfemb.evaluation.report import summary_table
-
     m = report["models"][name]
     data = (report.get("data") or {}).get("eval") or {}
     try:
@@ -409,8 +408,6 @@ class _Model:
 
 
 def _describe(model_dir: Path, output_dir, base_model: str | None, finetune_type: str | None) -> _Model:
-    from hfemb.modeling.model import _st_pooling
-
     if output_dir is None and (model_dir.parent / "train_summary.json").is_file():
         output_dir = model_dir.parent
     output_dir = Path(output_dir) if output_dir is not None else None
@@ -422,7 +419,7 @@ def _describe(model_dir: Path, output_dir, base_model: str | None, finetune_type
         base=base_model or model_cfg.get("name_or_path") or (adapter_cfg or {}).get("base_model_name_or_path"),
         kind=finetune_type or model_cfg.get("finetune_type") or ("lora" if adapter_cfg is not None else None),
         prompts=(_read_json(model_dir / "config_sentence_transformers.json") or {}).get("prompts") or {},
-        pooling=_st_pooling(str(model_dir)) or "mean",
+        pooling=st_pooling(str(model_dir)) or "mean",
         max_length=(_read_json(model_dir / "sentence_bert_config.json") or {}).get("max_seq_length") or 512)
 
 
@@ -535,7 +532,7 @@ def build_model_card(model_dir: str | os.PathLike, *, output_dir: str | os.PathL
         lines += _training(m, mining)
     lines += ["## Evaluation", ""]
     lines += eval_lines or ["Not evaluated yet. Run `python run_eval.py --model tuned=OUTPUT_DIR ...`, then "
-                            "`python -m hfemb.publishing.model_card OUTPUT_DIR` to add the table here (`hfemb push` "
+                            "`hfemb card OUTPUT_DIR` to add the table here (`hfemb push` "
                             "regenerates the card and finds the results too; `--eval-results FILE` names them)."]
     lines += ["", "## Usage", "", *_usage_section(repo_id or str(m.folder), m.prompts, m.pooling, m.max_length,
                                                   threshold["threshold"] if threshold else None,
@@ -576,19 +573,6 @@ def read_threshold(model_dir: str | os.PathLike) -> float | None:
     return float(data["threshold"]) if isinstance(data, dict) and data.get("threshold") is not None else None
 
 
-# ---- command line: `python -m hfemb.publishing.model_card OUTPUT_DIR` (also usable as an `hfemb` command module) ----
-HELP = "write the model cards (README.md) of a training output, with its evaluation results"
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("output_dir", help="training output folder (with train_summary.json, merged/, adapter/)")
-    parser.add_argument("--eval-results", default=None, metavar="RESULTS_JSON",
-                        help="results.json of run_eval.py (default: OUTPUT_DIR/eval/, OUTPUT_DIR/../eval/, else the "
-                             "newest eval_output/results.json that names this model)")
-    parser.add_argument("--eval-model", default=None, metavar="NAME",
-                        help="this model's name in the results (default: matched by path)")
-
-
 def check_training_output(folder: str | os.PathLike) -> None:
     """Raise `HfembError` saying what is missing when ``folder`` is not a finished training output."""
     folder = Path(folder)
@@ -611,37 +595,3 @@ def check_training_output(folder: str | os.PathLike) -> None:
              if leftovers else "") + (f"; it has {', '.join(checkpoints[-3:])}: finish the run with "
                                       "`hfemb train CONFIG --resume`" if checkpoints else "")
     raise HfembError(f"{folder}: not a finished training output: missing {' and '.join(missing)}{state}")
-
-
-def run(args) -> int:
-    """(Re)write ``merged/README.md`` and ``adapter/README.md``; raises `HfembError` on bad input."""
-    check_training_output(args.output_dir)
-    for sub in ("merged", "adapter"):
-        if Path(args.output_dir, sub).is_dir():
-            check_output(Path(args.output_dir, sub), inputs=[args.eval_results], option="card", folder=True,
-                         files=("README.md", THRESHOLD_FILE))
-    for sub in ("merged", "adapter"):
-        if Path(args.output_dir, sub).is_dir():
-            result = write_model_card(Path(args.output_dir, sub), output_dir=args.output_dir,
-                                      eval_results=args.eval_results, eval_model_name=args.eval_model)
-            print(f"wrote {Path(args.output_dir, sub, 'README.md')}"
-                  + (f" (threshold {result.threshold['threshold']:.4f} from {result.eval_results_file})"
-                     if result.threshold else " (no evaluation results found)"))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m hfemb.publishing.model_card", description=HELP)
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except HfembError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

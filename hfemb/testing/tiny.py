@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from hfemb.io_utils import cache_root, save_atomically
+from hfemb.modeling.st_layout import write_st_files
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
@@ -95,46 +96,21 @@ def build_tiny_qwen3(output_dir: str | os.PathLike, seed: int = 0, hidden_size: 
     )
     torch.manual_seed(seed)
     model = Qwen3Model(config).eval()
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-qwen3-", dir=output_dir.parent if output_dir.parent.exists() else None))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_sentence_transformers_files(tmp, hidden_size)
-        (tmp / "hfemb_tiny.json").write_text(json.dumps({"build_version": BUILD_VERSION, "seed": seed}))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        # the files Qwen/Qwen3-Embedding-* ship for sentence-transformers (last token, normalise, prompts)
+        write_st_files(folder, dim=hidden_size, pooling="last", document_prompt="", max_length=8192,
+                       query_prompt=f"Instruct: {QWEN3_WEB_SEARCH_TASK}\nQuery:")
+        Path(folder, "hfemb_tiny.json").write_text(json.dumps({"build_version": BUILD_VERSION, "seed": seed}))
+
+    save_atomically(write, output_dir)
     return str(output_dir)
 
 
-def _write_sentence_transformers_files(folder: Path, dim: int) -> None:
-    """The files Qwen/Qwen3-Embedding-* ship for sentence-transformers (last token, normalise, prompts)."""
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ], indent=2))
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": dim, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": True, "include_prompt": True,
-    }, indent=2))
-    (folder / "config_sentence_transformers.json").write_text(json.dumps({
-        "prompts": {"query": f"Instruct: {QWEN3_WEB_SEARCH_TASK}\nQuery:", "document": ""},
-        "default_prompt_name": None, "similarity_fn_name": "cosine",
-    }, indent=2))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8192, "do_lower_case": False}))
-
-
 def default_tiny_dir() -> Path:
-    base = os.environ.get("HFEMB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hfemb")
-    return Path(base) / f"tiny-qwen3-v{BUILD_VERSION}"
+    return cache_root() / f"tiny-qwen3-v{BUILD_VERSION}"
 
 
 def tiny_qwen3_path(output_dir: str | os.PathLike | None = None) -> str:

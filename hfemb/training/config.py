@@ -1,9 +1,14 @@
 """Training configuration: one JSON file with sections, plus ``section.key=value`` overrides.
 
-Sections: ``model``, ``data``, ``mining`` (optional: mine raw data on the fly), ``lora``, ``loss``, ``export``
-(``merged_dtype``) and
-``training`` (``transformers.TrainingArguments`` fields, passed through). Unknown keys stop with an error
-listing the valid ones.
+Sections: ``model``, ``data``, ``mining`` (optional: mine raw data on the fly), ``lora``, ``loss``,
+``export`` (``merged_dtype``) and
+``training`` (the fields of ``hfemb.training.arguments.EmbeddingTrainingArguments``: ``TrainingArguments`` plus
+hfemb's own). Every section is checked against its dataclass's field annotations (``hfemb.config_fields``:
+unknown keys stop with an error listing the valid ones, a wrong type names the field and the expected type)
+and built with ``HfArgumentParser.parse_dict(..., allow_extra_keys=False)``; a new field needs no checking
+code. The ``training`` values are kept as a dict (hfemb's defaults under the user's values) and become
+``EmbeddingTrainingArguments`` when the run starts: ``TrainingArguments`` probes the hardware when built (bf16
+on a CPU-only machine is an error there), and under DeepSpeed ZeRO-3 it must exist before the model loads.
 """
 
 from __future__ import annotations
@@ -12,21 +17,31 @@ import dataclasses
 import json
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from transformers import HfArgumentParser
+
+from hfemb.config_fields import check_keys, check_section
 from hfemb.errors import ConfigError
+from hfemb.mining.mine import MiningConfig
+from hfemb.modeling.dtypes import check_dtype
+from hfemb.publishing.hub import push_settings
+from hfemb.training.arguments import EmbeddingTrainingArguments
 
 QWEN3_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FINETUNE_TYPES = ("lora", "qlora", "full")
-BATCH_SAMPLERS = ("no_duplicate_queries", "random")
+FinetuneType = Literal["lora", "qlora", "full"]
+FINETUNE_TYPES = typing.get_args(FinetuneType)
+BatchSampler = Literal["no_duplicate_queries", "random"]
+MergedDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
 class ModelConfig:
     name_or_path: str = "Qwen/Qwen3-Embedding-0.6B"
-    finetune_type: str = "lora"  # lora | qlora | full
+    finetune_type: FinetuneType = "lora"
     pooling: str | None = None  # None: from the model's sentence-transformers config, else last/mean by architecture
     query_instruction: str | None = None  # None: the model's own prompt; "": no instruction; else the task text
     symmetric: bool = False  # instruction on documents too (pair classification, STS)
@@ -42,7 +57,7 @@ class ModelConfig:
 class DataConfig:
     train_file: str = ""
     eval_file: str | None = None
-    eval_ratio: float = 0.0  # held-out share of training queries when there is no eval_file
+    eval_ratio: float | None = 0.0  # held-out share of training queries when there is no eval_file; null = 0
     format: str = "auto"
     query_columns: list[str] | None = None  # QA tables: columns joined into the query
     positive_column: str | None = None
@@ -54,7 +69,7 @@ class DataConfig:
     mine: bool | None = None  # None: mine when rows lack num_negatives negatives; needs no `mining` section
     # no_duplicate_queries: no two rows of one query in a step's batch, across processes too
     # (hfemb.training.sampling); random: the Trainer's shuffling. training.group_by_length takes precedence.
-    batch_sampler: str = "no_duplicate_queries"
+    batch_sampler: BatchSampler = "no_duplicate_queries"
 
 
 @dataclass
@@ -84,7 +99,7 @@ class LossConfig:
 class ExportConfig:
     # dtype of merged/ (the merge runs in fp32 on the CPU, hfemb.training.merging): auto = the base's dtype when
     # the LoRA delta survives it (<= 1 % lost), else float32 | float32 | bfloat16 | float16
-    merged_dtype: str = "auto"
+    merged_dtype: MergedDtype = "auto"
 
 
 # hfemb's defaults for TrainingArguments (the reference recipe), under the user's `training` section.
@@ -104,11 +119,10 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "report_to": "auto",  # tensorboard when installed
     "dataloader_drop_last": False,
 }
-# Keys hfemb accepts in `training` although this transformers version spells them differently.
-TRAINING_ALIASES = {"warmup_ratio", "gradient_checkpointing", "gradient_checkpointing_kwargs", "group_by_length"}
-# hfemb's own keys in `training` (removed before TrainingArguments): rows per forward pass with GradCache
-# (hfemb.training.grad_cache); null or 0 = off.
-HFEMB_TRAINING_KEYS = {"grad_cache_mini_batch"}
+# Keys hfemb accepts in `training` although this transformers version spells them differently (translated by
+# hfemb.training.runner.training_arguments), with their types.
+TRAINING_ALIASES: dict[str, Any] = {"warmup_ratio": float, "gradient_checkpointing_kwargs": dict | None,
+                                    "group_by_length": bool}
 
 
 @dataclass
@@ -130,94 +144,26 @@ class TrainConfig:
 
 SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "loss": LossConfig,
                  "export": ExportConfig}
-MERGED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _training_argument_names() -> set[str]:
-    from transformers import TrainingArguments
-
-    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init} | TRAINING_ALIASES | HFEMB_TRAINING_KEYS
-
-
-def _mining_field_names() -> set[str]:
-    from hfemb.mining.mine import MiningConfig
-
-    return {f.name for f in dataclasses.fields(MiningConfig)}
-
-
-def _check_keys(section: str, given: dict, valid: set[str], where: str) -> None:
-    unknown = sorted(set(given) - valid)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)} in section '{section}'; "
-            f"valid keys: {', '.join(sorted(valid))}"
-        )
-
-
-_ANNOTATION_CHECKS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-                      "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-                      "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
-                      "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                      "None": lambda v: v is None}
-_ANNOTATION_NAMES = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
-                     "list[str]": "a list of strings", "None": "null"}
-
-
-def check_annotated(section: str, key: str, value: Any, annotation: str, where: str) -> Any:
-    """``value`` against a string annotation of simple types (``int | None``, ``list[str] | str`` ...): the
-    fields whose default is None, and the eval config; other annotations are not checked. An int for a
-    float-only field comes back as a float."""
-    kinds = [t.strip() for t in str(annotation).split("|")]
-    if not all(k in _ANNOTATION_CHECKS for k in kinds) or any(_ANNOTATION_CHECKS[k](value) for k in kinds):
-        return float(value) if "float" in kinds and "int" not in kinds and isinstance(value, int) \
-            and not isinstance(value, bool) else value
-    name = f"{section}.{key}" if section else key
-    raise ConfigError(f"{where}: '{name}' must be {' or '.join(_ANNOTATION_NAMES[k] for k in kinds)}, got {value!r}")
-
-
-def _coerce(section: str, key: str, value: Any, default: Any, where: str, annotation: str | None = None) -> Any:
-    """Light type checking against the dataclass default, or its annotation when the default is None."""
-    if default is None and annotation is not None:
-        return check_annotated(section, key, value, annotation, where)
-    if value is None or default is None:
-        return value
-    expected = type(default)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: '{section}.{key}' must be true or false, got {value!r}")
-    if expected in (int, float, str) and not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: '{section}.{key}' must be {expected.__name__}, got {value!r}")
-    return value
+def parse_section(cls, section: str, given, where: str):
+    """``cls`` (a config dataclass) from one section of the config, checked by ``hfemb.config_fields``."""
+    values = check_section(cls, section, given, where)
+    (parsed,) = HfArgumentParser(cls).parse_dict(values, allow_extra_keys=False)
+    return parsed
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the config must be a JSON object with sections {sorted(SECTION_TYPES) + ['mining', 'training']}")
-    _check_keys("<top level>", raw, set(SECTION_TYPES) | {"mining", "training"}, where)
+    check_keys("<top level>", raw, set(SECTION_TYPES) | {"mining", "training"}, where)
     cfg = TrainConfig(source=where)
     for name, cls in SECTION_TYPES.items():
-        given = raw.get(name) or {}
-        if not isinstance(given, dict):
-            raise ConfigError(f"{where}: section '{name}' must be an object")
-        defaults = cls()
-        _check_keys(name, given, {f.name for f in dataclasses.fields(cls)}, where)
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        values = {k: _coerce(name, k, v, getattr(defaults, k), where, types[k]) for k, v in given.items()}
-        setattr(cfg, name, cls(**values))
-    if raw.get("mining") is not None:
-        if not isinstance(raw["mining"], dict):
-            raise ConfigError(f"{where}: section 'mining' must be an object")
-        _check_keys("mining", raw["mining"], _mining_field_names(), where)
-        from hfemb.mining.mine import MiningConfig
-
-        fields = {f.name: f for f in dataclasses.fields(MiningConfig)}
-        cfg.mining = {k: _coerce("mining", k, v, fields[k].default if fields[k].default is not dataclasses.MISSING
-                                 else None, where, fields[k].type) for k, v in raw["mining"].items()}
-    training = raw.get("training", {})
-    if not isinstance(training, dict):
-        raise ConfigError(f"{where}: section 'training' must be an object")
-    _check_keys("training", training, _training_argument_names(), where)
+        setattr(cfg, name, parse_section(cls, name, raw.get(name) or {}, where))
+    if raw.get("mining") is not None:  # kept as given: the runner adds num_negatives and the mode
+        cfg.mining = check_section(MiningConfig, "mining", raw["mining"], where)
+    training = check_section(EmbeddingTrainingArguments, "training", raw.get("training", {}), where,
+                             extra=TRAINING_ALIASES)
     cfg.training = {**TRAINING_DEFAULTS, **training}
     validate(cfg, where)
     return cfg
@@ -227,19 +173,16 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     m, d, t = cfg.model, cfg.data, cfg.training
     if not m.name_or_path:
         raise ConfigError(f"{where}: 'model.name_or_path' is required (a Hub id or a local folder)")
-    if m.finetune_type not in FINETUNE_TYPES:
-        raise ConfigError(f"{where}: 'model.finetune_type' must be one of {', '.join(FINETUNE_TYPES)}, got {m.finetune_type!r}")
     if m.pooling not in (None, "last", "mean", "cls"):
         raise ConfigError(f"{where}: 'model.pooling' must be last, mean or cls, got {m.pooling!r}")
     if m.quantization_bits not in (4, 8):
         raise ConfigError(f"{where}: 'model.quantization_bits' must be 4 or 8, got {m.quantization_bits!r}")
-    if m.torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"{where}: 'model.torch_dtype' must be auto, float32, bfloat16 or float16")
+    check_dtype(m.torch_dtype, f"{where}: 'model.torch_dtype'")
     if not d.train_file:
         raise ConfigError(f"{where}: 'data.train_file' is required")
     if d.eval_ratio is None:
         d.eval_ratio = 0.0  # null: no held-out share
-    if isinstance(d.eval_ratio, bool) or not isinstance(d.eval_ratio, (int, float)) or not 0.0 <= d.eval_ratio < 1.0:
+    if not 0.0 <= d.eval_ratio < 1.0:
         raise ConfigError(f"{where}: 'data.eval_ratio' must be a number in [0, 1), got {d.eval_ratio!r}")
     if d.eval_file and d.eval_ratio:
         raise ConfigError(f"{where}: give 'data.eval_file' or 'data.eval_ratio', not both "
@@ -247,8 +190,6 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     for key in ("query_max_len", "passage_max_len"):
         if getattr(d, key) < 4:
             raise ConfigError(f"{where}: 'data.{key}' must be at least 4, got {getattr(d, key)}")
-    if d.batch_sampler not in BATCH_SAMPLERS:
-        raise ConfigError(f"{where}: 'data.batch_sampler' must be one of {', '.join(BATCH_SAMPLERS)}, got {d.batch_sampler!r}")
     if d.num_negatives < 0:
         raise ConfigError(f"{where}: 'data.num_negatives' must be >= 0")
     if (d.query_columns is None) != (d.positive_column is None):
@@ -263,24 +204,19 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.lora.bias not in ("none", "all", "lora_only"):
         raise ConfigError(f"{where}: 'lora.bias' must be none, all or lora_only, got {cfg.lora.bias!r}")
-    if cfg.export.merged_dtype not in MERGED_DTYPES:
-        raise ConfigError(f"{where}: 'export.merged_dtype' must be one of {', '.join(MERGED_DTYPES)}, "
-                          f"got {cfg.export.merged_dtype!r}")
     if t.get("remove_unused_columns"):
         raise ConfigError(f"{where}: 'training.remove_unused_columns' must stay false (the collator needs every field)")
     if t.get("bf16") and t.get("fp16"):
         raise ConfigError(f"{where}: 'training.bf16' and 'training.fp16' are exclusive")
     if not t.get("output_dir"):
         raise ConfigError(f"{where}: 'training.output_dir' is required")
-    _check_training_values(t, where)
-    from hfemb.publishing.hub import push_settings
-
+    _check_training_ranges(t, where)
     try:
         push_settings(t)  # refuses hub_token in files, needs hub_model_id with push_to_hub
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     mini_batch = t.get("grad_cache_mini_batch")
-    if mini_batch is not None and (isinstance(mini_batch, bool) or not isinstance(mini_batch, int) or mini_batch < 0):
+    if mini_batch is not None and mini_batch < 0:
         raise ConfigError(f"{where}: 'training.grad_cache_mini_batch' must be a whole number of rows >= 1 "
                           f"(or 0/null for off), got {mini_batch!r}")
     if m.finetune_type == "qlora" and deepspeed_zero_stage(t.get("deepspeed"), where) == 3:
@@ -308,7 +244,6 @@ def deepspeed_zero_stage(value: Any, where: str = "config") -> int | None:
     return stage if isinstance(stage, int) else None
 
 
-_SCALARS = (bool, int, float, str, type(None))
 # TrainingArguments does not check these itself; a bad value would only fail inside trainer.train()
 _TRAINING_MINIMUM = {"learning_rate": (0.0, False), "per_device_train_batch_size": (1, True),
                      "per_device_eval_batch_size": (1, True), "gradient_accumulation_steps": (1, True),
@@ -316,28 +251,8 @@ _TRAINING_MINIMUM = {"learning_rate": (0.0, False), "per_device_train_batch_size
                      "max_grad_norm": (0.0, True), "logging_steps": (0.0, False)}
 
 
-def _check_training_values(t: dict, where: str) -> None:
-    """Types of the `training` values against TrainingArguments' scalar field types, and the ranges above."""
-    import dataclasses
-    import types
-    import typing
-
-    from transformers import TrainingArguments
-
-    hints = {f.name: f.type for f in dataclasses.fields(TrainingArguments)}
-    for key, value in t.items():
-        hint = hints.get(key)
-        if hint is None:
-            continue
-        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-            else (hint,)
-        if not all(a in _SCALARS for a in allowed):
-            continue  # enums, lists, dicts: TrainingArguments checks or converts them
-        kinds = [{bool: "bool", int: "int", float: "float", str: "str", type(None): "None"}[a] for a in allowed]
-        if not any(_ANNOTATION_CHECKS[k](value) for k in kinds):
-            names = " or ".join({bool: "true/false", int: "a whole number", float: "a number", str: "a string",
-                                 type(None): "null"}[a] for a in allowed)
-            raise ConfigError(f"{where}: 'training.{key}' must be {names}, got {value!r}")
+def _check_training_ranges(t: dict, where: str) -> None:
+    """The ranges above (the types were checked against the annotations)."""
     for key, (low, inclusive) in _TRAINING_MINIMUM.items():
         value = t.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (value < low or (value == low and not inclusive)):

@@ -9,7 +9,7 @@ loss on the concatenated batch is ``L = 1/(W*B) * sum_i l_i``. The backward of `
 gradients every process sends for a row (an all-reduce), so a local document d gets
 ``sum_r dL_r/dd = 1/B * sum_i dl_i/dd``; DDP (and DeepSpeed) then *average* parameter gradients over the W
 processes, giving ``1/(W*B) * sum_i dl_i/dd = dL/dd``: exactly the single-process gradient (factor 1;
-tested with 2 gloo processes in tests/test_distributed.py). A backward that kept only the local rows'
+tested with 2 gloo processes in tests/training/test_distributed.py). A backward that kept only the local rows'
 own-loss gradient (no sum) would lose the other processes' terms; one that summed *and* averaged the
 loss over all W*B queries on every process would be W times too large.
 """

@@ -30,8 +30,9 @@ import torch
 
 from hfemb.errors import HfembError
 from hfemb.modeling.model import load_embedding_model
-from hfemb.training.config import MERGED_DTYPES
-from hfemb.training.outputs import base_quantization, save_atomically
+from hfemb.io_utils import save_atomically
+from hfemb.modeling.dtypes import DTYPES
+from hfemb.training.outputs import base_quantization
 
 log = logging.getLogger("hfemb.training.merging")
 MERGE_LOSS_LIMIT = 0.01  # 1 %: above this a lower-precision merged model warns (and auto keeps fp32)
@@ -51,7 +52,7 @@ def checkpoint_dtype(base: str) -> str:
         except (OSError, ValueError):
             config = {}
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
-    return dtype if dtype in MERGED_DTYPES[1:] else "float32"
+    return dtype if dtype in DTYPES[1:] else "float32"
 
 
 def delta_lost_in(backbone, dtype: torch.dtype) -> float:
@@ -117,8 +118,8 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
         raise HfembError(f"{base}: the base model is quantized; merging into 4/8-bit weights loses precision. "
                          "Point the adapter at the unquantized base (adapter_config.json base_model_name_or_path).")
     for name, value in (("dtype", merged_dtype), ("base dtype", base_dtype)):
-        if value not in MERGED_DTYPES:
-            raise HfembError(f"{name} must be one of {', '.join(MERGED_DTYPES)}, got {value!r}")
+        if value not in DTYPES:
+            raise HfembError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
     if base_dtype == "auto":
         base_dtype = checkpoint_dtype(base)
     model = load_embedding_model(str(adapter_dir), torch_dtype=base_dtype, trust_remote_code=trust_remote_code,

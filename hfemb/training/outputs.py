@@ -10,37 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 from hfemb.errors import HfembError
+from hfemb.io_utils import save_atomically
+from hfemb.publishing.model_card import write_model_card
 
 log = logging.getLogger("hfemb.training.outputs")
-
-
-def save_atomically(write: Callable[[str], None], target: str | os.PathLike) -> Path:
-    """Call ``write(tmp_dir)`` and move the finished folder to ``target`` (replacing it); on error the
-    target is left as it was."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(str(tmp))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        os.chmod(target, 0o755)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def base_quantization(base: str, trust_remote_code: bool = False) -> dict | None:
@@ -61,8 +37,6 @@ def base_quantization(base: str, trust_remote_code: bool = False) -> dict | None
 def write_model_cards(output_dir: str | os.PathLike, **options) -> list[Path]:
     """``README.md`` model cards in a training output's ``merged/`` and ``adapter/`` (replacing peft's empty
     template). A card that cannot be written is reported as a warning: the trained model is already saved."""
-    from hfemb.publishing.model_card import write_model_card
-
     written = []
     for sub in ("merged", "adapter"):
         folder = Path(output_dir, sub)

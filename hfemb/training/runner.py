@@ -15,13 +15,30 @@ import logging
 import os
 import random
 import time
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
-from hfemb.data.formats import Record
+from transformers import HfArgumentParser
+
+import hfemb
+from hfemb.data.formats import read_records
+from hfemb.data.records import ColumnMap, Record
+from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
-from hfemb.io_utils import check_output, write_json
+from hfemb.io_utils import check_output, save_atomically, write_json, write_jsonl
+from hfemb.mining.mine import MiningConfig, mine
+from hfemb.modeling.model import load_embedding_model
+from hfemb.publishing.hub import PUSH_KEYS, check_can_push, push_settings, push_training_output
+from hfemb.publishing.plotting import plot_training_curves
+from hfemb.training.arguments import EmbeddingTrainingArguments
+from hfemb.training.collator import MultiNegCollator
+from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
+from hfemb.training.merging import merge_adapter
+from hfemb.training.outputs import write_model_cards
+from hfemb.training.resume import (RunLossCallback, checkpoint_step, previous_loss_sum, remove_save_leftovers,
+                                   resolve_resume, truncate_train_log, whole_run_loss)
+from hfemb.training.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
 
 log = logging.getLogger("hfemb.training.runner")
 
@@ -70,10 +87,6 @@ def records_digest(records: list[Record]) -> str:
 def mine_cached(records: list[Record], source_file: str, mining: dict, num_negatives: int, cache_dir: Path) -> tuple[list[Record], dict]:
     """Mine ``records`` with `hfemb.mining.mine.mine`, cached on disk by (the records read from ``source_file``,
     mining settings): another ``data.format``, column mapping or ``label_threshold`` mines again."""
-    from hfemb.data.formats import read_records
-    from hfemb.io_utils import write_jsonl
-    from hfemb.mining.mine import MiningConfig, mine
-
     settings = {**(mining or {}), "num_negatives": num_negatives}
     settings.setdefault("mode", "pool" if any(r.candidates for r in records) else "corpus")
     try:
@@ -93,19 +106,7 @@ def mine_cached(records: list[Record], source_file: str, mining: dict, num_negat
     return read_records(str(cached)).records, {**result.report, "cache": str(cached)}
 
 
-def split_by_query(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out ``ratio`` of the distinct queries (all their rows), seeded; at least one query is held out
-    when ``ratio > 0`` and at least one always stays for training."""
-    queries = sorted({r["query"] for r in rows})
-    random.Random(seed).shuffle(queries)
-    n_eval = min(max(1, round(len(queries) * ratio)), len(queries) - 1) if ratio > 0 else 0
-    held = set(queries[:n_eval])
-    return [r for r in rows if r["query"] not in held], [r for r in rows if r["query"] in held]
-
-
 def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str) -> list[dict]:
-    from hfemb.data.formats import ColumnMap, read_records
-
     d = cfg.data
     columns = ColumnMap(query=list(d.query_columns), positive=d.positive_column) if d.query_columns else None
     result = read_records(path, fmt=d.format, columns=columns, on_error="skip" if d.skip_bad_rows else "raise",
@@ -173,8 +174,6 @@ def lora_targets(backbone, requested) -> list[str] | str:
 def build_model(cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
-    from hfemb.modeling.model import load_embedding_model
-
     m = cfg.model
     model = load_embedding_model(
         m.name_or_path, pooling=m.pooling, query_instruction=m.query_instruction, symmetric=m.symmetric,
@@ -237,18 +236,13 @@ def has_unused_trainable_parameters(model) -> bool:
     return any(g is None for g in grads)
 
 
-def training_arguments(cfg: TrainConfig, has_eval: bool):
-    from transformers import TrainingArguments
-
-    from hfemb.publishing.hub import PUSH_KEYS, check_can_push, push_settings
-
+def training_arguments(cfg: TrainConfig, has_eval: bool) -> EmbeddingTrainingArguments:
     t = dict(cfg.training)
     if push_settings(t):  # hfemb pushes the final model itself (run_training); the Trainer never pushes
         check_can_push()
     for key in PUSH_KEYS:
         t.pop(key, None)
-    if t.pop("grad_cache_mini_batch", None) and (t.get("gradient_checkpointing") or t.get("activation_checkpointing")):
-        # hfemb's own key (MultiNegEmbeddingTrainer), not a TrainingArguments field
+    if t.get("grad_cache_mini_batch") and (t.get("gradient_checkpointing") or t.get("activation_checkpointing")):
         log.warning("training.grad_cache_mini_batch with gradient checkpointing runs three forward passes per "
                     "mini-batch: GradCache already holds the activations of one mini-batch only; set "
                     "training.gradient_checkpointing=false unless one mini-batch does not fit without it")
@@ -305,7 +299,8 @@ def training_arguments(cfg: TrainConfig, has_eval: bool):
         if t.get("load_best_model_at_end"):
             raise ConfigError("training.load_best_model_at_end needs evaluation data (data.eval_file or data.eval_ratio)")
     try:
-        return TrainingArguments(**t)
+        (args,) = HfArgumentParser(EmbeddingTrainingArguments).parse_dict(t, allow_extra_keys=False)
+        return args
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"training section: {' '.join(str(exc).split())}") from None  # one line
 
@@ -330,11 +325,6 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     import torch
     from transformers import set_seed
 
-    from hfemb.training.collator import MultiNegCollator
-    from hfemb.training.resume import (RunLossCallback, checkpoint_step, previous_loss_sum, remove_save_leftovers,
-                                       resolve_resume, truncate_train_log, whole_run_loss)
-    from hfemb.training.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
-
     out = Path(cfg.training["output_dir"])
     check_output(out, inputs=[cfg.data.train_file, cfg.data.eval_file], option="training.output_dir", folder=True,
                  files=("train_log.jsonl", "train_summary.json"))  # before loading data or the model
@@ -350,7 +340,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     if cfg.data.eval_file:
         eval_rows = load_rows(cfg, cfg.data.eval_file, cache_dir, data_report, "eval")
     else:
-        rows, eval_rows = split_by_query(rows, cfg.data.eval_ratio, seed)
+        eval_rows, rows = (split_by_query(rows, cfg.data.eval_ratio, seed, query=itemgetter("query"))
+                           if cfg.data.eval_ratio else ([], rows))
         data_report["train"]["rows_after_eval_split"] = len(rows)
         data_report["eval"] = {"from": "eval_ratio", "ratio": cfg.data.eval_ratio, "rows": len(eval_rows)}
 
@@ -380,7 +371,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None, data_collator=collator,
         loss_config=cfg.loss, train_lengths=lengths,
         callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from), loss_callback],
-        grad_cache_mini_batch=cfg.training.get("grad_cache_mini_batch"),
+        grad_cache_mini_batch=args.grad_cache_mini_batch,
         no_duplicate_queries=cfg.data.batch_sampler == "no_duplicate_queries",
     )
     loss_callback.trainer = trainer
@@ -419,8 +410,6 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         "versions": _versions(),
         "outputs": {k: str(out / k) for k in (("adapter", "merged") if cfg.model.finetune_type != "full" else ("merged",))},
     }
-    from hfemb.training.outputs import write_model_cards
-    from hfemb.publishing.hub import push_settings, push_training_output
 
     main_process = trainer.is_world_process_zero()
     ds_config = args.hf_deepspeed_config if zero3 else None
@@ -456,8 +445,6 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
 
 def plot_curves(out: Path) -> None:
     """``training_curves.png`` from ``train_log.jsonl``; a drawing failure only warns (the run is saved)."""
-    from hfemb.publishing.plotting import plot_training_curves
-
     try:
         plot_training_curves(out)
     except Exception as exc:  # noqa: BLE001 - never lose a finished training to a plot
@@ -467,8 +454,6 @@ def plot_curves(out: Path) -> None:
 def save_outputs(model, cfg: TrainConfig, out: Path) -> None:
     """``merged/`` (full fine-tuning) or ``adapter/`` (LoRA, QLoRA), written atomically; LoRA's ``merged/`` is
     written by `merge_outputs` once the trainer is freed."""
-    from hfemb.training.outputs import save_atomically
-
     save_atomically(lambda d: model.save_pretrained(d), out / ("merged" if cfg.model.finetune_type == "full" else "adapter"))
 
 
@@ -478,8 +463,6 @@ def merge_outputs(cfg: TrainConfig, out: Path, texts: list[str], ds_config=None)
     (`hfemb.training.merging`). Returns the merge report for ``train_summary.json``. ``ds_config``: the
     DeepSpeed ZeRO-3 config to switch off while the base loads (whole, not into shards)."""
     from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    from hfemb.training.merging import merge_adapter
 
     base_dtype = "auto" if cfg.model.finetune_type == "qlora" else resolve_dtype(cfg)
     if ds_config is not None:
@@ -507,8 +490,6 @@ def save_outputs_zero3(trainer, cfg: TrainConfig, out: Path) -> None:
     unpartitioned base)."""
     import shutil
 
-    from hfemb.training.outputs import save_atomically
-
     target = out / ("merged" if cfg.model.finetune_type == "full" else "adapter")
     staging = out / f".{target.name}.gathered"
     trainer.save_model(str(staging))
@@ -528,7 +509,5 @@ def _versions() -> dict[str, str]:
     import peft
     import torch
     import transformers
-
-    import hfemb
 
     return {"hfemb": hfemb.__version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}

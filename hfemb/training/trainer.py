@@ -15,12 +15,19 @@ negatives) every process scores its queries against the documents of all process
 (`hfemb.training.distributed.gather_rows`, gradients flow back to their owners, labels offset by the rank); the
 gradient then equals the single-process gradient on the concatenated batch.
 GradCache (``grad_cache_mini_batch``): see `hfemb.training.grad_cache`.
+
+Train-time statistics follow trl's pattern: each step appends to ``self._metrics[mode]`` values gathered from
+every process through the accelerator; ``log`` turns them into means and clears them. The gather is
+``accelerator.gather``, not ``gather_for_metrics``: the latter cuts the gathered rows to the dataset's remainder
+once the dataloader has reached its end, and the Trainer fetches a whole gradient-accumulation window ahead,
+so it would drop real queries of the window's earlier batches.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -33,6 +40,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from hfemb.errors import ConfigError
 from hfemb.training.config import LossConfig
 from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
+from hfemb.training.grad_cache import grad_cache_step
 from hfemb.training.loss import LossOutput, info_nce_loss
 from hfemb.training.sampling import NoDuplicateQuerySampler
 
@@ -116,8 +124,8 @@ class MultiNegEmbeddingTrainer(Trainer):
             # every backbone call gathers the sharded weights (a collective): all processes must make the same
             # number of calls, so no data-dependent length chunks (EmbeddingModel.forward)
             self.accelerator.unwrap_model(self.model).chunk_overhead_tokens = 0
-        self._train_correct = 0.0
-        self._train_seen = 0
+        # per mode, lists of per-step values since the last log (trl's _metrics)
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # ---- loss ---------------------------------------------------------------------------------
     def _loss(self, q: torch.Tensor, d: torch.Tensor, inputs) -> LossOutput:
@@ -150,15 +158,19 @@ class MultiNegEmbeddingTrainer(Trainer):
         d = model(inputs["doc_input_ids"], inputs["doc_attention_mask"])  # [B*G, D]
         return q, d, self._loss(q, d, inputs)
 
-    def _count_correct(self, out: LossOutput) -> None:
+    def _record_accuracy(self, out: LossOutput, mode: str = "train") -> None:
+        """Queries whose positive ranks first, and queries, of this step on every process (a collective call:
+        every process makes it at the same steps)."""
         with torch.no_grad():
-            self._train_correct += float((out.logits.argmax(dim=-1) == out.labels).sum())
-            self._train_seen += out.labels.shape[0]
+            correct = (out.logits.argmax(dim=-1) == out.labels).float()  # [B]
+            correct = self.accelerator.gather(correct)  # [B * processes]
+        self._metrics[mode]["correct"].append(float(correct.sum()))
+        self._metrics[mode]["queries"].append(float(correct.numel()))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         q, d, out = self._forward_loss(model, inputs)
         if model.training:
-            self._count_correct(out)
+            self._record_accuracy(out)
         return (out.loss, {"query_embeddings": q, "doc_embeddings": d}) if return_outputs else out.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -166,7 +178,6 @@ class MultiNegEmbeddingTrainer(Trainer):
         loss and gradients, activations of one mini-batch at a time."""
         if not self.grad_cache_mini_batch:
             return super().training_step(model, inputs, num_items_in_batch)
-        from hfemb.training.grad_cache import grad_cache_step
 
         model.train()
         if callable(getattr(self.optimizer, "train", None)):
@@ -177,7 +188,7 @@ class MultiNegEmbeddingTrainer(Trainer):
             out = grad_cache_step(model, inputs, lambda q, d: self._loss(q, d, inputs), self.grad_cache_mini_batch,
                                   self.accelerator.backward, scale=scale,
                                   no_sync=lambda: self.accelerator.no_sync(model))
-        self._count_correct(out)
+        self._record_accuracy(out)
         return out.loss.detach() * scale
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -191,14 +202,10 @@ class MultiNegEmbeddingTrainer(Trainer):
         return loss, stats, stats  # labels must be non-None for compute_metrics to run
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._train_seen:
-            correct, seen = self._train_correct, self._train_seen
-            if world_size() > 1:  # every process logs at the same steps: count all processes' queries
-                counts = torch.tensor([correct, seen], dtype=torch.float64, device=self.args.device)
-                torch.distributed.all_reduce(counts)
-                correct, seen = counts.tolist()
-            logs["accuracy"] = round(correct / seen, 4)
-            self._train_correct, self._train_seen = 0.0, 0
+        metrics = self._metrics["train"]
+        if "loss" in logs and metrics["queries"]:  # a training log: accuracy over every query since the last one
+            logs["accuracy"] = round(sum(metrics["correct"]) / sum(metrics["queries"]), 4)
+            metrics.clear()
         super().log(logs, *args, **kwargs)
         if "loss" in logs:
             for cb in self.callback_handler.callbacks:

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
-from hfemb.evaluation import encoders as eval_models; from hfemb.evaluation import evaluate as evaluation
+from hfemb.evaluation import encoders as eval_models
 from hfemb.cli import main as cli_main
-from hfemb.data.formats import Record
+from hfemb.data.records import Record
 from hfemb.errors import ConfigError, DataError, HfembError
-from hfemb.evaluation.evaluate import (EvalSettings, default_models, encode_texts, evaluate, latest_training_output,
-                              pairs_from_records, parse_model_args, split_by_query)
+from hfemb.evaluation.encoders import default_models, encode_texts, latest_training_output, parse_model_args
+from hfemb.data.splits import split_by_query
+from hfemb.evaluation.evaluate import evaluate, pairs_from_records
+from hfemb.evaluation.settings import EvalSettings
 
 TOPICS = {
     "cats": (["what animal purrs", "facts about kittens"],
@@ -189,7 +191,7 @@ def test_cache_returns_identical_vectors_and_is_invalidated(minilm, tmp_path, ca
     os.utime(copy / "model.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))
     assert encode_texts(str(copy), "m", queries, docs, settings).info["texts_encoded"] == 5
     # settings that change vectors are part of the key; others are not
-    key = evaluation.model_fingerprint
+    key = eval_models.model_fingerprint
     base = key(minilm, settings)
     for change in ({"max_length": 16}, {"dtype": "bfloat16"}, {"pooling": "cls"}, {"truncate_dim": 8}):
         assert key(minilm, EvalSettings(**change)) != base
@@ -319,7 +321,7 @@ def test_latest_training_output_and_default_models(tmp_path):
     models = default_models(tmp_path)
     assert models == {"base 0.6B": "Qwen/Qwen3-Embedding-0.6B", "base 8B": "Qwen/Qwen3-Embedding-8B",
                       "tuned 8B": str(new / "merged")}
-    assert evaluation.resolve_model_path(str(new)) == str(new / "merged")
+    assert eval_models.resolve_model_path(str(new)) == str(new / "merged")
     assert parse_model_args(["tuned=out/x", "Qwen/Qwen3-Embedding-0.6B", "api=openai:m@http://h:1/v1",
                              "openai:m@http://h:2/v1?a=b"]) == {
         "tuned": "out/x", "Qwen/Qwen3-Embedding-0.6B": "Qwen/Qwen3-Embedding-0.6B",

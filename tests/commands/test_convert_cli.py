@@ -12,7 +12,7 @@ import pytest
 from hfemb.cli import main
 from hfemb.data.formats import read_records
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "fixtures"
 
 
 def rows(path: Path) -> list[dict]:

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from hfemb.training.arguments import EmbeddingTrainingArguments
 from hfemb.training.config import config_from_dict
 from hfemb.data.formats import read_records
 from hfemb.errors import ConfigError
@@ -99,7 +100,7 @@ def test_full_finetuning_same_loss_and_gradients_as_plain(tiny_qwen3, tmp_path, 
         assert_same_grads(cached, plain)
     assert any(g.abs().max() > 1e-3 for g in plain.values())
     # the logged accuracy counts every query once per step, whichever path
-    assert trainer._train_seen == 3 * B
+    assert sum(trainer._metrics["train"]["queries"]) == 3 * B
 
 
 def test_lora_dropout_masks_are_replayed(tiny_qwen3, tmp_path, rows):
@@ -198,14 +199,15 @@ def test_config_rejects_bad_mini_batch(value, tmp_path):
         config_from_dict(raw)
 
 
-def test_config_accepts_mini_batch_and_keeps_it_out_of_training_arguments(tmp_path):
+def test_config_accepts_mini_batch_and_passes_it_in_the_training_arguments(tmp_path):
     from hfemb.training.runner import training_arguments
 
     raw = {"model": {"name_or_path": "m"}, "data": {"train_file": "t.jsonl"},
            "training": {"output_dir": str(tmp_path), "grad_cache_mini_batch": 8, "report_to": "none"}}
     cfg = config_from_dict(json.loads(json.dumps(raw)))
     assert cfg.training["grad_cache_mini_batch"] == 8
-    assert not hasattr(training_arguments(cfg, has_eval=False), "grad_cache_mini_batch")
+    args = training_arguments(cfg, has_eval=False)
+    assert isinstance(args, EmbeddingTrainingArguments) and args.grad_cache_mini_batch == 8
     raw["training"]["deepspeed"] = "configs/deepspeed/zero2.json"
     with pytest.raises(ConfigError, match="DeepSpeed"):
         config_from_dict(raw)

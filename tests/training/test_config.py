@@ -10,7 +10,7 @@ import pytest
 from hfemb.training.config import TRAINING_DEFAULTS, load_config, parse_override
 from hfemb.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, cfg) -> Path:
@@ -54,7 +54,7 @@ def test_defaults_and_overrides(tmp_path):
     ({"modle": {}}, "unknown key(s) 'modle' in section '<top level>'"),
     ({"training": {"output_dir": "o", "learnin_rate": 1}}, "unknown key(s) 'learnin_rate' in section 'training'"),
     ({"model": {"name_or_path": "m", "finetune_type": "qlorax"}}, "'model.finetune_type' must be one of lora, qlora, full"),
-    ({"data": {"train_file": "t", "num_negatives": "3"}}, "'data.num_negatives' must be int, got '3'"),
+    ({"data": {"train_file": "t", "num_negatives": "3"}}, "'data.num_negatives' must be a whole number, got '3'"),
     ({"loss": {"in_batch_negatives": "yes"}}, "'loss.in_batch_negatives' must be true or false"),
     ({"loss": {"temperature": 0}}, "'loss.temperature' must be > 0"),
     ({"data": {"train_file": "t", "eval_file": "e", "eval_ratio": 0.1}}, "give 'data.eval_file' or 'data.eval_ratio', not both"),
@@ -64,12 +64,12 @@ def test_defaults_and_overrides(tmp_path):
     ({"lora": {"target_modules": 5}}, "'lora.target_modules' must be a list of strings or a string or null, got 5"),
     ({"lora": {"dropout": 1.5}}, "'lora.dropout' must be in [0, 1), got 1.5"),
     ({"lora": {"bias": "some"}}, "'lora.bias' must be none, all or lora_only"),
-    ({"mining": {"hard_top_k": "10"}}, "'mining.hard_top_k' must be int, got '10'"),
+    ({"mining": {"hard_top_k": "10"}}, "'mining.hard_top_k' must be a whole number, got '10'"),
     ({"training": {"output_dir": "o", "per_device_train_batch_size": 16.5}},
      "'training.per_device_train_batch_size' must be a whole number, got 16.5"),
     ({"training": {"output_dir": "o", "gradient_accumulation_steps": 0}}, "'training.gradient_accumulation_steps' must be >= 1"),
     ({"training": {"output_dir": "o", "learning_rate": -1}}, "'training.learning_rate' must be > 0.0, got -1"),
-    ({"training": {"output_dir": "o", "bf16": "true"}}, "'training.bf16' must be true/false, got 'true'"),
+    ({"training": {"output_dir": "o", "bf16": "true"}}, "'training.bf16' must be true or false, got 'true'"),
     ({"training": {"output_dir": ["a"]}}, "'training.output_dir' must be a string or null, got ['a']"),
     ({"training": {"output_dir": "o", "remove_unused_columns": True}}, "'training.remove_unused_columns' must stay false"),
     ({"data": {"train_file": ""}}, "'data.train_file' is required"),

@@ -37,7 +37,7 @@ def trained(tmp_path_factory, tiny_qwen3, zh_sample_csv):
     """A training output (adapter/, merged/, log with eval metrics) and results.json from `evaluate()`."""
     import sys
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
     from test_trainer import make_config
 
     from hfemb.data.formats import read_records
@@ -290,17 +290,17 @@ def test_failed_card_leaves_the_folder_unchanged(trained, tmp_path):
 
 
 def test_command_line(trained, tmp_path, capsys):
-    from hfemb.publishing.model_card import main
+    from hfemb.cli import main
 
     out = tmp_path / "run"
     shutil.copytree(trained["out"], out, ignore=shutil.ignore_patterns("checkpoint-*"))
-    assert main([str(out), "--eval-results", str(trained["results"])]) == 2  # it evaluated the original folder
+    assert main(["card", str(out), "--eval-results", str(trained["results"])]) == 2  # it evaluated the original folder
     assert "none of its models (base, tuned)" in capsys.readouterr().err
-    assert main([str(out), "--eval-results", str(trained["results"]), "--eval-model", "tuned"]) == 0
+    assert main(["card", str(out), "--eval-results", str(trained["results"]), "--eval-model", "tuned"]) == 0
     printed = capsys.readouterr().out
     chosen = trained["report"]["models"]["tuned"]["chosen_threshold"]
     assert f"wrote {out / 'merged' / 'README.md'} (threshold {chosen:.4f} from {trained['results']})" in printed
     assert read_threshold(out / "merged") == read_threshold(out / "adapter") == chosen
-    assert main([str(out / "merged")]) == 2
+    assert main(["card", str(out / "merged")]) == 2
     assert f"a model folder, not a training output folder (missing train_summary.json); give the folder it " \
            f"was trained into, {out}" in capsys.readouterr().err

@@ -10,7 +10,8 @@ import pytest
 from rank_bm25 import BM25Okapi
 
 from hfemb.mining.bm25 import tokenize
-from hfemb.data.formats import Record, read_records
+from hfemb.data.formats import read_records
+from hfemb.data.records import Record
 from hfemb.errors import ConfigError, HfembError
 from hfemb.mining.mine import (MiningConfig, merge_shards, mine, normalize_text, rank_candidates, report_path,
                           select_negatives, shard_bounds, write_output)

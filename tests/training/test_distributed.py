@@ -192,7 +192,7 @@ def _deepspeed_importable() -> bool:
     return True
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HAS_DEEPSPEED = _deepspeed_importable()
 
 

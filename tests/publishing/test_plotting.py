@@ -1,6 +1,6 @@
 """Training curves: the log reader (repeated steps, the final evaluation, a half-written last line), the
 drawn series equal the logged values, `hfemb plot` on a finished and an in-progress run. (run_training
-drawing training_curves.png that the model cards embed: tests/test_cases.py::test_tcm_sd_config_trains_...)"""
+drawing training_curves.png that the model cards embed: tests/data/test_cases.py::test_tcm_sd_config_trains_...)"""
 
 from __future__ import annotations
 

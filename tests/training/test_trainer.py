@@ -224,3 +224,17 @@ def test_jsonl_log_is_replaced_only_when_training_begins(tmp_path):
     fresh.on_train_begin(None, state, None)
     fresh.on_log(None, state, None, logs={"loss": 0.5})
     assert [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines()] == [{"step": 2, "epoch": 1.0, "loss": 0.5}]
+
+
+def test_logged_accuracy_counts_every_query_of_an_accumulation_window(tiny_qwen3, mined_file, tmp_path):
+    """10 rows, batches of 4, 3 accumulation steps: the Trainer fetches the window [4, 4, 2] at once, so the
+    dataloader has ended while the first two batches run; every one of the 10 queries must still be counted
+    (accelerate's gather_for_metrics would cut those batches to the remainder, 2, and count 6)."""
+    cfg = make_config(tiny_qwen3, mined_file, tmp_path, training={"gradient_accumulation_steps": 3,
+                                                                  "logging_steps": 100})
+    trainer, rows = build_trainer(cfg)
+    trainer.train_dataset = rows[:10]
+    trainer.train()
+    counted = trainer._metrics["train"]
+    assert sum(counted["queries"]) == 10 and counted["queries"] == [4.0, 4.0, 2.0]
+    assert 0 <= sum(counted["correct"]) <= 10

@@ -16,7 +16,7 @@ from hfemb.data.cases import CaseSettings, knowledge_from_candidates, read_knowl
 from hfemb.evaluation.classification import (PAIRS_FILE, PREDICTIONS_FILE, RESULT_FILE, classification_set, classify,
                                        evaluate_classification, right_entry_ranks, topk_accuracy)
 
-TCM = Path(__file__).parent / "data" / "tcm"
+TCM = Path(__file__).parents[1] / "fixtures" / "tcm"
 CASES, KB_TSV = TCM / "cases.jsonl", TCM / "knowledge.tsv"
 
 

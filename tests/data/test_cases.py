@@ -17,7 +17,7 @@ from hfemb.cli import main
 from hfemb.data.formats import read_records
 from hfemb.errors import ConfigError, DataError
 
-TCM = Path(__file__).parent / "data" / "tcm"
+TCM = Path(__file__).parents[1] / "fixtures" / "tcm"
 CASES, KB_TSV, KB_JSONL, CANDIDATES = (TCM / "cases.jsonl", TCM / "knowledge.tsv", TCM / "knowledge.jsonl",
                                        TCM / "cases_with_candidates.jsonl")
 NAMES = ["风寒束表证", "风热犯表证", "肝阳上亢证", "脾胃虚弱证", "心血瘀阻证"]
@@ -282,7 +282,7 @@ def test_tcm_sd_config_trains_on_converted_and_mined_cases(tiny_qwen3, tmp_path,
                  "--corpus-output", str(corpus)]) == 0
     assert main(["mine", "--input", str(train), "--mode", "corpus", "--corpus", str(corpus), "--output", str(mined),
                  "--num-negatives", "2", "--num-hard", "1", "--no-cache"]) == 0
-    config = Path(__file__).resolve().parents[1] / "configs" / "tcm_sd_lora.json"
+    config = Path(__file__).resolve().parents[2] / "configs" / "tcm_sd_lora.json"
     cfg = load_config(config, [
         f"model.name_or_path={tiny_qwen3}", "model.torch_dtype=float32", f"data.train_file={mined}",
         f"data.eval_file={mined}", "data.num_negatives=2", "data.query_max_len=64", "data.passage_max_len=48",

@@ -26,7 +26,7 @@ SECRET = "hf_TESTsecretTOKENvalue0123456789"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_qwen3, zh_sample_csv):
     """A real training output: adapter/, merged/, a checkpoint with optimizer state, logs, summary."""
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
     from test_trainer import make_config
 
     from hfemb.data.formats import read_records

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from hfemb.data.formats import (FORMATS, ColumnMap, DataError, Record, read_corpus, read_records, record_to_row,
-                        write_records)
-from hfemb.errors import ConfigError
+from hfemb.data.formats import FORMATS, read_corpus, read_records, record_to_row, write_records
+from hfemb.data.records import ColumnMap, Record
+from hfemb.errors import ConfigError, DataError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "fixtures"
 
 
 def src(name: str, line: int) -> str:

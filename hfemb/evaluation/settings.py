@@ -1,0 +1,57 @@
+"""``EvalSettings``: everything that shapes an evaluation run besides the models and files (checked on creation,
+recorded in results.json); shared by ``hfemb.evaluation.evaluate`` and ``hfemb.evaluation.encoders``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hfemb.errors import ConfigError
+from hfemb.evaluation import metrics
+from hfemb.modeling.dtypes import check_dtype
+
+
+@dataclass
+class EvalSettings:
+    """Everything that shapes an evaluation run besides the models and files (recorded in results.json)."""
+
+    thresholds: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7])
+    label_threshold: int = 1  # a pair is relevant when label >= this (KUAKE-QQR: 2)
+    data_format: str = "auto"
+    on_error: str = "raise"  # bad data rows: "raise" or "skip" (counted in the report)
+    bad_label: str = "error"  # rows with a label such as "NA": "error" (see on_error) or "skip"
+    instruction: str | bool | None = None  # None: each model's default; str: task for all; False: no prompt
+    symmetric: bool = False  # documents get the query prompt too
+    pooling: str | None = None
+    dtype: str = "auto"  # bf16 on a bf16 GPU, fp32 on CPU
+    quantization: str | None = None  # "4bit" | "8bit" (bitsandbytes, CUDA)
+    device: str | None = None
+    max_length: int = 512
+    truncate_dim: int | None = None
+    batch_size: int = 32
+    max_tokens_per_batch: int | None = 16384  # batches by token budget, texts sorted by length
+    trust_remote_code: bool = False
+    cache_dir: str | None = None
+    use_cache: bool = True
+    n_bootstrap: int = 1000
+    seed: int = 0
+    api_key_env: str = "OPENAI_API_KEY"
+    request_batch_size: int = 64  # texts per request to an OpenAI-compatible endpoint
+    skip_failed: bool = False  # a model that fails to load/encode is reported and skipped
+    plots: bool = True
+    show_progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.thresholds, str):
+            self.thresholds = metrics.parse_thresholds(self.thresholds)
+        self.thresholds = sorted(float(t) for t in self.thresholds)
+        if not self.thresholds:
+            raise ConfigError("thresholds: none given")
+        for name in ("batch_size", "max_length", "n_bootstrap", "request_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name == "n_bootstrap" else 1):
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_tokens_per_batch is not None and (not isinstance(self.max_tokens_per_batch, int)
+                                                      or self.max_tokens_per_batch < 1):
+            raise ConfigError(f"max_tokens_per_batch must be a positive integer, got {self.max_tokens_per_batch!r}")
+        check_dtype(self.dtype)
+        if self.quantization not in (None, "4bit", "8bit"):
+            raise ConfigError(f"quantization must be 4bit or 8bit, got {self.quantization!r}")
