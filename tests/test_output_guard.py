@@ -15,7 +15,7 @@ from hfemb.cli import main
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import atomic_open, check_output, same_file
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
 
 

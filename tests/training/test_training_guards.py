@@ -17,7 +17,7 @@ from hfemb.errors import ConfigError
 from hfemb.training.config import config_from_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(model, tmp_path, *, finetune="lora", dtype="float32", lora=None, **training):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from hfemb.errors import HfembError
-from tests.test_trainer import make_config, mined_file  # noqa: F401 - the fixture is used by name
+from test_trainer import make_config, mined_file  # noqa: F401 - the fixture is used by name
 
 
 def _cfg(model, data, out, steps=4):
