@@ -290,7 +290,7 @@ def test_tcm_sd_config_trains_on_converted_and_mined_cases(tiny_qwen3, tmp_path,
         "training.gradient_checkpointing=false", "training.per_device_train_batch_size=5", "training.max_steps=2",
         "training.eval_steps=1", "training.save_steps=1", "training.logging_steps=1", "training.report_to=none",
         "training.disable_tqdm=true"])
-    assert cfg.loss.mask_false_negatives and cfg.loss.false_negative_margin == 2.0  # mask only same-text positives
+    assert cfg.loss.mask_duplicates and not cfg.loss.mask_false_negatives  # same-text positives only (a 2.0 margin never fired)
     summary = run_training(cfg)
     assert summary["data"]["train"]["rows"] == 5 and summary["global_step"] == 2
     assert np.isfinite(summary["final_eval"]["eval_loss"])
