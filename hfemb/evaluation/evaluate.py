@@ -38,6 +38,7 @@ class EvalSettings:
     pooling: str | None = None
     dtype: str = "auto"  # bf16 on a bf16 GPU, fp32 on CPU
     quantization: str | None = None  # "4bit" | "8bit" (bitsandbytes, CUDA)
+    padding_free: bool | str | None = None  # packed batches (hfemb.modeling.packing): auto (None) | true | false
     device: str | None = None
     max_length: int = 512
     truncate_dim: int | None = None
@@ -70,6 +71,9 @@ class EvalSettings:
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization not in (None, "4bit", "8bit"):
             raise ConfigError(f"quantization must be 4bit or 8bit, got {self.quantization!r}")
+        from hfemb.modeling.packing import parse_padding_free  # here: importing it loads torch
+
+        self.padding_free = parse_padding_free(self.padding_free, "padding_free")
 
 
 # ------------------------------------------------------------------------------------------- data
