@@ -165,6 +165,7 @@ def packed_forward(backbone, input_ids: torch.Tensor, attention_mask: torch.Tens
                    pad_id: int) -> torch.Tensor:
     """One backbone call on the packed batch -> [B, H] fp32 pooled (not normalised) embeddings."""
     packed = pack_batch(input_ids, attention_mask, pad_id=pad_id, varlen=is_varlen(backbone.config))
+    # use_cache=False: transformers only reads packed position_ids when there is no KV cache
     out = backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
-                   **packed.flash_kwargs)
+                   use_cache=False, **packed.flash_kwargs)
     return pool_packed(out[0], packed, pooling)
