@@ -295,22 +295,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON file for the results (the table is printed)")
     parser.add_argument("--shapes", nargs="+", choices=sorted(QWEN3_EMBEDDING_CONFIGS),
                         help="default: 0.6B 8B with CUDA, tiny without")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 6 GPU, 3 CPU)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 6 GPU, 2 CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per case (default 2 GPU, 1 CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, if not in the table")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--no-grad-cache", action="store_true", help="skip the GradCache cases")
-    parser.add_argument("--threads", type=int, default=None, help="CPU only: torch threads")
+    parser.add_argument("--threads", type=int, default=None, help="CPU only: torch threads (default 1)")
+    parser.add_argument("--batch", type=int, default=None, help="rows per step for every case (default: the "
+                        "shipped configs' per_device_train_batch_size on CUDA, 4 on the CPU)")
+    parser.add_argument("--max-len", type=int, default=None, help="cap on the configs' query/passage max lengths "
+                        "(default: none on CUDA, 128 on the CPU)")
     args = parser.parse_args(argv)
 
     import torch
 
     cuda = torch.cuda.is_available()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if not cuda:  # 1 thread by default: OpenMP threads spin badly on a shared, oversubscribed CPU
+        torch.set_num_threads(args.threads or 1)
     dev = Device(cuda)
     shapes = args.shapes or (["0.6B", "8B"] if cuda else ["tiny"])
-    steps = args.steps or (6 if cuda else 3)
+    steps = args.steps or (6 if cuda else 2)
+    warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
+    batch_override = args.batch or (None if cuda else 4)
+    max_len = args.max_len or (None if cuda else 128)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     try:
@@ -324,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     started, results = time.time(), []
     for case in cases(shapes):
         shape = case["shape"]
+        if batch_override:
+            case["batch"] = batch_override
+        if max_len:
+            case["query_max_len"] = min(case["query_max_len"], max_len)
+            case["passage_max_len"] = min(case["passage_max_len"], max_len)
         why = fits(shape, case, dev)
         if why:
             print(f"skipping {shape} {case['finetune']}: {why}", flush=True)
@@ -339,11 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             for mode, batch, grad_cache in plan:
                 attn = packed_attn if mode == "packed" else "sdpa"
                 model._hf_model().config._attn_implementation = attn
-                data = batches(model, questions, answers, case, batch, args.warmup + steps, seed=len(results))
+                data = batches(model, questions, answers, case, batch, warmup + steps, seed=batch)  # same per mode
                 row = {**case, "batch": batch, "mode": mode + (f" + GradCache (mini-batch {grad_cache})"
                                                                 if grad_cache else ""), "attention": attn}
                 try:
-                    r = run_case(model, data, mode, dev, args.warmup, grad_cache, flops_args)
+                    r = run_case(model, data, mode, dev, warmup, grad_cache, flops_args)
                     row.update(r, mfu=r["flops_per_s"] / peak)
                 except OutOfMemory as exc:
                     row["error"] = "out of memory"
@@ -366,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + md)
     report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
               "peak_flops": peak, "peak_source": peak_source, "packed_attention": packed_attn, "data": data_path,
-              "steps": steps, "warmup": args.warmup, "seconds": round(time.time() - started, 1),
+              "steps": steps, "warmup": warmup, "seconds": round(time.time() - started, 1),
               "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
               "command": "python bench/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "results": results, "table": md}

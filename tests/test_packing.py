@@ -54,8 +54,8 @@ def test_pack_batch_by_hand(side):
     assert one.flash_kwargs["cu_seq_lens_q"].tolist() == [0, 3, 4, 6] and one.flash_kwargs["max_length_q"] == 3
 
 
-def test_pack_batch_rows_with_pad_tails(monkeypatch):
-    monkeypatch.setattr(packing, "MIN_ROW_TOKENS", 1)  # rows of at most the longest text (4 tokens)
+def test_pack_batch_rows_with_pad_tails():
+    assert packing.MIN_ROW_TOKENS == 0  # rows of at most the longest text (4 tokens)
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 11]])
     mask = (ids != 0).long()
     p = pack_batch(ids, mask, pad_id=0, varlen=False)
@@ -96,8 +96,9 @@ def test_transformers_builds_a_block_diagonal_causal_mask(tiny_qwen3, attn):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_attention_never_crosses_texts(tiny_qwen3, attn):
+def test_attention_never_crosses_texts(tiny_qwen3, attn, monkeypatch):
     """Changing one text of a packed row leaves every other text's embedding unchanged."""
+    monkeypatch.setattr(packing, "MIN_ROW_TOKENS", 10_000)  # every text in one row
     model = _model(tiny_qwen3, attn, padding_free=True)
     enc = model.tokenize(TEXTS, is_query=False, max_length=64)
     changed = list(TEXTS)
@@ -115,9 +116,9 @@ def test_attention_never_crosses_texts(tiny_qwen3, attn):
 # ---- embeddings and training against the padded path -------------------------------------------
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("pooling", ["last", "mean", "cls"])
-@pytest.mark.parametrize("row_tokens", [packing.MIN_ROW_TOKENS, 1])
+@pytest.mark.parametrize("row_tokens", [10_000, 0])
 def test_packed_embeddings_equal_padded(tiny_qwen3, attn, pooling, row_tokens, monkeypatch):
-    monkeypatch.setattr(packing, "MIN_ROW_TOKENS", row_tokens)  # 1: several rows with pad tails
+    monkeypatch.setattr(packing, "MIN_ROW_TOKENS", row_tokens)  # 0 (default): several rows with pad tails
     model = _model(tiny_qwen3, attn, pooling)
     padded = model.encode(TEXTS, is_query=True, convert_to_numpy=False)
     model.padding_free = True

@@ -8,11 +8,11 @@ FlashAttention-2/3 run their varlen kernels on the ``cu_seq_lens`` computed here
 Rotary positions restart per text, which gives every text exactly the positions it has alone.
 
 Rows: with a varlen kernel, every text goes into one row. With sdpa / eager the mask is materialised and
-attention costs (row length)^2 per row, so texts are packed first-fit-decreasing into rows of at most
-``max(longest text, MIN_ROW_TOKENS)`` tokens: attention never costs more than in the padded batch
-(rows x longest^2) plus that floor, and the linear layers see (almost) no padding. A row's unused tail is
-filled by pad tokens forming their own segment (positions 0, 1, ...), which attends only to itself and is
-never pooled.
+attention costs (row length)^2 per row whatever the mask, so texts are packed first-fit-decreasing into rows
+of at most ``max(longest text, MIN_ROW_TOKENS)`` tokens: with the default floor of 0, both the attention
+(rows x longest^2) and the linear layers (rows x longest) cost at most what the padded batch costs, usually
+much less. A row's unused tail is filled by pad tokens forming their own segment (positions 0, 1, ...),
+which attends only to itself and is never pooled.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from hfemb.errors import ConfigError
 PACKABLE_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2", "qwen2_moe", "llama", "mistral", "mixtral")
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # cu_seqlens kernels: one row, no mask
-MIN_ROW_TOKENS = 512  # sdpa/eager: a packed row may hold this many tokens even when every text is shorter
+MIN_ROW_TOKENS = 0  # sdpa/eager: a packed row may hold this many tokens even when every text is shorter
 PADDING_FREE_VALUES = ("auto", True, False)
 
 
