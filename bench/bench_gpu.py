@@ -22,8 +22,9 @@ give ``--peak-tflops`` for a device the table below does not know), and peak mem
 (``torch.cuda.max_memory_allocated``). A case that runs out of memory is reported as such and the
 benchmark goes on; a model that does not fit at all is skipped with a message.
 
-Without CUDA it runs tiny shapes in fp32 on the CPU (a few seconds; tests/test_bench_gpu.py runs it), with
-a 1024^3 fp32 matmul measured in the same process standing in for the peak, and peak RSS for memory.
+Without CUDA it runs tiny shapes in fp32 on the CPU (well under a minute; tests/test_bench_gpu.py runs it):
+"MFU" is then the real-token FLOP rate over a 1024^3 fp32 matmul timed after every step of the case (the
+median; it cancels the load of a shared machine, as in bench_train.py), memory is the peak RSS.
 ``--shapes small`` (CPU) is a MiniLM-sized Qwen3 (hidden 384, 6 layers) whose real-token FLOP rate against
 that matmul is comparable with ``bench/bench_train.py``'s figure for MiniLM.
 """
@@ -34,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -207,7 +209,7 @@ def run_case(model, data, mode: str, dev: Device, warmup: int, grad_cache: int |
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=dev.cuda)
     group = data[0][2].shape[0] // data[0][0].shape[0]
     loss_fn = lambda q, d: info_nce_loss(q, d, group_size=group, temperature=0.05)  # noqa: E731
-    durations, tokens, flops, samples = [], 0, 0.0, 0
+    durations, tokens, flops, samples, probes = [], 0, 0.0, 0, []
     dev.reset_peak()
     try:
         for step, (qi, qm, di, dm) in enumerate(data):
@@ -229,6 +231,8 @@ def run_case(model, data, mode: str, dev: Device, warmup: int, grad_cache: int |
                 tokens += sum(lengths)
                 flops += common.training_flops(lengths, *flops_args) * flops_factor
                 samples += qi.shape[0]
+                if not dev.cuda:  # what a matmul gets under this moment's load (the machine may be shared)
+                    probes.append(common.matmul_gflops(1024, repeats=1) * 1e9)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected; anything else is re-raised
         if not dev.is_oom(exc):
             raise
@@ -239,7 +243,8 @@ def run_case(model, data, mode: str, dev: Device, warmup: int, grad_cache: int |
     seconds = sum(durations)
     return {"tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds, "flops_per_s": flops / seconds,
             "peak_memory_gb": dev.peak_gb(), "step_seconds": seconds / len(durations), "timed_steps": len(durations),
-            "real_tokens_per_step": tokens / len(durations)}
+            "real_tokens_per_step": tokens / len(durations),
+            "probe_flops_per_s": statistics.median(probes) if probes else None}
 
 
 def device_peak(dev: Device, override: float | None) -> tuple[float, str]:
@@ -253,10 +258,26 @@ def device_peak(dev: Device, override: float | None) -> tuple[float, str]:
         for fragment, tflops in BF16_PEAK_TFLOPS:
             if fragment in name and tflops:
                 return tflops * 1e12, f"{name}: dense bf16 peak {tflops:.0f} TFLOP/s (table in bench_gpu.py)"
-        measured = common.matmul_gflops(8192, repeats=5) * 1e9  # not in the table: a bf16 probe would be better
-        return measured, f"{name}: not in the table; fp32 8192^3 matmul measured here (pass --peak-tflops)"
+        return cuda_matmul_flops(), f"{name}: not in the table; a bf16 8192^3 matmul measured here (pass --peak-tflops)"
     probe = common.matmul_gflops(1024, repeats=8) * 1e9
     return probe, f"CPU: 1024^3 fp32 matmul measured here ({probe / 1e9:.1f} GFLOP/s), {torch.get_num_threads()} thread(s)"
+
+
+def cuda_matmul_flops(n: int = 8192, repeats: int = 10) -> float:
+    """FLOP/s of a bf16 n^3 matmul on the current CUDA device (best of ``repeats``)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def fits(shape: str, case: dict, dev: Device) -> str | None:
@@ -356,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                 if grad_cache else ""), "attention": attn}
                 try:
                     r = run_case(model, data, mode, dev, warmup, grad_cache, flops_args)
-                    row.update(r, mfu=r["flops_per_s"] / peak)
+                    # CPU: against the matmul probe timed between the steps of this case (cancels the load)
+                    row.update(r, mfu=r["flops_per_s"] / (r["probe_flops_per_s"] or peak))
                 except OutOfMemory as exc:
                     row["error"] = "out of memory"
                     print(f"{shape} {case['finetune']} {row['mode']} batch {batch}: out of memory ({exc})", flush=True)
