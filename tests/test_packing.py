@@ -219,3 +219,25 @@ def test_minilm_with_padding_free_auto_encodes_as_before(minilm):
     ref = load_embedding_model(minilm).encode(TEXTS, is_query=False)
     got = load_embedding_model(minilm, padding_free="auto").encode(TEXTS, is_query=False)
     assert (ref == got).all()
+
+
+def test_eval_and_serve_options(tiny_qwen3):
+    """`hfemb eval --padding-free` / the eval config's `padding_free` reach the loaded model; serve's default is auto."""
+    import argparse
+
+    from hfemb.commands import eval as eval_command
+    from hfemb.commands import serve as serve_command
+    from hfemb.evaluation.encoders import load_encoder
+    from hfemb.evaluation.evaluate import EvalSettings
+
+    assert load_encoder(tiny_qwen3, EvalSettings(device="cpu")).padding_free is True  # auto
+    assert load_encoder(tiny_qwen3, EvalSettings(device="cpu", padding_free="false")).padding_free is False
+    with pytest.raises(ConfigError, match="padding_free must be auto, true or false"):
+        EvalSettings(padding_free="on")
+    parser = argparse.ArgumentParser()
+    eval_command.add_arguments(parser)
+    assert parser.parse_args(["--padding-free", "false"]).padding_free == "false"
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    assert parser.parse_args(["m"]).padding_free == "auto"
+    assert parser.parse_args(["m", "--padding-free", "true"]).padding_free == "true"
