@@ -3,7 +3,7 @@
 
 This is transformers' ``DataCollatorWithFlattening`` convention. With ``attention_mask=None`` and such
 ``position_ids``, transformers (>= 4.5x, `masking_utils.find_packed_sequence_indices`) builds a
-block-diagonal causal mask for sdpa / eager / flex attention, so no token attends to another text;
+block-diagonal causal mask for sdpa and eager attention, so no token attends to another text;
 FlashAttention-2/3 run their varlen kernels on the ``cu_seq_lens`` computed here (one row, no mask at all).
 Rotary positions restart per text, which gives every text exactly the positions it has alone.
 
@@ -26,7 +26,7 @@ from hfemb.errors import ConfigError
 # Rotary-position decoders whose transformers implementation builds packed masks from position_ids
 # (create_causal_mask / create_sliding_window_causal_mask) and passes position_ids to the rotary embedding.
 PACKABLE_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2", "qwen2_moe", "llama", "mistral", "mixtral")
-PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")  # sdpa/eager tested on CPU
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # cu_seqlens kernels: one row, no mask
 MIN_ROW_TOKENS = 0  # sdpa/eager: a packed row may hold this many tokens even when every text is shorter
 PADDING_FREE_VALUES = ("auto", True, False)
