@@ -2,7 +2,7 @@
 ``position_ids`` restarting at 0 for each text, and pooling per packed segment.
 
 This is transformers' ``DataCollatorWithFlattening`` convention. With ``attention_mask=None`` and such
-``position_ids``, transformers (>= 4.5x, `masking_utils.find_packed_sequence_indices`) builds a
+``position_ids``, transformers (`masking_utils.find_packed_sequence_indices`; 5.23 here) builds a
 block-diagonal causal mask for sdpa and eager attention, so no token attends to another text;
 FlashAttention-2/3 run their varlen kernels on the ``cu_seq_lens`` computed here (one row, no mask at all).
 Rotary positions restart per text, which gives every text exactly the positions it has alone.
