@@ -371,7 +371,12 @@ def main(argv: list[str] | None = None) -> int:
                 plan.append(("packed", GRAD_CACHE_FACTOR * case["batch"], case["batch"]))
             for mode, batch, grad_cache in plan:
                 attn = packed_attn if mode == "packed" else "sdpa"
-                model._hf_model().set_attn_implementation(attn)  # checks that flash_attn is usable
+                try:
+                    model._hf_model().set_attn_implementation(attn)  # checks that flash_attn is usable
+                except (ImportError, ValueError, RuntimeError) as exc:
+                    print(f"{attn} unavailable ({str(exc).splitlines()[0][:150]}); packed batches use sdpa", flush=True)
+                    packed_attn = attn = "sdpa"
+                    model._hf_model().set_attn_implementation(attn)
                 data = batches(model, questions, answers, case, batch, warmup + steps, seed=batch)  # same per mode
                 row = {**case, "batch": batch, "mode": mode + (f" + GradCache (mini-batch {grad_cache})"
                                                                 if grad_cache else ""), "attention": attn}
