@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", choices=DTYPES, help="default auto: bf16 on a bf16 GPU, else fp32")
     a("--quantization", choices=("4bit", "8bit"), help="load local models in 4/8 bit (bitsandbytes, CUDA)")
     a("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    a("--padding-free", choices=("auto", "true", "false"), help="packed batches without padding for rotary "
+      "decoders (Qwen3, Qwen2, Llama, Mistral); default auto: on where the model supports them")
     a("--batch-size", type=int, help="texts per forward pass (default 32)")
     a("--max-tokens-per-batch", type=int, help="padded tokens per forward pass (default 16384); texts are sorted by length")
     a("--max-length", type=int, help="tokens per text (default 512)")

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", choices=("4bit", "8bit"), default=None, help="bitsandbytes (CUDA)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--pooling", choices=("last", "mean", "cls"), default=None)
+    parser.add_argument("--padding-free", choices=("auto", "true", "false"), default="auto",
+                        help="packed batches without padding for rotary decoders (default auto: where supported)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--instruction", default=None, metavar="TASK",
                        help="query prompt used for requests with input_type=query (default: the model's own)")
@@ -55,7 +57,7 @@ def run(args) -> int:
         resolve_model_path(args.model), pooling=args.pooling,
         query_instruction=False if args.no_instruction else args.instruction, symmetric=args.symmetric,
         torch_dtype=args.dtype, quantization=args.quantization, device=args.device,
-        trust_remote_code=args.trust_remote_code)
+        trust_remote_code=args.trust_remote_code, padding_free=args.padding_free)
     service = EmbeddingService(model, model_name=args.served_model_name or args.model, max_batch=args.max_batch,
                                max_length=args.max_length, batch_size=args.batch_size,
                                max_tokens_per_batch=args.max_tokens_per_batch)

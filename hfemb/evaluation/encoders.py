@@ -119,7 +119,8 @@ def load_encoder(spec: str, settings: EvalSettings):
     return load_embedding_model(
         resolve_model_path(spec), pooling=settings.pooling, query_instruction=settings.instruction,
         symmetric=settings.symmetric, torch_dtype=dtype, trust_remote_code=settings.trust_remote_code,
-        truncate_dim=settings.truncate_dim, device=settings.device, quantization=settings.quantization)
+        truncate_dim=settings.truncate_dim, device=settings.device, quantization=settings.quantization,
+        padding_free=settings.padding_free)
     # settings.max_length goes to encode(), which caps it at the model's own limit (MiniLM: 256)
 
 

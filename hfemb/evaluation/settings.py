@@ -24,6 +24,7 @@ class EvalSettings:
     pooling: str | None = None
     dtype: str = "auto"  # bf16 on a bf16 GPU, fp32 on CPU
     quantization: str | None = None  # "4bit" | "8bit" (bitsandbytes, CUDA)
+    padding_free: bool | str | None = None  # packed batches (hfemb.modeling.packing): auto (None) | true | false
     device: str | None = None
     max_length: int = 512
     truncate_dim: int | None = None
@@ -55,3 +56,6 @@ class EvalSettings:
         check_dtype(self.dtype)
         if self.quantization not in (None, "4bit", "8bit"):
             raise ConfigError(f"quantization must be 4bit or 8bit, got {self.quantization!r}")
+        from hfemb.modeling.packing import parse_padding_free  # here: importing it loads torch
+
+        self.padding_free = parse_padding_free(self.padding_free, "padding_free")

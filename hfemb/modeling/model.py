@@ -33,6 +33,7 @@ from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import temporary_folder_beside
 from hfemb.modeling.dtypes import check_dtype
 from hfemb.modeling.st_layout import read_model_json, st_pooling, write_st_files
+from hfemb.modeling.packing import packed_forward, resolve_padding_free
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class EmbeddingModel(torch.nn.Module):
         # collective that all processes must make equally often (MultiNegEmbeddingTrainer sets it)
         exact = length_chunking_is_exact(backbone.config, getattr(tokenizer, "padding_side", "right"))
         self.chunk_overhead_tokens = CHUNK_OVERHEAD_TOKENS if exact else 0
+        self.padding_free = False  # True: packed batches (hfemb.modeling.packing), no padding, no length chunks
         if getattr(backbone, "hf_device_map", None) is not None:
             self.hf_device_map = backbone.hf_device_map  # lets Trainer see a model-parallel placement
 
@@ -167,7 +169,13 @@ class EmbeddingModel(torch.nn.Module):
         longest row, so little compute goes to padding; the result does not depend on the chunking up to float
         rounding (padding is masked; rotary positions only shift by a constant under left padding). Chunking is
         off (``chunk_overhead_tokens = 0``) where it would not be exact (`length_chunking_is_exact`) and under
-        ZeRO-3/FSDP, where the number of backbone calls must not depend on the data."""
+        ZeRO-3/FSDP, where the number of backbone calls must not depend on the data.
+        With ``padding_free`` the texts are packed instead (`hfemb.modeling.packing`): one backbone call."""
+        if self.padding_free:
+            emb = packed_forward(self.backbone, input_ids, attention_mask, self.pooling, _pad_id(self.tokenizer))
+            if self.truncate_dim:
+                emb = emb[:, : self.truncate_dim]
+            return torch.nn.functional.normalize(emb, p=2, dim=-1) if self.normalize else emb
         lengths = attention_mask.sum(dim=1)  # [B]
         chunks = length_chunks(lengths.tolist(), self.chunk_overhead_tokens) if self.chunk_overhead_tokens else None
         if not chunks or len(chunks) == 1:
@@ -479,7 +487,8 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
                          torch_dtype: str = "float32", attn_implementation: str | None = "sdpa",
                          trust_remote_code: bool = False, append_eos: bool | None = None,
                          truncate_dim: int | None = None, device: str | None = None, device_map=None,
-                         quantization: str | None = None, max_length: int | None = None) -> EmbeddingModel:
+                         quantization: str | None = None, max_length: int | None = None,
+                         padding_free: bool | str | None = False) -> EmbeddingModel:
     """Load a Hub id, a local folder or a LoRA adapter folder as an `EmbeddingModel`.
 
     * ``pooling``: "last" | "mean" | "cls"; default from the sentence-transformers files, else "last" for
@@ -495,6 +504,8 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
     * ``quantization``: "4bit" | "8bit" via bitsandbytes (CUDA only).
     * ``max_length``: the model's maximum sequence length (default: sentence_bert_config.json, else the
       tokenizer / position limit).
+    * ``padding_free``: "auto" | True | False: packed batches (`hfemb.modeling.packing`); auto = on for
+      rotary decoders (Qwen3, Qwen2, Llama, Mistral) whose attention implementation supports them.
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -565,10 +576,12 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
     hidden = _text_config(config).hidden_size
     if truncate_dim is not None and truncate_dim > hidden:
         raise ConfigError(f"truncate_dim {truncate_dim} exceeds the model's dimension {hidden} ({name_or_path})")
-    return EmbeddingModel(backbone, tokenizer, pooling=pooling, query_prompt=query_prompt,
-                          document_prompt=document_prompt, append_eos=do_append,
-                          eos_token_id_to_append=eos_id if do_append else None, truncate_dim=truncate_dim,
-                          max_length=max_length, name_or_path=name_or_path)
+    model = EmbeddingModel(backbone, tokenizer, pooling=pooling, query_prompt=query_prompt,
+                           document_prompt=document_prompt, append_eos=do_append,
+                           eos_token_id_to_append=eos_id if do_append else None, truncate_dim=truncate_dim,
+                           max_length=max_length, name_or_path=name_or_path)
+    model.padding_free = resolve_padding_free(padding_free, backbone.config)
+    return model
 
 
 def _end_token_id(tokenizer) -> int | None:

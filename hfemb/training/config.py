@@ -51,6 +51,9 @@ class ModelConfig:
     append_eos: bool | None = None  # None: append the end-of-text token only if the tokenizer does not
     truncate_dim: int | None = None  # Matryoshka: truncate, then normalise
     quantization_bits: int = 4  # qlora only: 4 or 8 (bitsandbytes, needs a CUDA GPU)
+    # auto | true | false (null = auto): packed batches without padding (hfemb.modeling.packing); auto = on for
+    # rotary decoders (Qwen3, Qwen2, Llama, Mistral) with sdpa/eager/flash attention, off for encoders
+    padding_free: bool | str | None = None
 
 
 @dataclass
@@ -178,6 +181,9 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if m.quantization_bits not in (4, 8):
         raise ConfigError(f"{where}: 'model.quantization_bits' must be 4 or 8, got {m.quantization_bits!r}")
     check_dtype(m.torch_dtype, f"{where}: 'model.torch_dtype'")
+    from hfemb.modeling.packing import parse_padding_free  # here: importing it loads torch
+
+    parse_padding_free(m.padding_free, f"{where}: 'model.padding_free'")
     if not d.train_file:
         raise ConfigError(f"{where}: 'data.train_file' is required")
     if d.eval_ratio is None:

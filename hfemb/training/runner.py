@@ -180,6 +180,7 @@ def build_model(cfg: TrainConfig):
         torch_dtype=resolve_dtype(cfg), attn_implementation=m.attn_implementation,
         trust_remote_code=m.trust_remote_code, append_eos=m.append_eos, truncate_dim=m.truncate_dim,
         quantization=f"{m.quantization_bits}bit" if m.finetune_type == "qlora" else None,
+        padding_free=m.padding_free,
     )
     if m.finetune_type in ("lora", "qlora"):
         if m.finetune_type == "qlora":
@@ -399,6 +400,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         "config_file": cfg.source,
         "data": data_report,
         "parameters": {"trainable": trainable, "total": total},
+        "padding_free": bool(model.padding_free),  # model.padding_free as resolved for this model
         "train": train_metrics,  # train_loss: mean over all steps, across resumes (None if unknown)
         "global_step": trainer.state.global_step,
         "best_metric": trainer.state.best_metric,
