@@ -53,7 +53,7 @@ class ModelConfig:
     quantization_bits: int = 4  # qlora only: 4 or 8 (bitsandbytes, needs a CUDA GPU)
     # auto | true | false (null = auto): packed batches without padding (hfemb.modeling.packing); auto = on for
     # rotary decoders (Qwen3, Qwen2, Llama, Mistral) with sdpa/eager/flash attention, off for encoders
-    padding_free: bool | str | None = None
+    padding_free: Literal["auto", True, False] | None = None
 
 
 @dataclass
