@@ -308,8 +308,8 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> EmbeddingTrainingArg
 
 def _multiple(save_steps, eval_steps) -> bool:
     """save_steps is a whole multiple of eval_steps (what load_best_model_at_end needs); ratios must be equal."""
-    if isinstance(save_steps, int) and isinstance(eval_steps, int) and eval_steps > 0:
-        return save_steps % eval_steps == 0
+    if all(isinstance(v, (int, float)) and v >= 1 and float(v).is_integer() for v in (save_steps, eval_steps)):
+        return int(save_steps) % int(eval_steps) == 0  # step counts (the config may give 6.0 for 6)
     return save_steps == eval_steps
 
 

@@ -23,7 +23,7 @@ def write(tmp_path, cfg):
 @pytest.mark.parametrize("override, message", [
     ("data.num_negatives=-1", "'data.num_negatives' must be >= 0"),
     ("model.pooling=max", "'model.pooling' must be last, mean or cls"),
-    ("lora.r=\"8\"", "'lora.r' must be int"),
+    ("lora.r=\"8\"", "'lora.r' must be a whole number"),
     ("training.learnin_rate=1e-4", "unknown key(s) 'learnin_rate' in section 'training'"),
     ("data.colums=1", "unknown key(s) 'colums' in section 'data'"),
 ])

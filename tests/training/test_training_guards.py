@@ -113,14 +113,17 @@ def test_ddp_defaults_and_grad_cache_checkpointing_warning(tmp_path, caplog):
 
 
 def test_eval_ratio_keeps_a_training_query_and_bad_top_level_with_override(tmp_path):
+    from operator import itemgetter
+
+    from hfemb.data.splits import split_by_query
+    from hfemb.errors import HfembError
     from hfemb.training.config import load_config
-    from hfemb.training.runner import split_by_query
 
     one = [{"query": "q", "positive": f"p{i}", "negatives": []} for i in range(3)]
-    train, held = split_by_query(one, 0.5, seed=0)
-    assert train == one and held == []
+    with pytest.raises(HfembError, match="cannot split 1 distinct query"):
+        split_by_query(one, 0.5, seed=0, query=itemgetter("query"))  # nothing would be left to train on
     two = one + [{"query": "r", "positive": "x", "negatives": []}]
-    train, held = split_by_query(two, 0.9, seed=0)
+    held, train = split_by_query(two, 0.9, seed=0, query=itemgetter("query"))
     assert len({r["query"] for r in train}) == 1 and len({r["query"] for r in held}) == 1
     path = tmp_path / "list.json"
     path.write_text("[1, 2]")
