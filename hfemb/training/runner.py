@@ -272,12 +272,21 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     data_report: dict[str, Any] = {}
     cache_dir = out / ".hfemb_cache"
     rows = load_rows(cfg, cfg.data.train_file, cache_dir, data_report, "train")
-    if cfg.data.eval_file:
+    from hfemb.data.beir import is_beir_folder
+
+    if cfg.data.eval_file and is_beir_folder(cfg.data.eval_file):
+        eval_rows = []  # a retrieval set: metrics from the evaluator only, no eval loss
+    elif cfg.data.eval_file:
         eval_rows = load_rows(cfg, cfg.data.eval_file, cache_dir, data_report, "eval")
     else:
         rows, eval_rows = split_by_query(rows, cfg.data.eval_ratio, seed)
         data_report["train"]["rows_after_eval_split"] = len(rows)
         data_report["eval"] = {"from": "eval_ratio", "ratio": cfg.data.eval_ratio, "rows": len(eval_rows)}
+    from hfemb.training.evaluator import build_evaluators, check_best_metric
+
+    evaluators = build_evaluators(cfg, eval_rows)  # read before loading the model: bad eval data stops at once
+    data_report["evaluators"] = [ev.describe() for ev in evaluators]
+    check_best_metric(cfg, evaluators, with_loss=bool(eval_rows))
 
     resume_from = None
     if resume:
@@ -288,7 +297,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
             raise HfembError(f"--resume: no checkpoint-* folder in {out} to resume from")
 
     try:
-        args = training_arguments(cfg, has_eval=bool(eval_rows))  # first: under ZeRO-3 the model then loads into shards
+        args = training_arguments(cfg, has_eval=bool(eval_rows) or bool(evaluators))  # first: under ZeRO-3 the model then loads into shards
         from transformers.integrations import get_reporting_integration_callbacks
 
         get_reporting_integration_callbacks(args.report_to)  # an unknown report_to fails here, not after loading
@@ -300,15 +309,16 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     log_file = out / "train_log.jsonl"
     lengths = [len(r["query"]) + len(r["positive"]) + sum(map(len, r["negatives"])) for r in rows]
     trainer = MultiNegEmbeddingTrainer(
-        model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None, data_collator=collator,
-        loss_config=cfg.loss, train_lengths=lengths, callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from)],
-        grad_cache_mini_batch=cfg.training.get("grad_cache_mini_batch"),
+        model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or ([] if evaluators else None),
+        data_collator=collator, loss_config=cfg.loss, train_lengths=lengths,
+        callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from)],
+        grad_cache_mini_batch=cfg.training.get("grad_cache_mini_batch"), evaluators=evaluators,
     )
     # ZeRO-3 parameters are shards: ds_numel is the full size
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     result = trainer.train(resume_from_checkpoint=resume_from)
-    final_eval = trainer.evaluate() if eval_rows else {}
+    final_eval = trainer.evaluate() if eval_rows or evaluators else {}
 
     if zero3_enabled():
         save_outputs_zero3(trainer, cfg, out)  # every process takes part in gathering the weights
