@@ -113,6 +113,14 @@ def test_training_logs_eval_metrics_and_keeps_best_mrr(tiny_qwen3, data, tmp_pat
     assert Path(summary["best_model_checkpoint"]).name == f"checkpoint-{best['step']}"
     assert summary["final_eval"]["eval_mrr@10"] == pytest.approx(best["eval_mrr@10"], abs=1e-6)
     assert [e["kind"] for e in summary["data"]["evaluators"]] == ["retrieval", "retrieval"]
+    from hfemb.publishing.plotting import quality_series, read_train_log
+
+    panels = dict(quality_series(read_train_log(out / "train_log.jsonl")))
+    assert [k for k, _ in panels["Eval set: retrieval and F1 metrics"]] == \
+        ["eval_ndcg@10", "eval_mrr@10", "eval_recall@10", "eval_best_f1"]
+    assert [k for k, _ in panels["Named eval sets (data.eval_files): watch for forgetting"]] == \
+        ["eval_general_best_f1", "eval_general_ndcg@10"]
+    assert (out / "training_curves.png").is_file()
     card = (out / "merged" / "README.md").read_text(encoding="utf-8")
     assert "general" in card and "nDCG@10" in card
 
@@ -141,3 +149,34 @@ def test_unknown_best_metric_is_one_clear_error(tiny_qwen3, data, tmp_path):
         run_training(cfg)
     with pytest.raises(ConfigError, match=r"data.eval_files"):
         config(tiny_qwen3, data, tmp_path / "r2", data={"eval_files": {"bad name": "x"}})
+
+
+def _sharded_worker(rank, world, init_file, model_path, texts, out_dir):
+    import numpy as np
+    import torch.distributed as dist
+
+    from hfemb.modeling.model import load_embedding_model
+    from hfemb.training.evaluator import encode_sharded
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = load_embedding_model(model_path)
+        got = encode_sharded(model, texts, is_query=False, batch_size=4, max_length=32)
+        np.save(f"{out_dir}/rank{rank}.npy", got)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_encode_sharded_two_processes_equal_one(tiny_qwen3, tmp_path):
+    """Two gloo processes each encode every 2nd text; after the gather both hold all vectors, in order, equal to
+    one process encoding everything."""
+    import numpy as np
+    import torch.multiprocessing as mp
+
+    from hfemb.modeling.model import load_embedding_model
+
+    texts = [q for q, _ in QA] + [a for _, a in QA] + ["一个额外的文本"]  # 13: uneven shards
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), tiny_qwen3, texts, str(tmp_path)), nprocs=2)
+    want = load_embedding_model(tiny_qwen3).encode(texts, is_query=False, batch_size=4, max_length=32)
+    for r in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"rank{r}.npy"), want, atol=1e-5)

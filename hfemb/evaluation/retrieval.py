@@ -30,8 +30,8 @@ def exact_search(queries, corpus, k: int, *, device=None, query_block: int = 256
     """Top-``k`` inner products of ``queries [Q, D]`` against ``corpus [N, D]`` (normalised: cosine).
 
     Blocks of ``query_block`` queries meet blocks of ``corpus_block`` documents on ``device`` (default: the
-    queries' device); a running top-k is merged block by block, so at most ``query_block x (corpus_block + k)``
-    scores exist at once. Returns (scores ``[Q, k]`` float32, indices ``[Q, k]`` int64), best first; equal
+    queries' device); each block's top-k is merged into a running top-k, so at most ``query_block x
+    corpus_block`` scores exist at once. Returns (scores ``[Q, k]`` float32, indices ``[Q, k]`` int64), best first; equal
     scores keep corpus order. ``k`` larger than the corpus is cut to its size.
     """
     import torch
@@ -54,8 +54,9 @@ def exact_search(queries, corpus, k: int, *, device=None, query_block: int = 256
             offset = 0
             for block in corpus_blocks:
                 scores = q @ block.T  # [b, n_block]
-                idx = torch.arange(offset, offset + block.shape[0], device=device).expand(q.shape[0], -1)
-                cand_s, cand_i = torch.cat([best_s, scores], 1), torch.cat([best_i, idx], 1)
+                blk_s, blk_i = torch.topk(scores, min(k, block.shape[0]), dim=1)  # the block's own top-k
+                del scores
+                cand_s, cand_i = torch.cat([best_s, blk_s], 1), torch.cat([best_i, blk_i + offset], 1)  # [b, <=2k]
                 top_s, pos = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
                 best_s, best_i = top_s, cand_i.gather(1, pos)
                 offset += block.shape[0]
