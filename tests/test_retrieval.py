@@ -244,3 +244,15 @@ def test_run_eval_records_with_corpus(tmp_path, minilm):
     report = json.loads((out / "results.json").read_text())
     assert report["data"]["eval"]["documents"] == 4 and report["data"]["eval"]["judged_documents_added_to_corpus"] == 1
     assert report["models"]["mini"]["retrieval"]["recall@1"] == 1.0
+
+
+def test_knowledge_tsv_as_corpus(tmp_path):
+    """A 'name<TAB>text' knowledge base (the TCM layout) gives its texts as documents; plain lines stay whole."""
+    from hfemb.commands.eval import read_retrieval_corpus
+
+    kb = tmp_path / "kb.txt"
+    kb.write_text("气虚证\t气虚证：神疲乏力，少气懒言。\n血瘀证\t血瘀证：刺痛拒按。\n", encoding="utf-8")
+    assert read_retrieval_corpus(kb) == ["气虚证：神疲乏力，少气懒言。", "血瘀证：刺痛拒按。"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("one document\nanother\tone with a tab\n", encoding="utf-8")
+    assert read_retrieval_corpus(plain) == ["one document", "another\tone with a tab"]

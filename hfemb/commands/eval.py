@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--split", choices=("train", "dev", "test"), help="BEIR folder as --data: the qrels split evaluated "
       "(default test); the sweep threshold is chosen on qrels/dev.tsv when it exists")
     a("--corpus", metavar="FILE", help="corpus retrieval with hfemb data: --data (and --dev) are queries with their "
-      "positives, searched over this corpus (JSONL {text} or one document a line) plus the judged documents")
+      "positives, searched over this corpus (JSONL {text}, one document a line, or a 'name<TAB>text' knowledge base) "
+      "plus the judged documents")
     a("--dev", metavar="FILE", help="labelled dev file: each model's threshold is chosen there (best F1) and F1 is "
       "reported on --data at that threshold (without it the threshold is tuned on --data itself: optimistic)")
     a("--split-dev", type=float, metavar="F", help="hold out a fraction F of --data's queries as dev (seeded)")
@@ -152,6 +153,22 @@ def resolve_models(cli_models: list[str] | None, config_models: dict | None, tra
     return models
 
 
+def read_retrieval_corpus(path) -> list[str]:
+    """``--corpus``: a knowledge base of ``name<TAB>text`` lines (the TCM layout: the texts are the documents),
+    else a mining corpus (JSONL ``{text}``, e.g. ``hfemb convert``'s knowledge corpus, or one document a line)."""
+    from hfemb.data.cases import read_knowledge
+    from hfemb.data.formats import read_corpus
+
+    try:
+        head = Path(path).read_text(encoding="utf-8-sig")[:65536]
+    except (OSError, UnicodeDecodeError):
+        head = ""  # read_corpus reports it
+    lines = [line for line in head.split("\n")[:-1] or head.split("\n") if line.strip()]
+    if lines and not head.lstrip().startswith(("{", "[")) and all("\t" in line for line in lines):
+        return list(read_knowledge(path).values())
+    return read_corpus(path)
+
+
 def load_retrieval_sets(values: dict, settings):
     """(eval set, dev set or None) of a retrieval run: a BEIR folder (dev = qrels/dev.tsv when it exists, unless
     --split-dev or --dev is given) or hfemb records with --corpus."""
@@ -173,9 +190,7 @@ def load_retrieval_sets(values: dict, settings):
         elif not values["split_dev"] and split != "dev" and (Path(data) / "qrels" / "dev.tsv").is_file():
             dev_set = read_beir(data, "dev")
         return rset, dev_set
-    from hfemb.data.formats import read_corpus
-
-    corpus = read_corpus(values["corpus"])
+    corpus = read_retrieval_corpus(values["corpus"])
     records = read_eval_records(data, settings).records
     rset = retrieval_set_from_records(records, corpus, path=data, corpus_path=values["corpus"])
     dev_set = None
