@@ -31,7 +31,8 @@ THRESHOLD_FILE = "hfemb_threshold.json"
 CURVES_FILE = "training_curves.png"
 _PATH_KEYS = {"train_file", "eval_file", "output_dir", "logging_dir", "cache_dir"}
 _LOWER_IS_BETTER = ("loss", "negative_similarity")
-_LOG_SKIP = ("runtime", "per_second", "total_flos", "epoch", "step", "grad_norm", "learning_rate")
+_LOG_SKIP = ("runtime", "per_second", "total_flos", "epoch", "step", "grad_norm", "learning_rate",
+             "best_threshold")  # a threshold is a setting, not a quality: no "best" of it
 _EXAMPLES = {
     "zh": (["高血压患者日常饮食需要注意什么？"],
            ["高血压患者应低盐饮食，每日食盐摄入不超过5克，多吃蔬菜水果，戒烟限酒。"]),

@@ -174,7 +174,7 @@ def run_evaluators(evaluators: list[EmbeddingEvaluator], model, prefix: str = "e
     out: dict[str, float] = {}
     for ev in evaluators:
         out.update({f"{prefix}_{k}": v for k, v in ev(model).items()})
-    out[f"{prefix}_embedding_eval_seconds"] = round(time.perf_counter() - started, 3)
+    out[f"{prefix}_embedding_runtime"] = round(time.perf_counter() - started, 3)
     return out
 
 
