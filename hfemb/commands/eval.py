@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from hfemb.config_fields import check_annotated
+from hfemb.data.beir import is_beir_folder
 from hfemb.data.cases import case_settings
 from hfemb.errors import ConfigError
 from hfemb.modeling.dtypes import DTYPES
@@ -27,15 +28,21 @@ OUTPUT_FILES = ("results.json", "results.csv", "results.md", "f1_vs_threshold.pn
                 "classification.json", "classification.md", "classification_predictions.jsonl",
                 "classification_pairs.jsonl", "classification_dev_pairs.jsonl")  # what eval may write
 RUN_KEYS = {"data": None, "dev": None, "split_dev": None, "models": None, "output_dir": "eval_output",
-            "train_output_root": "output", "thresholds": "0.4:0.7"}
+            "train_output_root": "output", "thresholds": "0.4:0.7", "split": "test", "corpus": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--config", default=None, metavar="JSON", help=f"settings file (default: {DEFAULT_CONFIG} if it exists)")
-    a("--data", metavar="FILE", help="labelled eval file: {query, documents:[{content,label}]} JSON/JSONL, pair rows "
+    a("--data", metavar="FILE", help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv: corpus retrieval), "
+      "or a labelled eval file: {query, documents:[{content,label}]} JSON/JSONL, pair rows "
       "{text1|query, text2|document, label} (JSON/JSONL/TSV, LCQMC, KUAKE-QQR), WikiQA TSV, or mined training rows "
       "(positive = 1, negatives = 0)")
+    a("--split", choices=("train", "dev", "test"), help="BEIR folder as --data: the qrels split evaluated "
+      "(default test); the sweep threshold is chosen on qrels/dev.tsv when it exists")
+    a("--corpus", metavar="FILE", help="corpus retrieval with hfemb data: --data (and --dev) are queries with their "
+      "positives, searched over this corpus (JSONL {text}, one document a line, or a 'name<TAB>text' knowledge base) "
+      "plus the judged documents")
     a("--dev", metavar="FILE", help="labelled dev file: each model's threshold is chosen there (best F1) and F1 is "
       "reported on --data at that threshold (without it the threshold is tuned on --data itself: optimistic)")
     a("--split-dev", type=float, metavar="F", help="hold out a fraction F of --data's queries as dev (seeded)")
@@ -116,7 +123,7 @@ def load_config(path: str | Path | None) -> dict:
 
     types = {f.name: f.type for f in fields(EvalSettings)}
     types.update(data="str | None", dev="str | None", split_dev="float | None", output_dir="str",
-                 train_output_root="str", thresholds="str | list[float]")
+                 train_output_root="str", thresholds="str | list[float]", split="str", corpus="str | None")
     for key, value in config.items():
         if key in types:
             if key == "thresholds" and not isinstance(value, str):
@@ -154,6 +161,63 @@ def resolve_models(cli_models: list[str] | None, config_models: dict | None, tra
     return models
 
 
+def read_retrieval_corpus(path) -> list[str]:
+    """``--corpus``: a knowledge base of ``name<TAB>text`` lines (the TCM layout: the texts are the documents),
+    else a mining corpus (JSONL ``{text}``, e.g. ``hfemb convert``'s knowledge corpus, or one document a line)."""
+    from hfemb.data.cases import read_knowledge
+    from hfemb.data.formats import read_corpus
+
+    try:
+        head = Path(path).read_text(encoding="utf-8-sig")[:65536]
+    except (OSError, UnicodeDecodeError):
+        head = ""  # read_corpus reports it
+    lines = [line for line in head.split("\n")[:-1] or head.split("\n") if line.strip()]
+    if lines and not head.lstrip().startswith(("{", "[")) and all("\t" in line for line in lines):
+        return list(read_knowledge(path).values())
+    return read_corpus(path)
+
+
+def load_retrieval_sets(values: dict, settings):
+    """(eval set, dev set or None) of a retrieval run: a BEIR folder (dev = qrels/dev.tsv when it exists, unless
+    --split-dev or --dev is given) or hfemb records with --corpus."""
+    from hfemb.data.beir import read_beir, retrieval_set_from_records
+    from hfemb.evaluation.evaluate import read_eval_records
+
+    data, split = values["data"], values["split"]
+    if split not in ("train", "dev", "test"):
+        raise ConfigError(f"split must be train, dev or test, got {split!r}")
+    if is_beir_folder(data):
+        if values["corpus"]:
+            raise ConfigError(f"--corpus: {data} is a BEIR folder, which has its own corpus.jsonl")
+        rset = read_beir(data, split)
+        dev_set = None
+        if values["dev"]:
+            dev_set = read_beir(values["dev"], "dev") if is_beir_folder(values["dev"]) else None
+            if dev_set is None:
+                raise ConfigError(f"--dev {values['dev']}: with a BEIR folder as --data, --dev must be one too")
+        elif not values["split_dev"] and split != "dev" and (Path(data) / "qrels" / "dev.tsv").is_file():
+            dev_set = read_beir(data, "dev")
+        return rset, dev_set
+    corpus = read_retrieval_corpus(values["corpus"])
+    records = read_eval_records(data, settings).records
+    rset = retrieval_set_from_records(records, corpus, path=data, corpus_path=values["corpus"])
+    dev_set = None
+    if values["dev"]:
+        dev_records = read_eval_records(values["dev"], settings).records
+        joint = retrieval_set_from_records(records + dev_records, corpus, path=data, corpus_path=values["corpus"])
+        # one corpus for both: the judged documents of dev join it too
+        texts = dict(zip(joint.query_ids, joint.query_texts))
+        eval_q = {t for t in rset.query_texts}
+        eval_ids = [q for q in joint.query_ids if texts[q] in eval_q]
+        dev_ids = [q for q in joint.query_ids if texts[q] not in eval_q]
+        if not dev_ids:
+            raise ConfigError(f"--dev {values['dev']}: every dev query is also an eval query")
+        rset, dev_set = joint.subset(eval_ids, "eval"), joint.subset(dev_ids, "dev")
+        rset.stats.update(path=data)
+        dev_set.stats.update(path=values["dev"])
+    return rset, dev_set
+
+
 def run(args) -> int:
     # lazy (numpy): not loaded for `hfemb eval --help`
     from hfemb.evaluation.evaluate import evaluate
@@ -181,6 +245,14 @@ def run(args) -> int:
                                 case_settings=case_settings(args.query_fields, args.label_field, args.query_template))
         print(f"\nwritten to {values['output_dir']}/: classification.json, classification.md, "
               "classification_predictions.jsonl, classification_pairs.jsonl, results.json, results.csv, results.md")
+        return 0
+    if values["corpus"] or is_beir_folder(values["data"]):
+        from hfemb.evaluation.retrieval import evaluate_retrieval
+
+        rset, dev_set = load_retrieval_sets(values, settings)
+        evaluate_retrieval(models, rset, dev_set=dev_set, split_dev=values["split_dev"], settings=settings,
+                           output_dir=values["output_dir"])
+        print(f"\nwritten to {values['output_dir']}/: results.json, results.csv, results.md")
         return 0
     evaluate(models, values["data"], dev_path=values["dev"], split_dev=values["split_dev"],
              output_dir=values["output_dir"], settings=settings)

@@ -35,7 +35,8 @@ THRESHOLD_FILE = "hfemb_threshold.json"
 CURVES_FILE = "training_curves.png"
 _PATH_KEYS = {"train_file", "eval_file", "output_dir", "logging_dir", "cache_dir"}
 _LOWER_IS_BETTER = ("loss", "negative_similarity")
-_LOG_SKIP = ("runtime", "per_second", "total_flos", "epoch", "step", "grad_norm", "learning_rate")
+_LOG_SKIP = ("runtime", "per_second", "total_flos", "epoch", "step", "grad_norm", "learning_rate",
+             "best_threshold")  # a threshold is a setting, not a quality: no "best" of it
 _EXAMPLES = {
     "zh": (["高血压患者日常饮食需要注意什么？"],
            ["高血压患者应低盐饮食，每日食盐摄入不超过5克，多吃蔬菜水果，戒烟限酒。"]),
@@ -499,7 +500,36 @@ def _training(m: _Model, mining: dict | None) -> list[str]:
     if summary.get("best_metric") is not None:
         lines += [f"Best checkpoint metric: {_fmt(summary['best_metric'])}"
                   + (f"; final eval loss {_fmt(final['eval_loss'])}." if "eval_loss" in final else "."), ""]
+    lines += final_eval_section(summary)
     return lines
+
+
+_EVAL_COLUMNS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "Recall@10"), ("recall@100", "Recall@100"),
+                 ("best_f1", "best F1"), ("best_threshold", "at threshold"), ("roc_auc", "ROC-AUC"))
+
+
+def final_eval_section(summary: dict) -> list[str]:
+    """The evaluators' metrics of the final model (``final_eval``) per eval set: the in-domain set and the named
+    ones (``data.eval_files``, e.g. a general-domain set that shows forgetting)."""
+    final = summary.get("final_eval") or {}
+    sets = [e for e in (summary.get("data") or {}).get("evaluators") or [] if isinstance(e, dict)]
+    rows = []
+    for ev in sets:
+        prefix = "eval_" + (f"{ev['name']}_" if ev.get("name") else "")
+        values = {key: final.get(prefix + key) for key, _ in _EVAL_COLUMNS}
+        if any(v is not None for v in values.values()):
+            label = f"{ev['name']}" if ev.get("name") else "in-domain"
+            rows.append((label, Path(str(ev.get("source", ""))).name, ev.get("kind"), values))
+    if not rows:
+        return []
+    used = [(k, title) for k, title in _EVAL_COLUMNS if any(r[3][k] is not None for r in rows)]
+    out = ["### Evaluation during training (final model)", "",
+           "| eval set | data | kind | " + " | ".join(t for _, t in used) + " |",
+           "|---|---|---|" + "---|" * len(used)]
+    for label, source, kind, values in rows:
+        out.append(f"| {label} | `{source}` | {kind} | " + " | ".join(_fmt(values[k]) for k, _ in used) + " |")
+    return out + ["", "Retrieval sets: exact search over the set's documents; pool sets: each query's own candidates "
+                  "(`hfemb.training.evaluator`, the code of `run_eval.py`).", ""]
 
 
 def build_model_card(model_dir: str | os.PathLike, *, output_dir: str | os.PathLike | None = None,

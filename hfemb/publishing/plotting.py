@@ -2,7 +2,8 @@
 
 Six panels against the optimizer step (epochs on the top axis): learning rate, gradient norm (log scale),
 train and eval loss, train and eval accuracy, eval cosine similarity of positives and negatives, and the
-eval margin. Drawn at the end of training (``hfemb.training.runner.run_training``) and by ``hfemb plot OUTPUT_DIR``
+eval margin; plus a row for the evaluators' nDCG@10 / MRR@10 / Recall@10 / best F1 / ROC-AUC and the named
+eval sets' when they were logged. Drawn at the end of training (``hfemb.training.runner.run_training``) and by ``hfemb plot OUTPUT_DIR``
 for any run, also one still in progress: lines that are not JSON objects (a half-written last line) are
 skipped and counted. A step logged twice (a resumed run re-logs the steps after its checkpoint) keeps its
 last value; the evaluation after training (the best checkpoint reloaded) is drawn as a star.
@@ -218,6 +219,23 @@ def plot_training_curves(source, output=None, *, title: str | None = None, dpi: 
     return output
 
 
+QUALITY_METRICS = ("ndcg@10", "mrr@10", "recall@10", "best_f1", "roc_auc")
+
+
+def quality_series(log: TrainLog) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Panels of the evaluators' metrics (``hfemb.training.evaluator``) when logged: the eval set's own
+    (``eval_ndcg@10`` ...) and the named sets' nDCG@10 / best F1 (``eval_<name>_ndcg@10``: forgetting)."""
+    own = [(f"eval_{m}", m) for m in QUALITY_METRICS if f"eval_{m}" in log.series]
+    named = sorted((k, k[len("eval_"):]) for k in log.series for m in ("ndcg@10", "best_f1")
+                   if k.endswith(f"_{m}") and k != f"eval_{m}" and k.startswith("eval_"))
+    panels = []
+    if own:
+        panels.append(("Eval set: retrieval and F1 metrics", own))
+    if named:
+        panels.append(("Named eval sets (data.eval_files): watch for forgetting", named))
+    return panels
+
+
 def draw_training_curves(log: TrainLog, *, title: str | None = None, output_dir: Path | None = None,
                          dpi: int = 110):
     """The figure (a ``matplotlib.figure.Figure``, 3 x 2 panels; see the module docstring)."""
@@ -225,8 +243,9 @@ def draw_training_curves(log: TrainLog, *, title: str | None = None, output_dir:
     from matplotlib.ticker import MaxNLocator
 
     output_dir = Path(output_dir) if output_dir else Path(log.path).parent
-    fig = Figure(figsize=(13, 11), dpi=dpi, layout="constrained")
-    axes = fig.subplots(3, 2, sharex=True)
+    quality = quality_series(log)
+    fig = Figure(figsize=(13, 14.5 if quality else 11), dpi=dpi, layout="constrained")
+    axes = fig.subplots(4 if quality else 3, 2, sharex=True)
     c_train, c_eval, c_neg = "tab:blue", "tab:orange", "tab:red"
 
     ax = axes[0, 0]
@@ -275,6 +294,17 @@ def draw_training_curves(log: TrainLog, *, title: str | None = None, output_dir:
     else:
         _empty(ax, "no evaluation yet")
     ax.set_ylabel("cosine difference")
+
+    if quality:
+        colors = ["tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:olive"]
+        for ax, (title, keys) in zip(axes[3], quality):
+            ax.set_title(title)
+            for i, (key, label) in enumerate(keys):
+                _line(ax, log, key, label, colors[i % len(colors)])
+            ax.set_ylabel("metric (higher is better)")
+            ax.set_ylim(-0.02, 1.02)
+        if len(quality) == 1:
+            _empty(axes[3, 1], "no other eval set")
 
     for ax in axes.flat:
         ax.grid(alpha=0.3)

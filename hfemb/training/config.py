@@ -73,6 +73,10 @@ class DataConfig:
     # no_duplicate_queries: no two rows of one query in a step's batch, across processes too
     # (hfemb.training.sampling); random: the Trainer's shuffling. training.group_by_length takes precedence.
     batch_sampler: BatchSampler = "no_duplicate_queries"
+    # More eval sets by name, e.g. {"general": "beir/scifact"} to watch forgetting: retrieval / F1 metrics
+    # logged as eval_<name>_<metric> (hfemb.training.evaluator); no loss on them.
+    eval_files: dict[str, str] | None = None
+    embedding_eval: bool = True  # retrieval / F1 metrics of the eval set at each evaluation (false: loss only)
 
 
 @dataclass
@@ -193,6 +197,14 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if d.eval_file and d.eval_ratio:
         raise ConfigError(f"{where}: give 'data.eval_file' or 'data.eval_ratio', not both "
                           "(on the command line: data.eval_file=FILE data.eval_ratio=0)")
+    if d.eval_files is not None:
+        if not isinstance(d.eval_files, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                         for k, v in d.eval_files.items()):
+            raise ConfigError(f"{where}: 'data.eval_files' must be an object {{name: path}}, got {d.eval_files!r}")
+        bad = [k for k in d.eval_files if not k or not all(c.isalnum() or c in "-_" for c in k)]
+        if bad:
+            raise ConfigError(f"{where}: 'data.eval_files' name {bad[0]!r}: use letters, digits, - and _ "
+                              "(metrics are logged as eval_<name>_<metric>)")
     for key in ("query_max_len", "passage_max_len"):
         if getattr(d, key) < 4:
             raise ConfigError(f"{where}: 'data.{key}' must be at least 4, got {getattr(d, key)}")

@@ -22,6 +22,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 import hfemb
+from hfemb.data.beir import is_beir_folder
 from hfemb.data.formats import read_records
 from hfemb.data.records import ColumnMap, Record
 from hfemb.data.splits import split_by_query
@@ -34,6 +35,7 @@ from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.arguments import EmbeddingTrainingArguments
 from hfemb.training.collator import MultiNegCollator
 from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
+from hfemb.training.evaluator import build_evaluators, check_best_metric
 from hfemb.training.merging import merge_adapter
 from hfemb.training.outputs import write_model_cards
 from hfemb.training.resume import (RunLossCallback, checkpoint_step, previous_loss_sum, remove_save_leftovers,
@@ -338,18 +340,23 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     data_report: dict[str, Any] = {}
     cache_dir = out / ".hfemb_cache"
     rows = load_rows(cfg, cfg.data.train_file, cache_dir, data_report, "train")
-    if cfg.data.eval_file:
+    if cfg.data.eval_file and is_beir_folder(cfg.data.eval_file):
+        eval_rows = []  # a retrieval set: metrics from the evaluator only, no eval loss
+    elif cfg.data.eval_file:
         eval_rows = load_rows(cfg, cfg.data.eval_file, cache_dir, data_report, "eval")
     else:
         eval_rows, rows = (split_by_query(rows, cfg.data.eval_ratio, seed, query=itemgetter("query"))
                            if cfg.data.eval_ratio else ([], rows))
         data_report["train"]["rows_after_eval_split"] = len(rows)
         data_report["eval"] = {"from": "eval_ratio", "ratio": cfg.data.eval_ratio, "rows": len(eval_rows)}
+    evaluators = build_evaluators(cfg, eval_rows)  # read before loading the model: bad eval data stops at once
+    data_report["evaluators"] = [ev.describe() for ev in evaluators]
+    check_best_metric(cfg, evaluators, with_loss=bool(eval_rows))
 
     resume_from = resolve_resume(out, resume)  # complete checkpoints only; skipped ones are named
 
     try:
-        args = training_arguments(cfg, has_eval=bool(eval_rows))  # first: under ZeRO-3 the model then loads into shards
+        args = training_arguments(cfg, has_eval=bool(eval_rows) or bool(evaluators))  # first: under ZeRO-3 the model then loads into shards
         from transformers.integrations import get_reporting_integration_callbacks
 
         get_reporting_integration_callbacks(args.report_to)  # an unknown report_to fails here, not after loading
@@ -369,10 +376,10 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     loss_callback = RunLossCallback(previous_loss[0] if previous_loss else None)
     lengths = [len(r["query"]) + len(r["positive"]) + sum(map(len, r["negatives"])) for r in rows]
     trainer = MultiNegEmbeddingTrainer(
-        model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None, data_collator=collator,
-        loss_config=cfg.loss, train_lengths=lengths,
+        model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or ([] if evaluators else None),
+        data_collator=collator, loss_config=cfg.loss, train_lengths=lengths,
         callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from), loss_callback],
-        grad_cache_mini_batch=args.grad_cache_mini_batch,
+        grad_cache_mini_batch=args.grad_cache_mini_batch, evaluators=evaluators,
         no_duplicate_queries=cfg.data.batch_sampler == "no_duplicate_queries",
     )
     loss_callback.trainer = trainer
@@ -380,7 +387,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     result = trainer.train(resume_from_checkpoint=resume_from)
-    final_eval = trainer.evaluate() if eval_rows else {}
+    final_eval = trainer.evaluate() if eval_rows or evaluators else {}
 
     zero3 = zero3_enabled()
     if zero3:

@@ -40,6 +40,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from hfemb.errors import ConfigError
 from hfemb.training.config import LossConfig
 from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
+from hfemb.training.evaluator import run_evaluators
 from hfemb.training.grad_cache import grad_cache_step
 from hfemb.training.loss import LossOutput, info_nce_loss
 from hfemb.training.sampling import NoDuplicateQuerySampler
@@ -101,16 +102,21 @@ class MultiNegEmbeddingTrainer(Trainer):
 
     Extra arguments: ``loss_config`` (temperature, in-batch and cross-device negatives, false-negative
     masking), ``train_lengths`` (per-row lengths for ``train_sampling_strategy="group_by_length"``),
-    ``grad_cache_mini_batch`` (rows per forward pass with GradCache; None/0 = off) and ``no_duplicate_queries``
-    (`hfemb.training.sampling.NoDuplicateQuerySampler` unless rows are grouped by length).
+    ``grad_cache_mini_batch`` (rows per forward pass with GradCache; None/0 = off), ``no_duplicate_queries``
+    (`hfemb.training.sampling.NoDuplicateQuerySampler` unless rows are grouped by length) and ``evaluators``
+    (`hfemb.training.evaluator.EmbeddingEvaluator`: retrieval / F1 metrics of the live model, logged with the
+    eval loss as ``eval_<metric>`` at every evaluation; ``eval_dataset=[]`` when there is no loss set).
     """
 
     loss_is_scaled_for_ga = False  # mean loss per micro-batch: let Trainer divide by accumulation steps
 
     def __init__(self, *args, loss_config: LossConfig | None = None, train_lengths: list[int] | None = None,
-                 grad_cache_mini_batch: int | None = None, no_duplicate_queries: bool = True, **kwargs):
+                 grad_cache_mini_batch: int | None = None, no_duplicate_queries: bool = True,
+                 evaluators: list | None = None, **kwargs):
         kwargs.setdefault("compute_metrics", aggregate_eval_stats)
         super().__init__(*args, **kwargs)
+        self.evaluators = list(evaluators or [])
+        self._embedding_metrics: dict[str, float] | None = None
         self.loss_config = loss_config or LossConfig()
         self.train_lengths = train_lengths
         self.grad_cache_mini_batch = grad_cache_mini_batch or None
@@ -200,6 +206,28 @@ class MultiNegEmbeddingTrainer(Trainer):
                 return loss, None, None
             stats = per_query_stats(q, d, out.logits, out.labels)
         return loss, stats, stats  # labels must be non-None for compute_metrics to run
+
+    # ---- evaluation: the eval loss pass plus the evaluators (hfemb.training.evaluator) -----------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if eval_dataset is not None or not self.evaluators:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = run_evaluators(self.evaluators, self.accelerator.unwrap_model(self.model), metric_key_prefix)
+        if self.eval_dataset is not None and len(self.eval_dataset):
+            self._embedding_metrics = metrics  # merged into the loss pass's metrics (one log row) by evaluation_loop
+            try:
+                return super().evaluate(None, ignore_keys, metric_key_prefix)
+            finally:
+                self._embedding_metrics = None
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self._embedding_metrics:
+            output.metrics.update(self._embedding_metrics)
+        return output
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         metrics = self._metrics["train"]

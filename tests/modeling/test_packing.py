@@ -228,7 +228,7 @@ def test_eval_and_serve_options(tiny_qwen3):
     from hfemb.commands import eval as eval_command
     from hfemb.commands import serve as serve_command
     from hfemb.evaluation.encoders import load_encoder
-    from hfemb.evaluation.evaluate import EvalSettings
+    from hfemb.evaluation.settings import EvalSettings
 
     assert load_encoder(tiny_qwen3, EvalSettings(device="cpu")).padding_free is True  # auto
     assert load_encoder(tiny_qwen3, EvalSettings(device="cpu", padding_free="false")).padding_free is False
