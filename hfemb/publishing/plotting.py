@@ -297,8 +297,8 @@ def draw_training_curves(log: TrainLog, *, title: str | None = None, output_dir:
 
     if quality:
         colors = ["tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:olive"]
-        for ax, (title, keys) in zip(axes[3], quality):
-            ax.set_title(title)
+        for ax, (panel_title, keys) in zip(axes[3], quality):
+            ax.set_title(panel_title)
             for i, (key, label) in enumerate(keys):
                 _line(ax, log, key, label, colors[i % len(colors)])
             ax.set_ylabel("metric (higher is better)")
