@@ -66,6 +66,13 @@ class MultiNegCollator:
         docs = [text for f in features for text in (f["positive"], *f["negatives"])]  # B*(1+N)
         doc_text_ids = torch.tensor([text_id(t) for t in docs], dtype=torch.long)
         query_text_ids = torch.tensor([text_id(t) for t in queries], dtype=torch.long)
+        teacher = [f.get("teacher_scores") for f in features]
+        if any(t is not None for t in teacher) and not all(
+                isinstance(t, (list, tuple)) and len(t) == 1 + self.num_negatives for t in teacher):
+            bad = next(i for i, t in enumerate(teacher) if not isinstance(t, (list, tuple))
+                       or len(t) != 1 + self.num_negatives)
+            raise DataError(f"{_where(features[bad], bad)}: expected {1 + self.num_negatives} teacher scores "
+                            "(positive, then each negative) like the other rows", field="teacher_scores")
         q = self.model.tokenize(queries, is_query=True, max_length=self.query_max_len)
         d = self.model.tokenize(docs, is_query=False, max_length=self.passage_max_len)
         return {
@@ -73,4 +80,6 @@ class MultiNegCollator:
             "doc_input_ids": d["input_ids"], "doc_attention_mask": d["attention_mask"],  # [B*(1+N), Td]
             "doc_text_ids": doc_text_ids,  # [B*(1+N)] equal id <=> identical text, in every process
             "query_text_ids": query_text_ids,  # [B] the same for queries (query-query negatives)
+            **({"teacher_scores": torch.tensor(teacher, dtype=torch.float32)}  # [B, 1+N] (distillation)
+               if teacher[0] is not None else {}),
         }

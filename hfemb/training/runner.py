@@ -19,6 +19,7 @@ from typing import Any
 
 from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
 from hfemb.data.formats import Record
+from hfemb.training.teacher_scores import row_teacher_scores
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json
 
@@ -37,9 +38,26 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> t
             short += len(rec.positives)
             continue
         for j, pos in enumerate(rec.positives):
-            chosen = negs if len(negs) == num_negatives else random.Random(f"{seed}/{i}/{j}").sample(negs, num_negatives)
-            rows.append({"query": rec.query, "positive": pos, "negatives": list(chosen)})
+            picked = range(len(negs)) if len(negs) == num_negatives else \
+                random.Random(f"{seed}/{i}/{j}").sample(range(len(negs)), num_negatives)  # = sample(negs, n)
+            row = {"query": rec.query, "positive": pos, "negatives": [negs[k] for k in picked]}
+            teacher = row_teacher_scores(rec.extra, rec.source, j, picked, len(rec.positives), len(negs))
+            if teacher is not None:
+                row["teacher_scores"] = teacher  # [1 + N] (hfemb mine --teacher, or FlagEmbedding's pos/neg_scores)
+            rows.append(row)
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
+
+
+def check_teacher_scores(rows: list[dict], cfg: TrainConfig) -> None:
+    """Teacher scores on every training row or on none; an explicit ``loss.distill_weight`` needs them."""
+    with_scores = sum("teacher_scores" in r for r in rows)
+    if 0 < with_scores < len(rows):
+        raise ConfigError(f"{cfg.data.train_file}: {with_scores} of {len(rows)} training rows carry teacher scores "
+                          "(pos_scores/neg_scores); give them for every row or for none")
+    if cfg.loss.distill_weight and not with_scores:
+        raise ConfigError(f"{cfg.source or 'config'}: 'loss.distill_weight' is {cfg.loss.distill_weight} but the "
+                          f"rows of {cfg.data.train_file} carry no teacher scores (mine with `hfemb mine --teacher "
+                          "MODEL`, or give FlagEmbedding's pos_scores/neg_scores)")
 
 
 UNRANKED_FORMATS = ("pool", "pairs", "wikiqa", "case_candidates")  # labelled pools: their negatives are not selected yet
@@ -279,6 +297,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         data_report["train"]["rows_after_eval_split"] = len(rows)
         data_report["eval"] = {"from": "eval_ratio", "ratio": cfg.data.eval_ratio, "rows": len(eval_rows)}
 
+    check_teacher_scores(rows, cfg)
     resume_from = None
     if resume:
         if isinstance(resume, str) and not os.path.isdir(resume):
