@@ -199,6 +199,10 @@ def main() -> int:
                         help="trainings to leave out (2x: hfemb full with twice the epochs, about the peer's wall time)")
     parser.add_argument("--ablate", nargs="*", default=None, metavar="NAME",
                         help=f"also train hfemb variants, compared on dev: {', '.join(ABLATIONS)} (none given: all)")
+    parser.add_argument("--recipe", action="store_true",
+                        help="also the recipe rows (bench/quality_recipe.py): base mpnet, dense / hybrid mining, the "
+                             "positive-aware filter, distillation from mpnet, merging, Matryoshka, the chosen "
+                             "defaults; dev decides, test with paired intervals vs the peer and vs base mpnet")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 training rows, 100 bootstrap resamples")
     parser.add_argument("--out", default=DEFAULT_OUT, help="training runs and evaluation reports (runs with the "
                         "same settings are reused)")
@@ -269,19 +273,26 @@ def main() -> int:
         ablation_md = "\n\nAblations, judged on dev only (best F1 over thresholds on dev, ROC-AUC on dev):\n\n" + \
             dev_table(ablation_report, runs, variants)
 
+    recipe_md, recipe_report = "", None
+    if args.recipe:
+        from quality_recipe import run_recipe
+
+        recipe_md, recipe_report = run_recipe(shared, out, data_dir, spawn, run_eval, runs, base, dev, test,
+                                              args.n_bootstrap)
+
     data = report["data"]
     command = "python bench/bench_quality.py " + " ".join(a for a in sys.argv[1:])
     md = (f"WikiQA test: {data['eval']['queries']} questions, {data['eval']['pairs']} pairs "
           f"({data['eval']['positive_pairs']} positive); dev: {data['dev']['queries']} questions, {data['dev']['pairs']} "
           f"pairs. Training: {next(iter(runs.values()))['rows'] if runs else 0} mined rows (pool mode, 1 hard + 2 easy), "
           f"{args.epochs:g} epoch(s), batch {args.batch}, lr {args.lr:g} (hfemb LoRA: {LORA_LR:g}), warmup {args.warmup:g}, "
-          f"seed {args.seed}, {args.threads} torch thread(s) per training, CPU.\n\n" + table + ablation_md +
+          f"seed {args.seed}, {args.threads} torch thread(s) per training, CPU.\n\n" + table + ablation_md + recipe_md +
           f"\n\nCommand: `{command.strip()}` ({time.time() - started:.0f} s).")
     print("\n" + md)
     other_out = Path(args.out).resolve() != Path(DEFAULT_OUT).resolve()
     name = "bench_quality" + ("_quick" if args.quick else "") + (f"_{Path(args.out).name}" if other_out else "")
     path, _ = common.write_outputs(name, md + "\n", {
-        "eval": report, "ablation_eval": ablation_report, "runs": runs, "mining_report": mining_report,
+        "eval": report, "ablation_eval": ablation_report, "recipe": recipe_report, "runs": runs, "mining_report": mining_report,
         "settings": vars(args), "seconds": round(time.time() - started, 1)})
     print(f"\nwritten: {path} (+ .json); evaluation reports under {out}")
     return 0

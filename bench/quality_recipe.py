@@ -1,0 +1,160 @@
+"""The recipe rows of ``bench_quality.py --recipe``: model-aware mining, distillation, merging and Matryoshka
+on WikiQA with all-MiniLM-L6-v2 as the student and the real all-mpnet-base-v2 as the big base and teacher.
+
+Every row trains on the same 873 questions' rows (one per positive, 1 hard + 2 easy negatives; only how the
+negatives are chosen and whether teacher scores come along differ), for the same epochs, batch, learning
+rate and seed as the peer. Decisions are taken on **dev** (dev table); test numbers come last, with paired
+query-bootstrap intervals of the F1 difference against the peer and against base mpnet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+
+MPNET = os.environ.get("HFEMB_MPNET", "/work/models/all-mpnet-base-v2")
+
+# tag: (what, `hfemb mine` arguments beyond pool mode + regex tokens + the default 1 hard + 2 easy)
+MINED = {
+    "dense": ("negatives ranked by mpnet's cosine", ["--scorer", "dense", "--model", MPNET]),
+    "hybrid": ("negatives ranked by RRF of BM25 and mpnet", ["--scorer", "hybrid", "--model", MPNET]),
+    "hybrid-filter95": ("hybrid + positive-aware filter (drop candidates mpnet scores above 0.95 x the positive)",
+                        ["--scorer", "hybrid", "--model", MPNET, "--max-relative-score", "0.95"]),
+    "bm25-teacher": ("BM25 negatives + mpnet teacher scores (distillation on by default)", ["--teacher", MPNET]),
+    "hybrid-teacher": ("hybrid + mpnet teacher scores: `--scorer hybrid --model MPNET --teacher MPNET`",
+                       ["--scorer", "hybrid", "--model", MPNET, "--teacher", MPNET]),
+    "hybrid-filter95-teacher": ("hybrid + filter 0.95 + teacher scores",
+                                ["--scorer", "hybrid", "--model", MPNET, "--max-relative-score", "0.95",
+                                 "--teacher", MPNET]),
+}
+
+# label: (what, mined tag or None = BM25 default, hfemb spec overrides)
+LEVERS = {
+    "hfemb dense mining": ("dense", {}),
+    "hfemb hybrid mining": ("hybrid", {}),
+    "hfemb hybrid + positive-aware filter": ("hybrid-filter95", {}),
+    "hfemb distillation from mpnet (BM25 negatives)": ("bm25-teacher", {}),
+    "hfemb Matryoshka 384/256/128/64": (None, {"loss": {"matryoshka_dims": [384, 256, 128, 64]}}),
+    "hfemb hybrid + teacher (defaults)": ("hybrid-teacher", {}),
+}
+MERGE_ALPHA = 0.5  # LM-Cocktail-style merge of the tuned BM25-default model with its base
+TRUNCATE_DIM = 128
+
+
+def mine(tag: str, data_dir: Path) -> tuple[Path, dict]:
+    """Mined rows for ``tag`` (cached by file name), via the `hfemb mine` command line."""
+    source = common.wikiqa_split_file("train", data_dir)
+    out = data_dir / f"wikiqa-train.mined.{tag}.jsonl"
+    if not out.exists():
+        started = time.time()
+        argv = [sys.executable, "-m", "hfemb", "mine", "--input", str(source), "--output", str(out), "--mode", "pool",
+                "--tokenizer", "regex", *MINED[tag][1]]
+        subprocess.run(argv, check=True, env={**os.environ, "PYTHONPATH": str(common.ROOT)})
+        print(f"  mined {tag} in {time.time() - started:.0f} s", flush=True)
+    return out, json.loads(Path(f"{out}.report.json").read_text())
+
+
+def merged_model(tuned: str, base: str, out: Path, alpha: float = MERGE_ALPHA) -> tuple[str, float]:
+    from hfemb.modeling.merge_weights import merge_weights
+
+    target = out / "runs" / f"merged-alpha{alpha:g}"
+    started = time.time()
+    if not (target / "merge.json").exists() or json.loads((target / "merge.json").read_text())["tuned"] != tuned:
+        merge_weights(base, tuned, target, alpha, "linear")
+    return str(target), time.time() - started
+
+
+def dev_and_test(run_eval, models: dict[str, str], dev: Path, test: Path, out: Path, n_bootstrap: int,
+                 references: list[str]) -> tuple[dict, dict[str, dict]]:
+    """Dev report (every model, thresholds irrelevant: best F1 / AUC / MRR on dev) and, per reference model,
+    a test report with that model first (paired F1 differences against it)."""
+    dev_report = run_eval(models, None, dev, out / "eval_recipe_dev", n_bootstrap)
+    tests = {}
+    for ref in references:
+        ordered = {ref: models[ref], **{k: v for k, v in models.items() if k != ref}}
+        tag = "peer" if "MNRL" in ref else "mpnet"
+        tests[ref] = run_eval(ordered, test, dev, out / f"eval_recipe_test_vs_{tag}", n_bootstrap)
+    return dev_report, tests
+
+
+def truncated_eval(models: dict[str, str], dev: Path, test: Path, out: Path, n_bootstrap: int) -> dict:
+    from hfemb.evaluation.evaluate import evaluate
+
+    return evaluate(models, str(test), dev_path=str(dev), thresholds="0.4:0.7", output_dir=str(out / "eval_recipe_128"),
+                    print_table=False, batch_size=32, n_bootstrap=n_bootstrap, plots=False, show_progress=False,
+                    truncate_dim=TRUNCATE_DIM)
+
+
+def recipe_table(dev_report: dict, tests: dict[str, dict], runs: dict, whats: dict, peer: str, mpnet: str) -> str:
+    lines = ["| model | what changes | dev best F1 | dev AUC | dev MRR@10 | test F1 @ dev thr. | ΔF1 vs peer [95% CI] | "
+             "ΔF1 vs base mpnet [95% CI] | best test F1 | test AUC | test MRR@10 | train wall (s) |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+    vs_peer, vs_mpnet = tests[peer]["models"], tests[mpnet]["models"]
+    for name, res in vs_peer.items():
+        d = dev_report["models"][name]
+        dmrr = (d.get("ranking") or {}).get("mrr@10", float("nan"))
+        mrr = (res.get("ranking") or {}).get("mrr@10", float("nan"))
+
+        def diff(r):
+            ci = r.get("f1_diff_vs_first_ci")
+            return f"{r['f1_diff_vs_first']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
+
+        run = runs.get(name)
+        wall = f"{run['wall_seconds']:.0f}" if run and "wall_seconds" in run else "-"
+        lines.append(f"| {name} | {whats.get(name, '')} | {d['best_f1']:.3f} | {d['roc_auc']:.3f} | {dmrr:.3f} | "
+                     f"{res['f1_at_chosen']:.3f} | {diff(res) if name != peer else '(reference)'} | "
+                     f"{diff(vs_mpnet[name]) if name != mpnet else '(reference)'} | {res['best_f1']:.3f} | "
+                     f"{res['roc_auc']:.3f} | {mrr:.3f} | {wall} |")
+    return "\n".join(lines)
+
+
+def truncated_table(report: dict) -> str:
+    lines = [f"| model at {TRUNCATE_DIM} dims | test F1 @ dev thr. [95% CI] | best test F1 | test AUC | test MRR@10 |",
+             "|---|---|---:|---:|---:|"]
+    for name, res in report["models"].items():
+        ci = res.get("f1_at_chosen_ci") or [float("nan")] * 2
+        mrr = (res.get("ranking") or {}).get("mrr@10", float("nan"))
+        lines.append(f"| {name} | {res['f1_at_chosen']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {res['best_f1']:.3f} | "
+                     f"{res['roc_auc']:.3f} | {mrr:.3f} |")
+    return "\n".join(lines)
+
+
+def run_recipe(shared: dict, out: Path, data_dir: Path, spawn, run_eval, runs: dict, base: str, dev: Path,
+               test: Path, n_bootstrap: int) -> tuple[str, dict]:
+    """Train the lever rows, merge, evaluate on dev and test; returns (markdown, raw reports)."""
+    peer, default = "sentence-transformers MNRL", "hfemb full"
+    whats = {peer: "the peer: ST MNRL on the BM25 rows", default: "hfemb defaults on the BM25 rows (today)",
+             "base all-MiniLM-L6-v2": "the student, untuned", "base all-mpnet-base-v2": "the big base model (5x)"}
+    mining_reports = {}
+    for label, (tag, overrides) in LEVERS.items():
+        file = mine(tag, data_dir) if tag else (Path(shared["train_file"]), None)
+        if tag:
+            mining_reports[tag] = file[1]
+        name = "recipe-" + label.split("hfemb ", 1)[1].replace(" ", "-").replace("/", "-").replace("+", "p")[:40]
+        spec = {**shared, "train_file": str(file[0]), "name": name, **overrides, "out": str(out / "runs" / name)}
+        print(f"training {label} ...", flush=True)
+        runs[label] = spawn("hfemb", spec, out)
+        whats[label] = MINED[tag][0] if tag else "Matryoshka loss at 384/256/128/64 (BM25 rows)"
+    merged, merge_seconds = merged_model(runs[default]["model_dir"], base, out)
+    merge_label = f"hfemb merged with base (alpha {MERGE_ALPHA:g})"
+    whats[merge_label] = f"(1-a) x base + a x tuned BM25-default weights, {merge_seconds:.0f} s"
+    models = {peer: runs[peer]["model_dir"], "base all-mpnet-base-v2": MPNET, "base all-MiniLM-L6-v2": base,
+              default: runs[default]["model_dir"], **{label: runs[label]["model_dir"] for label in LEVERS},
+              merge_label: merged}
+    print("evaluating the recipe rows on dev and test ...", flush=True)
+    dev_report, tests = dev_and_test(run_eval, models, dev, test, out, n_bootstrap, [peer, "base all-mpnet-base-v2"])
+    trunc = truncated_eval({k: models[k] for k in (peer, default, "hfemb Matryoshka 384/256/128/64")}, dev, test, out,
+                           n_bootstrap)
+    md = ("\n\nRecipe rows (same rows, epochs, batch, lr and seed; dev columns decide, test columns report):\n\n" +
+          recipe_table(dev_report, tests, runs, whats, peer, "base all-mpnet-base-v2") +
+          f"\n\nAt {TRUNCATE_DIM} dimensions (first {TRUNCATE_DIM} coordinates, re-normalised; threshold chosen on dev):\n\n" +
+          truncated_table(trunc) + "\n\nMining: " + "; ".join(
+              f"{tag} {rep['total_seconds']:.0f} s ({rep['rows_written']} rows, "
+              f"{rep['score_filtered_candidates']} candidates filtered)" for tag, rep in mining_reports.items()))
+    return md, {"dev": dev_report, "tests": tests, "truncated": trunc, "mining": mining_reports}
