@@ -203,6 +203,7 @@ def main() -> int:
                         help="also the recipe rows (bench/quality_recipe.py): base mpnet, dense / hybrid mining, the "
                              "positive-aware filter, distillation from mpnet, merging, Matryoshka, the chosen "
                              "defaults; dev decides, test with paired intervals vs the peer and vs base mpnet")
+    parser.add_argument("--recipe-only", nargs="+", metavar="I", help=argparse.SUPPRESS)  # train levers I.. and stop
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 training rows, 100 bootstrap resamples")
     parser.add_argument("--out", default=DEFAULT_OUT, help="training runs and evaluation reports (runs with the "
                         "same settings are reused)")
@@ -228,6 +229,11 @@ def main() -> int:
     shared = {"model": base, "batch": args.batch, "epochs": args.epochs, "lr": args.lr, "warmup": args.warmup,
               "seed": args.seed, "threads": args.threads, "train_file": str(train_file)}
 
+    if args.recipe_only:  # a helper process: train only these recipe rows (the full run reuses them)
+        from quality_recipe import run_recipe
+
+        run_recipe(shared, out, data_dir, spawn, None, {}, base, dev, test, 0, args.recipe_only)
+        return 0
     runs: dict[str, dict] = {}
     label_2x = f"hfemb full, {2 * args.epochs:g} epochs (the peer's time budget)"
     plan = [("sentence-transformers MNRL", "st", {"name": "st"}),
@@ -278,7 +284,7 @@ def main() -> int:
         from quality_recipe import run_recipe
 
         recipe_md, recipe_report = run_recipe(shared, out, data_dir, spawn, run_eval, runs, base, dev, test,
-                                              args.n_bootstrap)
+                                              args.n_bootstrap, args.recipe_only)
 
     data = report["data"]
     command = "python bench/bench_quality.py " + " ".join(a for a in sys.argv[1:])

@@ -19,19 +19,21 @@ from pathlib import Path
 import common
 
 MPNET = os.environ.get("HFEMB_MPNET", "/work/models/all-mpnet-base-v2")
+# The model that ranks candidates for dense / hybrid mining. Default: the student's own base (MiniLM,
+# "the base itself" / ANCE-style); HFEMB_MINING_MODEL=$MPNET ranks with the big model instead (5x the
+# encoding time: ~9,200 pool texts, too slow for the shared 2-core machine this table was measured on).
+MINING_MODEL = os.environ.get("HFEMB_MINING_MODEL") or common.minilm_path()
+_RANKER = "mpnet" if MINING_MODEL == MPNET else "MiniLM"
 
 # tag: (what, `hfemb mine` arguments beyond pool mode + regex tokens + the default 1 hard + 2 easy)
 MINED = {
-    "dense": ("negatives ranked by mpnet's cosine", ["--scorer", "dense", "--model", MPNET]),
-    "hybrid": ("negatives ranked by RRF of BM25 and mpnet", ["--scorer", "hybrid", "--model", MPNET]),
-    "hybrid-filter95": ("hybrid + positive-aware filter (drop candidates mpnet scores above 0.95 x the positive)",
-                        ["--scorer", "hybrid", "--model", MPNET, "--max-relative-score", "0.95"]),
+    "dense": (f"negatives ranked by {_RANKER}'s cosine", ["--scorer", "dense", "--model", MINING_MODEL]),
+    "hybrid": (f"negatives ranked by RRF of BM25 and {_RANKER}", ["--scorer", "hybrid", "--model", MINING_MODEL]),
+    "hybrid-filter95": (f"hybrid + positive-aware filter (drop candidates {_RANKER} scores above 0.95 x the positive)",
+                        ["--scorer", "hybrid", "--model", MINING_MODEL, "--max-relative-score", "0.95"]),
     "bm25-teacher": ("BM25 negatives + mpnet teacher scores (distillation on by default)", ["--teacher", MPNET]),
-    "hybrid-teacher": ("hybrid + mpnet teacher scores: `--scorer hybrid --model MPNET --teacher MPNET`",
-                       ["--scorer", "hybrid", "--model", MPNET, "--teacher", MPNET]),
-    "hybrid-filter95-teacher": ("hybrid + filter 0.95 + teacher scores",
-                                ["--scorer", "hybrid", "--model", MPNET, "--max-relative-score", "0.95",
-                                 "--teacher", MPNET]),
+    "hybrid-teacher": (f"hybrid ({_RANKER}) + mpnet teacher scores (distillation on by default)",
+                       ["--scorer", "hybrid", "--model", MINING_MODEL, "--teacher", MPNET]),
 }
 
 # label: (what, mined tag or None = BM25 default, hfemb spec overrides)
@@ -126,13 +128,16 @@ def truncated_table(report: dict) -> str:
 
 
 def run_recipe(shared: dict, out: Path, data_dir: Path, spawn, run_eval, runs: dict, base: str, dev: Path,
-               test: Path, n_bootstrap: int) -> tuple[str, dict]:
-    """Train the lever rows, merge, evaluate on dev and test; returns (markdown, raw reports)."""
+               test: Path, n_bootstrap: int, only: list[str] | None = None) -> tuple[str, dict]:
+    """Train the lever rows, merge, evaluate on dev and test; returns (markdown, raw reports). ``only``: train
+    just these levers (by position in LEVERS, e.g. to train in two processes at once) and stop."""
     peer, default = "sentence-transformers MNRL", "hfemb full"
     whats = {peer: "the peer: ST MNRL on the BM25 rows", default: "hfemb defaults on the BM25 rows (today)",
              "base all-MiniLM-L6-v2": "the student, untuned", "base all-mpnet-base-v2": "the big base model (5x)"}
     mining_reports = {}
-    for label, (tag, overrides) in LEVERS.items():
+    for i, (label, (tag, overrides)) in enumerate(LEVERS.items()):
+        if only is not None and str(i) not in only:
+            continue
         file = mine(tag, data_dir) if tag else (Path(shared["train_file"]), None)
         if tag:
             mining_reports[tag] = file[1]
@@ -141,6 +146,8 @@ def run_recipe(shared: dict, out: Path, data_dir: Path, spawn, run_eval, runs: d
         print(f"training {label} ...", flush=True)
         runs[label] = spawn("hfemb", spec, out)
         whats[label] = MINED[tag][0] if tag else "Matryoshka loss at 384/256/128/64 (BM25 rows)"
+    if only is not None:
+        return "", {}
     merged, merge_seconds = merged_model(runs[default]["model_dir"], base, out)
     merge_label = f"hfemb merged with base (alpha {MERGE_ALPHA:g})"
     whats[merge_label] = f"(1-a) x base + a x tuned BM25-default weights, {merge_seconds:.0f} s"

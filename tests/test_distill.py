@@ -180,3 +180,27 @@ def test_trainer_adds_the_distillation_term_and_grad_cache_agrees(tiny_qwen3, tm
     with torch.no_grad():
         torch.testing.assert_close(off._loss(q, d, batch).loss, info_nce_loss(
             q, d, group_size=1 + N, doc_text_ids=batch["doc_text_ids"]).loss)
+
+
+def test_run_training_with_teacher_scores_and_matryoshka_writes_the_dims(tiny_qwen3, tmp_path, rows):
+    from hfemb.training.runner import run_training
+
+    data = tmp_path / "mined.jsonl"
+    data.write_text("".join(json.dumps({"query": r["query"], "positive": r["positive"], "negative": r["negatives"],
+                                        "pos_scores": r["teacher_scores"][:1], "neg_scores": r["teacher_scores"][1:]},
+                                       ensure_ascii=False) + "\n" for r in rows))
+    raw = {"model": {"name_or_path": tiny_qwen3, "finetune_type": "full", "torch_dtype": "float32"},
+           "data": {"train_file": str(data), "num_negatives": N, "mine": False},
+           "loss": {"matryoshka_dims": [64, 32]},
+           "training": {"output_dir": str(tmp_path / "out"), "report_to": "none", "save_strategy": "no",
+                        "max_steps": 1, "per_device_train_batch_size": B, "disable_tqdm": True,
+                        "dataloader_pin_memory": False}}
+    summary = run_training(config_from_dict(raw))
+    assert math.isfinite(summary["train"]["train_loss"])
+    info = json.loads((tmp_path / "out" / "merged" / "matryoshka.json").read_text())
+    assert info["dims"] == [64, 32] and info["weights"] == [1.0, 1.0]
+    raw["loss"] = {"distill_weight": 1.0}
+    data.write_text("".join(json.dumps({"query": r["query"], "positive": r["positive"], "negative": r["negatives"]},
+                                       ensure_ascii=False) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match="carry no teacher scores"):
+        run_training(config_from_dict(raw))

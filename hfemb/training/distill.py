@@ -63,3 +63,18 @@ def matryoshka_loss(q: torch.Tensor, d: torch.Tensor, loss_fn: Callable[[torch.T
         total = term if total is None else total + term
     return total
 
+
+
+MATRYOSHKA_FILE = "matryoshka.json"
+
+
+def write_matryoshka_info(model_dir, dims: Sequence[int], weights: Sequence[float] | None) -> None:
+    """``model_dir/matryoshka.json``: the dimensions the model was trained to be truncated to."""
+    from pathlib import Path
+
+    from hfemb.io_utils import write_json
+
+    if Path(model_dir).is_dir():
+        write_json(Path(model_dir) / MATRYOSHKA_FILE, {
+            "dims": list(dims), "weights": list(weights) if weights is not None else [1.0] * len(dims),
+            "use": "run_eval.py --truncate-dim N, or SentenceTransformer(path, truncate_dim=N)"})

@@ -333,6 +333,11 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         save_outputs_zero3(trainer, cfg, out)  # every process takes part in gathering the weights
     elif trainer.is_world_process_zero():
         save_outputs(trainer.model, cfg, out)
+    if cfg.loss.matryoshka_dims and trainer.is_world_process_zero():
+        from hfemb.training.distill import write_matryoshka_info
+
+        for folder in ("merged", "adapter"):
+            write_matryoshka_info(out / folder, cfg.loss.matryoshka_dims, cfg.loss.matryoshka_weights)
     summary = {
         "config": cfg.to_dict(),
         "config_file": cfg.source,
