@@ -138,10 +138,13 @@ def run_recipe(shared: dict, out: Path, data_dir: Path, spawn, run_eval, runs: d
     for i, (label, (tag, overrides)) in enumerate(LEVERS.items()):
         if only is not None and str(i) not in only:
             continue
+        name = "recipe-" + label.split("hfemb ", 1)[1].replace(" ", "-").replace("/", "-").replace("+", "p")[:40]
+        if os.environ.get("HFEMB_RECIPE_FINISHED_ONLY") and not (out / "runs" / name / "bench_result.json").exists():
+            print(f"skipping {label}: not trained (HFEMB_RECIPE_FINISHED_ONLY)", flush=True)
+            continue
         file = mine(tag, data_dir) if tag else (Path(shared["train_file"]), None)
         if tag:
             mining_reports[tag] = file[1]
-        name = "recipe-" + label.split("hfemb ", 1)[1].replace(" ", "-").replace("/", "-").replace("+", "p")[:40]
         spec = {**shared, "train_file": str(file[0]), "name": name, **overrides, "out": str(out / "runs" / name)}
         print(f"training {label} ...", flush=True)
         runs[label] = spawn("hfemb", spec, out)
@@ -152,12 +155,12 @@ def run_recipe(shared: dict, out: Path, data_dir: Path, spawn, run_eval, runs: d
     merge_label = f"hfemb merged with base (alpha {MERGE_ALPHA:g})"
     whats[merge_label] = f"(1-a) x base + a x tuned BM25-default weights, {merge_seconds:.0f} s"
     models = {peer: runs[peer]["model_dir"], "base all-mpnet-base-v2": MPNET, "base all-MiniLM-L6-v2": base,
-              default: runs[default]["model_dir"], **{label: runs[label]["model_dir"] for label in LEVERS},
+              default: runs[default]["model_dir"], **{label: runs[label]["model_dir"] for label in LEVERS if label in runs},
               merge_label: merged}
     print("evaluating the recipe rows on dev and test ...", flush=True)
     dev_report, tests = dev_and_test(run_eval, models, dev, test, out, n_bootstrap, [peer, "base all-mpnet-base-v2"])
-    trunc = truncated_eval({k: models[k] for k in (peer, default, "hfemb Matryoshka 384/256/128/64")}, dev, test, out,
-                           n_bootstrap)
+    trunc = truncated_eval({k: models[k] for k in (peer, default, "hfemb Matryoshka 384/256/128/64") if k in models},
+                           dev, test, out, n_bootstrap)
     md = ("\n\nRecipe rows (same rows, epochs, batch, lr and seed; dev columns decide, test columns report):\n\n" +
           recipe_table(dev_report, tests, runs, whats, peer, "base all-mpnet-base-v2") +
           f"\n\nAt {TRUNCATE_DIM} dimensions (first {TRUNCATE_DIM} coordinates, re-normalised; threshold chosen on dev):\n\n" +
