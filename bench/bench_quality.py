@@ -92,6 +92,10 @@ def worker(kind: str, spec_json: str) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     result = (train_hfemb if kind == "hfemb" else train_st)(spec)
+    if spec.get("encode_after"):  # warm the evaluation's embedding cache in this process (parallel runs)
+        from quality_recipe import encode_for_eval
+
+        encode_for_eval(result["model_dir"], spec["encode_after"])
     result.update(peak_rss_mb=common.peak_rss_mb(), load_avg=common.uptime_load(), threads=torch.get_num_threads())
     print("RESULT " + json.dumps(result))
 
@@ -204,6 +208,10 @@ def main() -> int:
                              "positive-aware filter, distillation from mpnet, merging, Matryoshka, the chosen "
                              "defaults; dev decides, test with paired intervals vs the peer and vs base mpnet")
     parser.add_argument("--recipe-only", nargs="+", metavar="I", help=argparse.SUPPRESS)  # train levers I.. and stop
+    parser.add_argument("--train-questions", type=int, default=0,
+                        help="--recipe: train on the first N training questions only (0: all 873)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="--recipe: trainings (and minings) run this many at a time")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 training rows, 100 bootstrap resamples")
     parser.add_argument("--out", default=DEFAULT_OUT, help="training runs and evaluation reports (runs with the "
                         "same settings are reused)")
@@ -229,6 +237,10 @@ def main() -> int:
     shared = {"model": base, "batch": args.batch, "epochs": args.epochs, "lr": args.lr, "warmup": args.warmup,
               "seed": args.seed, "threads": args.threads, "train_file": str(train_file)}
 
+    if args.recipe and not args.recipe_only:  # the recipe table: its own training set, rows trained in parallel
+        from quality_recipe import recipe_main
+
+        return recipe_main(args, shared, out, data_dir, spawn, run_eval, base, dev, test, started)
     if args.recipe_only:  # a helper process: train only these recipe rows (the full run reuses them)
         from quality_recipe import run_recipe
 

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import common
@@ -27,6 +28,7 @@ _RANKER = "mpnet" if MINING_MODEL == MPNET else "MiniLM"
 
 # tag: (what, `hfemb mine` arguments beyond pool mode + regex tokens + the default 1 hard + 2 easy)
 MINED = {
+    "default": ("BM25, `hfemb mine` defaults", []),
     "dense": (f"negatives ranked by {_RANKER}'s cosine", ["--scorer", "dense", "--model", MINING_MODEL]),
     "hybrid": (f"negatives ranked by RRF of BM25 and {_RANKER}", ["--scorer", "hybrid", "--model", MINING_MODEL]),
     "hybrid-filter95": (f"hybrid + positive-aware filter (drop candidates {_RANKER} scores above 0.95 x the positive)",
@@ -49,10 +51,34 @@ MERGE_ALPHA = 0.5  # LM-Cocktail-style merge of the tuned BM25-default model wit
 TRUNCATE_DIM = 128
 
 
-def mine(tag: str, data_dir: Path) -> tuple[Path, dict]:
-    """Mined rows for ``tag`` (cached by file name), via the `hfemb mine` command line."""
+def train_source(data_dir: Path, questions: int = 0) -> Path:
+    """WikiQA train pools (questions with a positive), or only the first ``questions`` of them."""
     source = common.wikiqa_split_file("train", data_dir)
-    out = data_dir / f"wikiqa-train.mined.{tag}.jsonl"
+    if not questions:
+        return source
+    small = data_dir / f"wikiqa-train.q{questions}.pos.jsonl"
+    if not small.exists():
+        small.write_text("".join(source.read_text().splitlines(keepends=True)[:questions]))
+    return small
+
+
+def encode_for_eval(model_dir: str, files: list[str]) -> None:
+    """Encode the queries and candidates of ``files`` with ``model_dir`` through the evaluation's cache."""
+    from hfemb.data.formats import read_records
+    from hfemb.evaluation.encoders import encode_texts
+    from hfemb.evaluation.evaluate import EvalSettings
+
+    records = [r for f in files for r in read_records(f).records]
+    queries = list(dict.fromkeys(r.query for r in records))
+    docs = list(dict.fromkeys(t for r in records for t, _ in r.candidates))
+    encode_texts(model_dir, "prewarm", queries, docs, EvalSettings(show_progress=False, plots=False))
+
+
+def mine(tag: str, data_dir: Path, source: Path | None = None) -> tuple[Path, dict]:
+    """Mined rows for ``tag`` (cached by file name), via the `hfemb mine` command line."""
+    source = source or common.wikiqa_split_file("train", data_dir)
+    stem = source.name.replace(".pos.jsonl", "")
+    out = data_dir / f"{stem}.mined.{tag}.jsonl"
     if not out.exists():
         started = time.time()
         argv = [sys.executable, "-m", "hfemb", "mine", "--input", str(source), "--output", str(out), "--mode", "pool",
@@ -151,6 +177,26 @@ def run_recipe(shared: dict, out: Path, data_dir: Path, spawn, run_eval, runs: d
         whats[label] = MINED[tag][0] if tag else "Matryoshka loss at 384/256/128/64 (BM25 rows)"
     if only is not None:
         return "", {}
+    return evaluate_recipe(runs, out, base, dev, test, n_bootstrap, {t: (None, r) for t, r in mining_reports.items()})
+
+
+def evaluate_recipe(runs: dict, out: Path, base: str, dev: Path, test: Path, n_bootstrap: int, mined: dict
+                    ) -> tuple[str, dict]:
+    """Merge, then evaluate every trained row on dev and test; returns (markdown, raw reports)."""
+    from hfemb.evaluation.evaluate import evaluate
+
+    def run_eval(models, test_file, dev_file, folder, n):
+        data = test_file if test_file is not None else dev_file
+        return evaluate(models, str(data), dev_path=str(dev_file) if test_file is not None else None,
+                        thresholds="0.4:0.7", output_dir=str(folder), print_table=False, batch_size=32,
+                        n_bootstrap=n, plots=False, show_progress=False)
+
+    peer, default = "sentence-transformers MNRL", "hfemb full"
+    whats = {peer: "the peer: ST MNRL on the BM25 rows", default: "hfemb defaults on the BM25 rows (today)",
+             "base all-MiniLM-L6-v2": "the student, untuned", "base all-mpnet-base-v2": "the big base model (5x)"}
+    for label, (tag, _) in LEVERS.items():
+        whats[label] = MINED[tag][0] if tag else "Matryoshka loss at 384/256/128/64 (BM25 rows)"
+    mining_reports = {t: r for t, (_, r) in mined.items()}
     merged, merge_seconds = merged_model(runs[default]["model_dir"], base, out)
     merge_label = f"hfemb merged with base (alpha {MERGE_ALPHA:g})"
     whats[merge_label] = f"(1-a) x base + a x tuned BM25-default weights, {merge_seconds:.0f} s"
@@ -168,3 +214,56 @@ def run_recipe(shared: dict, out: Path, data_dir: Path, spawn, run_eval, runs: d
               f"{tag} {rep['total_seconds']:.0f} s ({rep['rows_written']} rows, "
               f"{rep['score_filtered_candidates']} candidates filtered)" for tag, rep in mining_reports.items()))
     return md, {"dev": dev_report, "tests": tests, "truncated": trunc, "mining": mining_reports}
+
+
+def recipe_main(args, shared: dict, out: Path, data_dir: Path, spawn, run_eval, base: str, dev: Path, test: Path,
+                started: float) -> int:
+    """``bench_quality.py --recipe``: mine every variant, train the peer, hfemb's defaults and each lever (in
+    parallel), merge, evaluate (dev decides; test with paired intervals vs the peer and vs base mpnet)."""
+    source = train_source(data_dir, args.train_questions)
+    out = out / (f"recipe-q{args.train_questions}" if args.train_questions else "recipe")
+    out.mkdir(parents=True, exist_ok=True)
+    tags = ["default"] + sorted({tag for tag, _ in LEVERS.values() if tag})
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        mined = dict(zip(tags, pool.map(lambda t: mine(t, data_dir, source), tags)))
+    warm = [str(dev), str(test)]
+    shared = {**shared, "train_file": str(mined["default"][0]), "encode_after": warm}
+    jobs = {"sentence-transformers MNRL": ("st", {**shared, "name": "st"}),
+            "hfemb full": ("hfemb", {**shared, "name": "hfemb-full"})}
+    for label, (tag, overrides) in LEVERS.items():
+        name = "recipe-" + label.split("hfemb ", 1)[1].replace(" ", "-").replace("/", "-").replace("+", "p")[:40]
+        jobs[label] = ("hfemb", {**shared, "train_file": str(mined[tag or "default"][0]), "name": name, **overrides})
+    for label, (kind, spec) in jobs.items():
+        spec["out"] = str(out / "runs" / spec["name"])
+    print(f"training {len(jobs)} models, {args.parallel} at a time ...", flush=True)
+    runs: dict[str, dict] = {}
+
+    def train(item):
+        label, (kind, spec) = item
+        try:
+            return label, spawn(kind, spec, out)
+        except RuntimeError as exc:  # reported, and the row left out
+            print(f"  {label}: {exc}", flush=True)
+            return label, None
+
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        for label, result in pool.map(train, jobs.items()):
+            if result is not None:
+                runs[label] = result
+                print(f"  {label}: {result['rows']} rows, {result['steps']} steps, {result['wall_seconds']:.0f} s wall",
+                      flush=True)
+    encode_for_eval(MPNET, warm)
+    encode_for_eval(base, warm)
+    md, report = evaluate_recipe(runs, out, base, dev, test, args.n_bootstrap, mined)
+    rows = next(iter(runs.values()))["rows"] if runs else 0
+    command = "python bench/bench_quality.py " + " ".join(sys.argv[1:])
+    md = (f"WikiQA; training: the first {args.train_questions or 873} train questions with a positive ({rows} rows, "
+          f"1 hard + 2 easy negatives each), {args.epochs:g} epoch(s), batch {args.batch}, lr {args.lr:g}, warmup "
+          f"{args.warmup:g}, seed {args.seed}, {args.threads} torch thread(s) per training, CPU; dev "
+          f"{report['dev']['data']['eval']['queries']} questions, test {report['tests']['sentence-transformers MNRL']['data']['eval']['queries']} questions." + md +
+          f"\n\nCommand: `{command.strip()}` ({time.time() - started:.0f} s).")
+    print("\n" + md)
+    name = "bench_quality_recipe" + (f"_q{args.train_questions}" if args.train_questions else "")
+    path, _ = common.write_outputs(name, md + "\n", {"recipe": report, "runs": runs, "settings": vars(args)})
+    print(f"\nwritten: {path} (+ .json)")
+    return 0

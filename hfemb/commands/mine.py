@@ -161,6 +161,11 @@ def summary_lines(report: dict) -> list[str]:
         f"negatives: {kv(report['negatives'])}; candidates over max-relative-score: "
         f"{report['score_filtered_candidates']}",
         f"excluded from negatives: {kv(report['excluded'])}",
+        *([f"scorer {report['scorer']}: {report['embedding']['texts']} texts embedded "
+           f"({report['embedding']['texts_from_cache']} from cache) in {report['embedding']['seconds']} s"]
+          if report.get("embedding") else []),
+        *([f"teacher scores: {report['teacher']['texts']} texts ({report['teacher'].get('texts_from_cache', 0)} "
+           f"from cache)"] if report.get("teacher") else []),
         f"tokenisation {tok['seconds']} s ({tok['texts']} texts, {tok['cache_hits']} cache hits, "
         f"{tok['cache_misses']} misses), index {report['index_seconds']} s, scoring {report['scoring_seconds']} s, "
         f"selection {report['selection_seconds']} s; {report['queries_per_second']} queries/s overall",

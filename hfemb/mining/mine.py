@@ -310,10 +310,9 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
                           else float(index.score_documents(query_tokens[b_start + j], [outside_tokens[p]])[0])
                           for p in positives]
             if dblock is not None:
-                counts = _select_model_aware(record, positives, ids, scores, pos_scores, dblock[j],
-                                             q_emb[b_start + j], doc_index, d_emb, outside_emb, doc_texts, config,
-                                             rng, rows, kinds, dropped)
-                score_filtered += counts
+                score_filtered += _select_model_aware(record, positives, ids, scores, pos_scores, dblock[j],
+                                                      q_emb[b_start + j], doc_index, outside_emb, doc_texts, config,
+                                                      rng, rows, kinds, dropped)
                 continue
             limits = [config.max_relative_score * s if config.max_relative_score is not None and s > 0
                       else None for s in pos_scores]  # no signal when the positive itself scores <= 0
@@ -371,7 +370,7 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
 
 def _select_model_aware(record: Record, positives: list[str], ids: np.ndarray, bm25_scores: np.ndarray,
                         pos_bm25: list[float], dense_row: np.ndarray, q_vec: np.ndarray, doc_index: dict[str, int],
-                        d_emb: np.ndarray, outside_emb: dict, doc_texts: list[str], config: MiningConfig,
+                        outside_emb: dict, doc_texts: list[str], config: MiningConfig,
                         rng: np.random.Generator, rows: list[dict], kinds: Counter, dropped: Counter) -> int:
     """Rows of one query ranked by the dense model (or RRF of BM25 and dense): candidates above the
     positive-aware limit are removed first, then ``skip_top`` and the hard/easy selection apply to the rest.
