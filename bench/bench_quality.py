@@ -210,6 +210,9 @@ def main() -> int:
     parser.add_argument("--recipe-only", nargs="+", metavar="I", help=argparse.SUPPRESS)  # train levers I.. and stop
     parser.add_argument("--train-questions", type=int, default=0,
                         help="--recipe: train on the first N training questions only (0: all 873)")
+    parser.add_argument("--levers", nargs="+", choices=("dense", "hybrid", "filter", "distill", "matryoshka", "combo"),
+                        help="--recipe: only these lever rows (default: all)")
+    parser.add_argument("--dev-only", action="store_true", help="--recipe: evaluate on dev only (no test numbers)")
     parser.add_argument("--parallel", type=int, default=1,
                         help="--recipe: trainings (and minings) run this many at a time")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 training rows, 100 bootstrap resamples")

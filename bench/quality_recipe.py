@@ -47,6 +47,9 @@ LEVERS = {
     "hfemb Matryoshka 384/256/128/64": (None, {"loss": {"matryoshka_dims": [384, 256, 128, 64]}}),
     "hfemb hybrid + teacher (defaults)": ("hybrid-teacher", {}),
 }
+LEVER_KEYS = {"dense": "hfemb dense mining", "hybrid": "hfemb hybrid mining",
+              "filter": "hfemb hybrid + positive-aware filter", "distill": "hfemb distillation from mpnet (BM25 negatives)",
+              "matryoshka": "hfemb Matryoshka 384/256/128/64", "combo": "hfemb hybrid + teacher (defaults)"}
 MERGE_ALPHA = 0.5  # LM-Cocktail-style merge of the tuned BM25-default model with its base
 TRUNCATE_DIM = 128
 
@@ -142,6 +145,16 @@ def recipe_table(dev_report: dict, tests: dict[str, dict], runs: dict, whats: di
     return "\n".join(lines)
 
 
+def dev_only_table(report: dict, runs: dict, whats: dict) -> str:
+    lines = ["| model | what changes | dev best F1 | dev ROC-AUC | dev MRR@10 | train wall (s) |", "|---|---|---:|---:|---:|---:|"]
+    for name, res in report["models"].items():
+        mrr = (res.get("ranking") or {}).get("mrr@10", float("nan"))
+        run = runs.get(name)
+        wall = f"{run['wall_seconds']:.0f}" if run and "wall_seconds" in run else "-"
+        lines.append(f"| {name} | {whats.get(name, '')} | {res['best_f1']:.3f} | {res['roc_auc']:.3f} | {mrr:.3f} | {wall} |")
+    return "\n".join(lines)
+
+
 def truncated_table(report: dict) -> str:
     lines = [f"| model at {TRUNCATE_DIM} dims | test F1 @ dev thr. [95% CI] | best test F1 | test AUC | test MRR@10 |",
              "|---|---|---:|---:|---:|"]
@@ -203,7 +216,11 @@ def evaluate_recipe(runs: dict, out: Path, base: str, dev: Path, test: Path, n_b
     models = {peer: runs[peer]["model_dir"], "base all-mpnet-base-v2": MPNET, "base all-MiniLM-L6-v2": base,
               default: runs[default]["model_dir"], **{label: runs[label]["model_dir"] for label in LEVERS if label in runs},
               merge_label: merged}
-    print("evaluating the recipe rows on dev and test ...", flush=True)
+    print("evaluating the recipe rows on dev" + (" and test ..." if test else " only ..."), flush=True)
+    if test is None:  # dev only (a partial run): the decisions' table, no test numbers
+        dev_report = run_eval(models, None, dev, out / "eval_recipe_dev", n_bootstrap)
+        return ("\n\nRecipe rows on **dev only**:\n\n" + dev_only_table(dev_report, runs, whats),
+                {"dev": dev_report, "mining": mining_reports})
     dev_report, tests = dev_and_test(run_eval, models, dev, test, out, n_bootstrap, [peer, "base all-mpnet-base-v2"])
     trunc = truncated_eval({k: models[k] for k in (peer, default, "hfemb Matryoshka 384/256/128/64") if k in models},
                            dev, test, out, n_bootstrap)
@@ -223,44 +240,55 @@ def recipe_main(args, shared: dict, out: Path, data_dir: Path, spawn, run_eval, 
     source = train_source(data_dir, args.train_questions)
     out = out / (f"recipe-q{args.train_questions}" if args.train_questions else "recipe")
     out.mkdir(parents=True, exist_ok=True)
-    tags = ["default"] + sorted({tag for tag, _ in LEVERS.values() if tag})
-    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        mined = dict(zip(tags, pool.map(lambda t: mine(t, data_dir, source), tags)))
-    warm = [str(dev), str(test)]
-    shared = {**shared, "train_file": str(mined["default"][0]), "encode_after": warm}
-    jobs = {"sentence-transformers MNRL": ("st", {**shared, "name": "st"}),
-            "hfemb full": ("hfemb", {**shared, "name": "hfemb-full"})}
-    for label, (tag, overrides) in LEVERS.items():
-        name = "recipe-" + label.split("hfemb ", 1)[1].replace(" ", "-").replace("/", "-").replace("+", "p")[:40]
-        jobs[label] = ("hfemb", {**shared, "train_file": str(mined[tag or "default"][0]), "name": name, **overrides})
-    for label, (kind, spec) in jobs.items():
-        spec["out"] = str(out / "runs" / spec["name"])
-    print(f"training {len(jobs)} models, {args.parallel} at a time ...", flush=True)
+    levers = {k: v for k, v in LEVERS.items() if not args.levers or k in {LEVER_KEYS[x] for x in args.levers}}
+    warm = [str(dev)] if args.dev_only else [str(dev), str(test)]
+    default_file, default_report = mine("default", data_dir, source)
+    shared = {**shared, "train_file": str(default_file), "encode_after": warm}
     runs: dict[str, dict] = {}
+    mined = {"default": (default_file, default_report)}
 
-    def train(item):
-        label, (kind, spec) = item
+    def train(label: str, kind: str, spec: dict):
+        spec["out"] = str(out / "runs" / spec["name"])
         try:
-            return label, spawn(kind, spec, out)
+            result = spawn(kind, spec, out)
         except RuntimeError as exc:  # reported, and the row left out
             print(f"  {label}: {exc}", flush=True)
-            return label, None
+            return
+        runs[label] = result
+        print(f"  {label}: {result['rows']} rows, {result['steps']} steps, {result['wall_seconds']:.0f} s wall", flush=True)
 
+    def lever(label: str, tag: str | None, overrides: dict):
+        if tag and tag not in mined:
+            try:
+                mined[tag] = mine(tag, data_dir, source)
+            except subprocess.CalledProcessError as exc:
+                print(f"  {label}: mining failed ({exc})", flush=True)
+                return
+        name = "recipe-" + label.split("hfemb ", 1)[1].replace(" ", "-").replace("/", "-").replace("+", "p")[:40]
+        train(label, "hfemb", {**shared, "train_file": str(mined[tag or "default"][0]), "name": name, **overrides})
+
+    # the peer and hfemb's defaults start at once; each lever mines (embeddings cached: the hybrid and teacher
+    # minings first, the rest reuse them) and then trains
+    order = sorted(levers.items(), key=lambda kv: kv[1][0] not in ("hybrid", "bm25-teacher"))
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        for label, result in pool.map(train, jobs.items()):
-            if result is not None:
-                runs[label] = result
-                print(f"  {label}: {result['rows']} rows, {result['steps']} steps, {result['wall_seconds']:.0f} s wall",
-                      flush=True)
+        futures = [pool.submit(train, "sentence-transformers MNRL", "st", {**shared, "name": "st"}),
+                   pool.submit(train, "hfemb full", "hfemb", {**shared, "name": "hfemb-full"})]
+        futures += [pool.submit(lever, label, tag, overrides) for label, (tag, overrides) in order]
+        for f in futures:
+            f.result()
     encode_for_eval(MPNET, warm)
     encode_for_eval(base, warm)
-    md, report = evaluate_recipe(runs, out, base, dev, test, args.n_bootstrap, mined)
+    if "hfemb full" not in runs or "sentence-transformers MNRL" not in runs:
+        print("the peer or hfemb's default run failed: no table", flush=True)
+        return 1
+    md, report = evaluate_recipe(runs, out, base, dev, None if args.dev_only else test, args.n_bootstrap, mined)
     rows = next(iter(runs.values()))["rows"] if runs else 0
     command = "python bench/bench_quality.py " + " ".join(sys.argv[1:])
     md = (f"WikiQA; training: the first {args.train_questions or 873} train questions with a positive ({rows} rows, "
           f"1 hard + 2 easy negatives each), {args.epochs:g} epoch(s), batch {args.batch}, lr {args.lr:g}, warmup "
           f"{args.warmup:g}, seed {args.seed}, {args.threads} torch thread(s) per training, CPU; dev "
-          f"{report['dev']['data']['eval']['queries']} questions, test {report['tests']['sentence-transformers MNRL']['data']['eval']['queries']} questions." + md +
+          f"{report['dev']['data']['eval']['queries']} questions" + ("" if args.dev_only else ", test " + str(
+              report['tests']['sentence-transformers MNRL']['data']['eval']['queries']) + " questions") + "." + md +
           f"\n\nCommand: `{command.strip()}` ({time.time() - started:.0f} s).")
     print("\n" + md)
     name = "bench_quality_recipe" + (f"_q{args.train_questions}" if args.train_questions else "")
