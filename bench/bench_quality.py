@@ -101,8 +101,9 @@ def worker(kind: str, spec_json: str) -> None:
 
 
 def _settings(spec: dict) -> dict:
-    """A run's settings: its spec without ``out`` (the folder itself, however it was spelled)."""
-    return {k: v for k, v in spec.items() if k != "out"}
+    """A run's settings: its spec without ``out`` (the folder itself, however it was spelled) and
+    ``encode_after`` (which files the worker pre-encodes does not change the trained model)."""
+    return {k: v for k, v in spec.items() if k not in ("out", "encode_after")}
 
 
 def spawn(kind: str, spec: dict, log_dir: Path) -> dict:
