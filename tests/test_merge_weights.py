@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hfemb.cli import main
+from hfemb.errors import HfembError
 from hfemb.modeling.merge_weights import average_state_dicts, merge_state_dicts, slerp
 
 
@@ -57,6 +58,11 @@ def test_slerp_end_points_and_angle():
     merged = merge_state_dicts({"w": a, "i": torch.tensor([1])}, {"w": b, "i": torch.tensor([2])}, 0.5, "slerp")
     torch.testing.assert_close(merged["w"], mid)
     assert merged["i"].tolist() == [2]
+    # an integer buffer only the base saved (BERT's embeddings.position_ids) is left out; a weight is not
+    merged = merge_state_dicts({"w": a, "position_ids": torch.arange(3)}, {"w": b}, 0.5)
+    assert set(merged) == {"w"}
+    with pytest.raises(HfembError, match="only in base"):
+        merge_state_dicts({"w": a, "v": a}, {"w": b}, 0.5)
 
 
 def test_average_of_checkpoints():

@@ -60,13 +60,15 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float, eps: float = 1e-7) -> 
 def merge_state_dicts(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float,
                       method: str = "linear") -> dict[str, torch.Tensor]:
     """Per tensor, in fp32: ``alpha = 0`` is the base, ``alpha = 1`` the tuned model; integer tensors (ids,
-    buffers) come from the tuned model. Output tensors keep the tuned model's dtype."""
+    buffers) come from the tuned model, and integer buffers only the base saved (e.g. BERT's
+    ``embeddings.position_ids``) are left out. Output tensors keep the tuned model's dtype."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
         raise ConfigError(f"alpha must be a number, got {alpha!r}")
-    missing, extra = sorted(set(tuned) - set(base)), sorted(set(base) - set(tuned))
-    if missing or extra:
+    missing = sorted(set(tuned) - set(base))
+    extra = sorted(k for k in set(base) - set(tuned) if base[k].is_floating_point())  # int buffers (position_ids)
+    if missing or extra:  # a base-only integer buffer that the tuned checkpoint does not save is left out
         raise HfembError(f"base and tuned models differ in tensors: only in tuned {missing[:5]}, only in base {extra[:5]}")
     merged = {}
     for name, t in tuned.items():
