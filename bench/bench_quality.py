@@ -92,13 +92,18 @@ def worker(kind: str, spec_json: str) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     result = (train_hfemb if kind == "hfemb" else train_st)(spec)
+    if spec.get("encode_after"):  # warm the evaluation's embedding cache in this process (parallel runs)
+        from quality_recipe import encode_for_eval
+
+        encode_for_eval(result["model_dir"], spec["encode_after"])
     result.update(peak_rss_mb=common.peak_rss_mb(), load_avg=common.uptime_load(), threads=torch.get_num_threads())
     print("RESULT " + json.dumps(result))
 
 
 def _settings(spec: dict) -> dict:
-    """A run's settings: its spec without ``out`` (the folder itself, however it was spelled)."""
-    return {k: v for k, v in spec.items() if k != "out"}
+    """A run's settings: its spec without ``out`` (the folder itself, however it was spelled) and
+    ``encode_after`` (which files the worker pre-encodes does not change the trained model)."""
+    return {k: v for k, v in spec.items() if k not in ("out", "encode_after")}
 
 
 def spawn(kind: str, spec: dict, log_dir: Path) -> dict:
@@ -199,6 +204,18 @@ def main() -> int:
                         help="trainings to leave out (2x: hfemb full with twice the epochs, about the peer's wall time)")
     parser.add_argument("--ablate", nargs="*", default=None, metavar="NAME",
                         help=f"also train hfemb variants, compared on dev: {', '.join(ABLATIONS)} (none given: all)")
+    parser.add_argument("--recipe", action="store_true",
+                        help="also the recipe rows (bench/quality_recipe.py): base mpnet, dense / hybrid mining, the "
+                             "positive-aware filter, distillation from mpnet, merging, Matryoshka, the chosen "
+                             "defaults; dev decides, test with paired intervals vs the peer and vs base mpnet")
+    parser.add_argument("--recipe-only", nargs="+", metavar="I", help=argparse.SUPPRESS)  # train levers I.. and stop
+    parser.add_argument("--train-questions", type=int, default=0,
+                        help="--recipe: train on the first N training questions only (0: all 873)")
+    parser.add_argument("--levers", nargs="+", choices=("dense", "hybrid", "filter", "distill", "matryoshka", "combo"),
+                        help="--recipe: only these lever rows (default: all)")
+    parser.add_argument("--dev-only", action="store_true", help="--recipe: evaluate on dev only (no test numbers)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="--recipe: trainings (and minings) run this many at a time")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 training rows, 100 bootstrap resamples")
     parser.add_argument("--out", default=DEFAULT_OUT, help="training runs and evaluation reports (runs with the "
                         "same settings are reused)")
@@ -224,6 +241,15 @@ def main() -> int:
     shared = {"model": base, "batch": args.batch, "epochs": args.epochs, "lr": args.lr, "warmup": args.warmup,
               "seed": args.seed, "threads": args.threads, "train_file": str(train_file)}
 
+    if args.recipe and not args.recipe_only:  # the recipe table: its own training set, rows trained in parallel
+        from quality_recipe import recipe_main
+
+        return recipe_main(args, shared, out, data_dir, spawn, run_eval, base, dev, test, started)
+    if args.recipe_only:  # a helper process: train only these recipe rows (the full run reuses them)
+        from quality_recipe import run_recipe
+
+        run_recipe(shared, out, data_dir, spawn, None, {}, base, dev, test, 0, args.recipe_only)
+        return 0
     runs: dict[str, dict] = {}
     label_2x = f"hfemb full, {2 * args.epochs:g} epochs (the peer's time budget)"
     plan = [("sentence-transformers MNRL", "st", {"name": "st"}),
@@ -269,19 +295,26 @@ def main() -> int:
         ablation_md = "\n\nAblations, judged on dev only (best F1 over thresholds on dev, ROC-AUC on dev):\n\n" + \
             dev_table(ablation_report, runs, variants)
 
+    recipe_md, recipe_report = "", None
+    if args.recipe:
+        from quality_recipe import run_recipe
+
+        recipe_md, recipe_report = run_recipe(shared, out, data_dir, spawn, run_eval, runs, base, dev, test,
+                                              args.n_bootstrap, args.recipe_only)
+
     data = report["data"]
     command = "python bench/bench_quality.py " + " ".join(a for a in sys.argv[1:])
     md = (f"WikiQA test: {data['eval']['queries']} questions, {data['eval']['pairs']} pairs "
           f"({data['eval']['positive_pairs']} positive); dev: {data['dev']['queries']} questions, {data['dev']['pairs']} "
           f"pairs. Training: {next(iter(runs.values()))['rows'] if runs else 0} mined rows (pool mode, 1 hard + 2 easy), "
           f"{args.epochs:g} epoch(s), batch {args.batch}, lr {args.lr:g} (hfemb LoRA: {LORA_LR:g}), warmup {args.warmup:g}, "
-          f"seed {args.seed}, {args.threads} torch thread(s) per training, CPU.\n\n" + table + ablation_md +
+          f"seed {args.seed}, {args.threads} torch thread(s) per training, CPU.\n\n" + table + ablation_md + recipe_md +
           f"\n\nCommand: `{command.strip()}` ({time.time() - started:.0f} s).")
     print("\n" + md)
     other_out = Path(args.out).resolve() != Path(DEFAULT_OUT).resolve()
     name = "bench_quality" + ("_quick" if args.quick else "") + (f"_{Path(args.out).name}" if other_out else "")
     path, _ = common.write_outputs(name, md + "\n", {
-        "eval": report, "ablation_eval": ablation_report, "runs": runs, "mining_report": mining_report,
+        "eval": report, "ablation_eval": ablation_report, "recipe": recipe_report, "runs": runs, "mining_report": mining_report,
         "settings": vars(args), "seconds": round(time.time() - started, 1)})
     print(f"\nwritten: {path} (+ .json); evaluation reports under {out}")
     return 0

@@ -17,7 +17,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-WIKIQA = ROOT.parent / "shared" / "data" / "wikiqa"
+SHARED = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()),
+              ROOT.parent / "shared")  # beside the checkout, or beside a worktree folder (/work/wt/X)
+WIKIQA = SHARED / "data" / "wikiqa"
 ZH_SAMPLE = ROOT / "hfemb" / "resources" / "zh_medical_qa" / "internal_medicine_qa_sample.csv"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

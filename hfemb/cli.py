@@ -17,11 +17,13 @@ from hfemb.io_utils import Terminated, handle_sigterm
 # name -> (module, one-line help); kept here so `hfemb --help` needs no heavy import.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("hfemb.commands.convert", "convert training data between formats (hfemb, FlagEmbedding, ms-swift)"),
-    "mine": ("hfemb.commands.mine", "mine BM25 hard/easy negatives (jieba for Chinese)"),
+    "mine": ("hfemb.commands.mine", "mine hard/easy negatives by BM25 (jieba for Chinese), an embedding model, or both"),
     "train": ("hfemb.commands.train", "fine-tune an embedding model from a JSON config (= run_train.py)"),
     "eval": ("hfemb.commands.eval", "threshold-sweep F1 evaluation of several models (= run_eval.py)"),
     "split": ("hfemb.commands.split", "split a labelled eval file into dev/test by query"),
     "merge": ("hfemb.commands.merge", "merge a LoRA adapter onto its base model"),
+    "merge-weights": ("hfemb.commands.merge_weights",
+                      "interpolate a tuned model's weights with its base (linear or slerp, per tensor in fp32)"),
     "push": ("hfemb.commands.push", "upload a trained model (with model card) to the Hugging Face Hub"),
     "serve": ("hfemb.commands.serve", "serve a model as an OpenAI-compatible /v1/embeddings endpoint"),
     "card": ("hfemb.commands.card", "write the model cards of a training output, with its evaluation results"),

@@ -11,7 +11,7 @@ from hfemb.data.records import column_map_from_flags
 from hfemb.errors import ConfigError, DataError
 from hfemb.io_utils import check_output
 
-HELP = "mine BM25 hard/easy negatives (jieba for Chinese)"
+HELP = "mine hard/easy negatives by BM25 (jieba for Chinese), an embedding model, or both"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--tokenizer", choices=("jieba", "regex", "char"), default="jieba",
                       help="jieba: Chinese words; regex: lower-cased \\w+ words (English); char: characters")
 
+    model = parser.add_argument_group("model-aware mining and teacher scores")
+    model.add_argument("--scorer", choices=("bm25", "dense", "hybrid"), default="bm25",
+                       help="rank candidates by BM25 (default), by an embedding model's cosine (dense), or by "
+                            "reciprocal-rank fusion of both (hybrid); rows record both scores")
+    model.add_argument("--model", help="embedding model for dense/hybrid: a local folder, a training output, an "
+                                       "adapter or openai:MODEL@URL (embeddings cached like run_eval's)")
+    model.add_argument("--teacher", help="write this model's cosine similarities to every row's positive and "
+                                         "negatives (pos_scores / neg_scores, FlagEmbedding's names) for distillation")
+    model.add_argument("--max-score-margin", type=float,
+                       help="dense/hybrid: drop candidates the model scores above s(query, positive) - MARGIN")
+    model.add_argument("--instruction", help="query instruction for --model and --teacher (default: each model's "
+                                             "own prompt; \"\" for none)")
+    model.add_argument("--embed-batch-size", type=int, default=32, help="texts per forward pass when embedding")
+    model.add_argument("--device", help="device for --model / --teacher (default: cuda if available, else cpu)")
+
     sel = parser.add_argument_group("selection")
     sel.add_argument("--num-negatives", type=int, default=3, help="negatives per row")
     sel.add_argument("--num-hard", type=int, default=1, help="of which hard (the rest easy)")
@@ -56,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--skip-top", type=int, default=0,
                      help="never use this many top-ranked candidates (likely unlabelled positives)")
     sel.add_argument("--max-relative-score", type=float,
-                     help="drop candidates whose BM25 exceeds this fraction of the positive's own BM25 "
-                          "(likely false negatives); not applied when the positive scores <= 0")
+                     help="drop candidates scoring above this fraction of the positive's own score (likely "
+                          "false negatives; BM25, or the model's cosine with --scorer dense|hybrid, e.g. 0.95); "
+                          "not applied when the positive scores <= 0")
     sel.add_argument("--seed", type=int, default=42, help="sampling seed (each query's generator: seed + index)")
 
     bm = parser.add_argument_group("BM25")
@@ -103,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
         idf=args.idf, idf_scope=args.idf_scope, hard_top_k=args.hard_top_k, easy_bottom_k=args.easy_bottom_k,
         num_negatives=args.num_negatives, num_hard=args.num_hard, skip_top=args.skip_top,
         max_relative_score=args.max_relative_score, seed=args.seed, num_shards=args.num_shards,
-        shard_index=args.shard_index, cache_dir=args.cache_dir, workers=args.workers, use_cache=not args.no_cache)
+        shard_index=args.shard_index, cache_dir=args.cache_dir, workers=args.workers, use_cache=not args.no_cache,
+        scorer=args.scorer, model=args.model, teacher=args.teacher, max_score_margin=args.max_score_margin,
+        instruction=args.instruction, embed_batch_size=args.embed_batch_size, device=args.device)
     data = read_records(args.input, fmt=args.format, columns=columns, label_threshold=args.label_threshold,
                         on_error="skip" if args.skip_bad else "raise")
     if args.mode is None and any(r.candidates for r in data.records):
@@ -166,6 +184,11 @@ def summary_lines(report: dict) -> list[str]:
         f"negatives: {kv(report['negatives'])}; candidates over max-relative-score: "
         f"{report['score_filtered_candidates']}",
         f"excluded from negatives: {kv(report['excluded'])}",
+        *([f"scorer {report['scorer']}: {report['embedding']['texts']} texts embedded "
+           f"({report['embedding']['texts_from_cache']} from cache) in {report['embedding']['seconds']} s"]
+          if report.get("embedding") else []),
+        *([f"teacher scores: {report['teacher']['texts']} texts ({report['teacher'].get('texts_from_cache', 0)} "
+           f"from cache)"] if report.get("teacher") else []),
         f"tokenisation {tok['seconds']} s ({tok['texts']} texts, {tok['cache_hits']} cache hits, "
         f"{tok['cache_misses']} misses), index {report['index_seconds']} s, scoring {report['scoring_seconds']} s, "
         f"selection {report['selection_seconds']} s; {report['queries_per_second']} queries/s overall",

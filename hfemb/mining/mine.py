@@ -40,6 +40,8 @@ from hfemb.data.records import Record
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json, write_jsonl
 from hfemb.mining.bm25 import BM25, IDF_KINDS, TokenizeStats, check_tokenizer, tokenize
+from hfemb.mining.dense import (EncoderSettings, add_teacher_scores, check_scorer, dense_block, embed,
+                                positive_limit, rrf_scores)
 
 MODES = ("pool", "corpus")
 IDF_SCOPES = ("all", "pool")
@@ -69,6 +71,17 @@ class MiningConfig:
     cache_dir: str | None = None  # token cache; None: $HFEMB_CACHE/tokens or ~/.cache/hfemb/tokens
     workers: int | None = None  # jieba processes for large inputs; None: CPU count
     use_cache: bool = True
+    # Model-aware mining (hfemb.mining.dense): rank by "bm25" (default), "dense" (the embedding model `model`)
+    # or "hybrid" (reciprocal-rank fusion of both); with a model, max_relative_score and max_score_margin
+    # apply to its scores. `teacher`: write the teacher's similarities (pos_scores / neg_scores) to every row.
+    scorer: str = "bm25"
+    model: str | None = None
+    teacher: str | None = None
+    max_score_margin: float | None = None  # dense: drop candidates scoring above s(q, positive) - margin
+    instruction: str | None = None  # query instruction of the model and teacher (None: each model's own)
+    embed_batch_size: int = 32
+    device: str | None = None
+    embedding_cache_dir: str | None = None  # None: evaluation's cache ($HFEMB_CACHE/embeddings)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -95,6 +108,11 @@ class MiningConfig:
                               f"epsilon={self.epsilon}")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        check_scorer(self.scorer, self.model)
+        if self.max_score_margin is not None and self.scorer == "bm25":
+            raise ConfigError("max_score_margin applies to a model's scores: use it with scorer dense or hybrid")
+        if self.embed_batch_size < 1:
+            raise ConfigError(f"embed_batch_size must be >= 1, got {self.embed_batch_size}")
         if self.num_shards < 1 or self.shard_index >= self.num_shards:
             raise ConfigError(f"shard_index must be in [0, num_shards), got {self.shard_index}/{self.num_shards}")
 
@@ -274,6 +292,18 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
         for r in records:
             same_query.setdefault(norm(r.query), []).extend(r.positives)
 
+    encoder_settings = EncoderSettings(instruction=config.instruction, batch_size=config.embed_batch_size,
+                                       device=config.device, cache_dir=config.embedding_cache_dir,
+                                       use_cache=config.use_cache)
+    q_emb = d_emb = None
+    embedding_info: dict = {}
+    if config.scorer != "bm25":
+        t0 = time.perf_counter()
+        q_emb, all_emb, embedding_info = embed(config.model, [r.query for r in shard], doc_texts + outside,
+                                               encoder_settings)
+        d_emb, outside_emb = all_emb[:len(doc_texts)], dict(zip(outside, all_emb[len(doc_texts):]))
+        embedding_info["seconds"] = round(time.perf_counter() - t0, 3)
+
     rows: list[dict] = []
     dropped, kinds, excluded = Counter(), Counter(), Counter()
     score_filtered = queries_without_positive = 0
@@ -282,6 +312,7 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
     for b_start in range(0, len(shard), batch):
         t0 = time.perf_counter()
         block = index.score_batch(query_tokens[b_start:b_start + batch])  # (batch x docs)
+        dblock = dense_block(q_emb[b_start:b_start + batch], d_emb) if q_emb is not None else None  # (batch x docs)
         scoring_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         for j, record in enumerate(shard[b_start:b_start + batch]):
@@ -302,6 +333,11 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
                 pos_scores = [float(block[j, doc_index[p]]) if p in doc_index
                               else float(index.score_documents(query_tokens[b_start + j], [outside_tokens[p]])[0])
                               for p in positives]
+            if dblock is not None:
+                score_filtered += _select_model_aware(record, positives, ids, scores, pos_scores, dblock[j],
+                                                      q_emb[b_start + j], doc_index, outside_emb, doc_texts, config,
+                                                      rng, rows, kinds, dropped)
+                continue
             limits = [config.max_relative_score * s if config.max_relative_score is not None and s > 0
                       else None for s in pos_scores]  # no signal when the positive itself scores <= 0
             n_over = max([int(np.count_nonzero(scores > m)) for m in limits if m is not None], default=0)
@@ -323,6 +359,7 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
                              "mining": {"kinds": sel.kinds, "bm25": sel.scores, "positive_bm25": pos_score}})
         selection_seconds += time.perf_counter() - t0
 
+    teacher_info = add_teacher_scores(rows, config.teacher, encoder_settings) if config.teacher else None
     total = time.perf_counter() - start_time
     report = {
         "mode": config.mode,
@@ -347,9 +384,50 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
         "shard": {"num_shards": config.num_shards, "shard_index": config.shard_index,
                   "query_start": q_start, "query_end": q_end},
         "input_fingerprint": records_fingerprint(records),
+        "scorer": config.scorer,
+        "embedding": embedding_info or None,
+        "teacher": teacher_info,
         "config": dataclasses.asdict(config),
     }
     return MiningResult(rows=rows, report=report)
+
+
+def _select_model_aware(record: Record, positives: list[str], ids: np.ndarray, bm25_scores: np.ndarray,
+                        pos_bm25: list[float], dense_row: np.ndarray, q_vec: np.ndarray, doc_index: dict[str, int],
+                        outside_emb: dict, doc_texts: list[str], config: MiningConfig,
+                        rng: np.random.Generator, rows: list[dict], kinds: Counter, dropped: Counter) -> int:
+    """Rows of one query ranked by the dense model (or RRF of BM25 and dense): candidates above the
+    positive-aware limit are removed first, then ``skip_top`` and the hard/easy selection apply to the rest.
+    Appends to ``rows``; returns the number of candidates the limit removed."""
+    dense = dense_row[ids]  # [candidates]
+    ranking = dense if config.scorer == "dense" else rrf_scores(bm25_scores, dense)
+    filtered = 0
+    for positive, p_bm25 in zip(positives, pos_bm25):
+        p_dense = float(dense_row[doc_index[positive]]) if positive in doc_index \
+            else float(outside_emb[positive] @ q_vec)
+        limit = positive_limit(p_dense, config.max_relative_score, config.max_score_margin)
+        keep = np.ones(len(ids), dtype=bool) if limit is None else dense.astype(np.float64) <= limit
+        filtered += int(len(ids) - keep.sum())
+        cand, cand_rank = ids[keep], ranking[keep]
+        order = rank_candidates(cand_rank, rng, config.skip_top + config.hard_top_k, config.easy_bottom_k)
+        sel = select_negatives(cand[order], cand_rank[order], rng, num_negatives=config.num_negatives,
+                               num_hard=config.num_hard, hard_top_k=config.hard_top_k,
+                               easy_bottom_k=config.easy_bottom_k, skip_top=config.skip_top)
+        if sel.drop_reason:
+            short_anyway = len(ids) - min(len(ids), config.skip_top) < config.num_negatives
+            dropped["too_few_negatives" if short_anyway else "max_relative_score"] += 1
+            continue
+        kinds.update(sel.kinds)
+        pos_of = {int(i): k for k, i in enumerate(ids.tolist())}
+        chosen = [pos_of[int(i)] for i in sel.ids]
+        mining = {"kinds": sel.kinds, "scorer": config.scorer, "bm25": [float(bm25_scores[k]) for k in chosen],
+                  "positive_bm25": p_bm25, "dense": [round(float(dense[k]), 6) for k in chosen],
+                  "positive_dense": round(p_dense, 6)}
+        if config.scorer == "hybrid":
+            mining["rrf"] = [round(float(ranking[k]), 6) for k in chosen]
+        rows.append({"query": record.query, "positive": positive, "negative": [doc_texts[i] for i in sel.ids],
+                     "mining": mining})
+    return filtered
 
 
 class _Normalizer(dict):

@@ -72,6 +72,13 @@ class MultiNegCollator:
                  for f in features]  # every known positive of each query, its own first
         width = max(map(len, known))
         query_positive_ids = torch.tensor([k + [-1] * (width - len(k)) for k in known], dtype=torch.long)
+        teacher = [f.get("teacher_scores") for f in features]
+        if any(t is not None for t in teacher) and not all(
+                isinstance(t, (list, tuple)) and len(t) == 1 + self.num_negatives for t in teacher):
+            bad = next(i for i, t in enumerate(teacher) if not isinstance(t, (list, tuple))
+                       or len(t) != 1 + self.num_negatives)
+            raise DataError(f"{_where(features[bad], bad)}: expected {1 + self.num_negatives} teacher scores "
+                            "(positive, then each negative) like the other rows", field="teacher_scores")
         q = self.model.tokenize(queries, is_query=True, max_length=self.query_max_len)
         d = self.model.tokenize(docs, is_query=False, max_length=self.passage_max_len)
         return {
@@ -80,4 +87,6 @@ class MultiNegCollator:
             "doc_text_ids": doc_text_ids,  # [B*(1+N)] equal id <=> identical text, in every process
             "query_text_ids": query_text_ids,  # [B] the same for queries (query-query negatives, sibling positives)
             "query_positive_ids": query_positive_ids,  # [B, P] ids of every known positive of each query, -1 = none
+            **({"teacher_scores": torch.tensor(teacher, dtype=torch.float32)}  # [B, 1+N] (distillation)
+               if teacher[0] is not None else {}),
         }

@@ -100,6 +100,25 @@ class LossConfig:
     # Multi-process training (DDP, DeepSpeed): score each query against the documents of every process
     # (gathered with gradients, hfemb.training.distributed); no effect in one process or without in-batch negatives.
     cross_device_negatives: bool = True
+    # Distillation (hfemb.training.distill): + distill_weight * KL(teacher || student) over each row's own
+    # candidates, softmax at distill_temperature. None: DEFAULT_DISTILL_WEIGHT when the rows carry teacher
+    # scores (`hfemb mine --teacher`, FlagEmbedding's pos_scores/neg_scores), else off; 0: off.
+    distill_weight: float | None = None
+    distill_temperature: float = 0.05
+    # Matryoshka: InfoNCE on each truncated, re-normalised prefix, summed with these weights (default 1 each);
+    # list the full dimension too to keep training it (sentence-transformers' MatryoshkaLoss).
+    matryoshka_dims: list[int] | None = None
+    matryoshka_weights: list[float] | None = None
+
+
+DEFAULT_DISTILL_WEIGHT = 1.0  # chosen on WikiQA dev (README, Results): used when rows carry teacher scores
+
+
+def resolved_distill_weight(loss: LossConfig, rows_have_teacher_scores: bool) -> float:
+    """The distillation weight in effect: the configured one, or the default when rows carry teacher scores."""
+    if loss.distill_weight is not None:
+        return float(loss.distill_weight)
+    return DEFAULT_DISTILL_WEIGHT if rows_have_teacher_scores else 0.0
 
 
 @dataclass
@@ -216,6 +235,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'loss.query_negatives' / 'loss.document_negatives' need 'loss.in_batch_negatives'")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"{where}: 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
+    _check_distill_matryoshka(cfg.loss, where)
     if cfg.lora.r <= 0:
         raise ConfigError(f"{where}: 'lora.r' must be > 0")
     if not 0.0 <= cfg.lora.dropout < 1.0:
@@ -260,6 +280,25 @@ def deepspeed_zero_stage(value: Any, where: str = "config") -> int | None:
             raise ConfigError(f"{where}: 'training.deepspeed': {value}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     stage = (value.get("zero_optimization") or {}).get("stage") if isinstance(value, dict) else None
     return stage if isinstance(stage, int) else None
+
+
+def _check_distill_matryoshka(loss: LossConfig, where: str) -> None:
+    if loss.distill_weight is not None and not loss.distill_weight >= 0:
+        raise ConfigError(f"{where}: 'loss.distill_weight' must be >= 0 (or null: on when rows carry teacher scores)")
+    if not loss.distill_temperature > 0:
+        raise ConfigError(f"{where}: 'loss.distill_temperature' must be > 0, got {loss.distill_temperature}")
+    dims, weights = loss.matryoshka_dims, loss.matryoshka_weights
+    if dims is not None and (not isinstance(dims, list) or not dims or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in dims)):
+        raise ConfigError(f"{where}: 'loss.matryoshka_dims' must be a non-empty list of positive whole numbers, "
+                          f"got {dims!r}")
+    if weights is not None:
+        if dims is None:
+            raise ConfigError(f"{where}: 'loss.matryoshka_weights' needs 'loss.matryoshka_dims'")
+        if not isinstance(weights, list) or len(weights) != len(dims) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in weights):
+            raise ConfigError(f"{where}: 'loss.matryoshka_weights' must be {len(dims)} numbers >= 0 (one per "
+                              f"dimension), got {weights!r}")
 
 
 # TrainingArguments does not check these itself; a bad value would only fail inside trainer.train()

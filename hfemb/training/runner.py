@@ -35,11 +35,13 @@ from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.arguments import EmbeddingTrainingArguments
 from hfemb.training.collator import MultiNegCollator
 from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
+from hfemb.training.distill import write_matryoshka_info
 from hfemb.training.evaluator import build_evaluators, check_best_metric
 from hfemb.training.merging import merge_adapter
 from hfemb.training.outputs import write_model_cards
 from hfemb.training.resume import (RunLossCallback, checkpoint_step, previous_loss_sum, remove_save_leftovers,
                                    resolve_resume, truncate_train_log, whole_run_loss)
+from hfemb.training.teacher_scores import row_teacher_scores
 from hfemb.training.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
 
 log = logging.getLogger("hfemb.training.runner")
@@ -62,10 +64,27 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> t
             short += len(rec.positives)
             continue
         for j, pos in enumerate(rec.positives):
-            chosen = negs if len(negs) == num_negatives else random.Random(f"{seed}/{i}/{j}").sample(negs, num_negatives)
-            rows.append({"query": rec.query, "positive": pos, "negatives": list(chosen),
-                         "query_positives": known[rec.query]})
+            picked = range(len(negs)) if len(negs) == num_negatives else \
+                random.Random(f"{seed}/{i}/{j}").sample(range(len(negs)), num_negatives)  # = sample(negs, n)
+            row = {"query": rec.query, "positive": pos, "negatives": [negs[k] for k in picked],
+                   "query_positives": known[rec.query]}
+            teacher = row_teacher_scores(rec.extra, rec.source, j, picked, len(rec.positives), len(negs))
+            if teacher is not None:
+                row["teacher_scores"] = teacher  # [1 + N] (hfemb mine --teacher, or FlagEmbedding's pos/neg_scores)
+            rows.append(row)
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
+
+
+def check_teacher_scores(rows: list[dict], cfg: TrainConfig) -> None:
+    """Teacher scores on every training row or on none; an explicit ``loss.distill_weight`` needs them."""
+    with_scores = sum("teacher_scores" in r for r in rows)
+    if 0 < with_scores < len(rows):
+        raise ConfigError(f"{cfg.data.train_file}: {with_scores} of {len(rows)} training rows carry teacher scores "
+                          "(pos_scores/neg_scores); give them for every row or for none")
+    if cfg.loss.distill_weight and not with_scores:
+        raise ConfigError(f"{cfg.source or 'config'}: 'loss.distill_weight' is {cfg.loss.distill_weight} but the "
+                          f"rows of {cfg.data.train_file} carry no teacher scores (mine with `hfemb mine --teacher "
+                          "MODEL`, or give FlagEmbedding's pos_scores/neg_scores)")
 
 
 UNRANKED_FORMATS = ("pool", "pairs", "wikiqa", "case_candidates")  # labelled pools: their negatives are not selected yet
@@ -354,6 +373,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     check_best_metric(cfg, evaluators, with_loss=bool(eval_rows))
 
     resume_from = resolve_resume(out, resume)  # complete checkpoints only; skipped ones are named
+    check_teacher_scores(rows, cfg)
 
     try:
         args = training_arguments(cfg, has_eval=bool(eval_rows) or bool(evaluators))  # first: under ZeRO-3 the model then loads into shards
@@ -436,6 +456,9 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
             write_json(out / "train_summary.json", summary)
             raise HfembError(f"training finished and {out}/adapter was saved, but merging failed: {exc}. Retry with "
                              f"`hfemb merge {out} --output {out}/merged --overwrite`") from exc
+    if main_process and cfg.loss.matryoshka_dims:  # after merging: merge_outputs writes merged/ anew
+        for folder in ("merged", "adapter"):
+            write_matryoshka_info(out / folder, cfg.loss.matryoshka_dims, cfg.loss.matryoshka_weights)
     summary["seconds"] = round(time.time() - started, 2)
     if main_process:
         write_json(out / "train_summary.json", summary)

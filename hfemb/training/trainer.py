@@ -37,8 +37,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from hfemb.errors import ConfigError
-from hfemb.training.config import LossConfig
+from hfemb.training.config import LossConfig, resolved_distill_weight
+from hfemb.training.distill import distill_kl_loss, matryoshka_loss, truncate_normalize
 from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
 from hfemb.training.evaluator import run_evaluators
 from hfemb.training.grad_cache import grad_cache_step
@@ -150,14 +150,29 @@ class MultiNegEmbeddingTrainer(Trainer):
                 q_ids, q_offset = gather_rows(q_ids.to(q.device))  # [Mq]
             if c.query_negatives:
                 all_q, q_offset = gather_rows(q)  # [Mq, D]
-        return info_nce_loss(
-            q, d, group_size=group_size, temperature=c.temperature, in_batch_negatives=c.in_batch_negatives,
-            mask_duplicates=c.mask_duplicates, mask_false_negatives=c.mask_false_negatives,
-            false_negative_margin=c.false_negative_margin, doc_text_ids=text_ids, doc_offset=offset,
-            query_negatives=c.query_negatives, document_negatives=c.document_negatives,
-            all_queries=all_q, query_text_ids=q_ids, query_offset=q_offset,
-            query_positive_ids=inputs.get("query_positive_ids"),
-        )
+
+        def nce(qq: torch.Tensor, dd: torch.Tensor, all_qq: torch.Tensor | None) -> LossOutput:
+            return info_nce_loss(
+                qq, dd, group_size=group_size, temperature=c.temperature, in_batch_negatives=c.in_batch_negatives,
+                mask_duplicates=c.mask_duplicates, mask_false_negatives=c.mask_false_negatives,
+                false_negative_margin=c.false_negative_margin, doc_text_ids=text_ids, doc_offset=offset,
+                query_negatives=c.query_negatives, document_negatives=c.document_negatives,
+                all_queries=all_qq, query_text_ids=q_ids, query_offset=q_offset,
+                query_positive_ids=inputs.get("query_positive_ids"),
+            )
+
+        out = nce(q, d, all_q)
+        if c.matryoshka_dims:  # InfoNCE on each truncated, re-normalised prefix (hfemb.training.distill)
+            out.loss = matryoshka_loss(
+                q, d, lambda qq, dd: out.loss if qq.shape[1] >= q.shape[1] else nce(
+                    qq, dd, truncate_normalize(all_q, qq.shape[1]) if all_q is not None else None).loss,
+                c.matryoshka_dims, c.matryoshka_weights)
+        teacher = inputs.get("teacher_scores")  # [B, G] when the rows carry teacher scores
+        weight = resolved_distill_weight(c, teacher is not None)
+        if weight and teacher is not None:  # (run_training checks up front that training rows carry them)
+            out.loss = out.loss + weight * distill_kl_loss(q, d, teacher, group_size=group_size,
+                                                           temperature=c.distill_temperature, doc_offset=offset)
+        return out
 
     def _forward_loss(self, model, inputs):
         q = model(inputs["query_input_ids"], inputs["query_attention_mask"])  # [B, D]

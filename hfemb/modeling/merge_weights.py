@@ -1,0 +1,128 @@
+"""Weight merging of a tuned model with its base (LM-Cocktail; model merging in the Qwen3-Embedding report):
+per-tensor interpolation in fp32, ``linear`` ``(1 - alpha) * base + alpha * tuned`` or ``slerp`` (spherical
+interpolation of each flattened tensor pair, linear where the two are nearly parallel), and the average of
+several checkpoints (``average_state_dicts``).
+
+Both folders are full models with the same tensor names and shapes (a merged training output, not an adapter
+folder); the output is the tuned folder with its weights replaced (tokenizer, sentence-transformers files and
+prompts kept), written atomically, each tensor stored back in the tuned model's dtype, plus ``merge.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from hfemb.errors import ConfigError, HfembError
+
+METHODS = ("linear", "slerp")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a model folder's ``model.safetensors`` (single or sharded)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if (folder / "adapter_config.json").exists():
+        raise ConfigError(f"{folder}: an adapter folder; merge weights of full models (a training output's merged/)")
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(str(folder / shard)))
+        return state
+    raise ConfigError(f"{folder}: no model.safetensors (or sharded index) to merge")
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float, eps: float = 1e-7) -> torch.Tensor:
+    """Spherical interpolation of two fp32 tensors seen as vectors; linear when nearly (anti)parallel."""
+    va, vb = a.flatten(), b.flatten()
+    na, nb = va.norm(), vb.norm()
+    if na < eps or nb < eps:
+        return (1 - alpha) * a + alpha * b
+    cos = torch.clamp((va @ vb) / (na * nb), -1.0, 1.0)
+    omega = torch.arccos(cos)
+    if float(torch.sin(omega)) < 1e-4:
+        return (1 - alpha) * a + alpha * b
+    s = torch.sin(omega)
+    return (torch.sin((1 - alpha) * omega) / s) * a + (torch.sin(alpha * omega) / s) * b
+
+
+def merge_state_dicts(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float,
+                      method: str = "linear") -> dict[str, torch.Tensor]:
+    """Per tensor, in fp32: ``alpha = 0`` is the base, ``alpha = 1`` the tuned model; integer tensors (ids,
+    buffers) come from the tuned model, and integer buffers only the base saved (e.g. BERT's
+    ``embeddings.position_ids``) are left out. Output tensors keep the tuned model's dtype."""
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+        raise ConfigError(f"alpha must be a number, got {alpha!r}")
+    missing = sorted(set(tuned) - set(base))
+    extra = sorted(k for k in set(base) - set(tuned) if base[k].is_floating_point())  # int buffers (position_ids)
+    if missing or extra:  # a base-only integer buffer that the tuned checkpoint does not save is left out
+        raise HfembError(f"base and tuned models differ in tensors: only in tuned {missing[:5]}, only in base {extra[:5]}")
+    merged = {}
+    for name, t in tuned.items():
+        b = base[name]
+        if b.shape != t.shape:
+            raise HfembError(f"tensor {name}: base shape {tuple(b.shape)} vs tuned {tuple(t.shape)}")
+        if not t.is_floating_point():
+            merged[name] = t.clone()
+            continue
+        a32, t32 = b.float(), t.float()
+        out = (1 - alpha) * a32 + alpha * t32 if method == "linear" else slerp(a32, t32, alpha)
+        merged[name] = out.to(t.dtype).contiguous()
+    return merged
+
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Uniform fp32 average of checkpoints with the same tensors (integer tensors from the last one)."""
+    if not states:
+        raise HfembError("no checkpoints to average")
+    last = states[-1]
+    out = {}
+    for name, t in last.items():
+        if not t.is_floating_point():
+            out[name] = t.clone()
+            continue
+        out[name] = (sum(s[name].float() for s in states) / len(states)).to(t.dtype).contiguous()
+    return out
+
+
+def merge_weights(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, alpha: float,
+                  method: str = "linear") -> dict:
+    """Write ``output``: the tuned folder with merged weights (atomically) and ``merge.json``; returns the record."""
+    from safetensors.torch import save_file
+
+    tuned, base, output = Path(tuned), Path(base), Path(output)
+    if output.resolve() in (tuned.resolve(), base.resolve()):
+        raise ConfigError("--output must differ from --base and --tuned")
+    merged = merge_state_dicts(load_state_dict(base), load_state_dict(tuned), alpha, method)
+    record = {"method": method, "alpha": alpha, "base": str(base), "tuned": str(tuned),
+              "tensors": len(merged), "rule": "(1 - alpha) * base + alpha * tuned, per tensor in fp32"
+              if method == "linear" else "spherical interpolation per tensor in fp32"}
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        for item in tuned.iterdir():
+            if item.name in _WEIGHT_FILES or item.name.startswith("model-") and item.suffix == ".safetensors":
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        save_file(merged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record

@@ -1,0 +1,24 @@
+"""Teacher scores of training rows: a record's ``pos_scores`` / ``neg_scores`` (from `hfemb mine --teacher`
+or FlagEmbedding data) aligned with the negatives a row keeps (read by `hfemb.training.distill`)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from hfemb.errors import DataError
+
+
+def row_teacher_scores(extra: dict, source: str | None, positive_index: int, negative_indices: Sequence[int],
+                       num_positives: int, num_negatives: int) -> list[float] | None:
+    """A training row's teacher scores [1 + N] (its positive's, then its chosen negatives'), from a record's
+    ``pos_scores`` / ``neg_scores`` (one per positive / negative, FlagEmbedding's layout); None without them."""
+    pos, neg = extra.get("pos_scores"), extra.get("neg_scores")
+    if pos is None and neg is None:
+        return None
+    for name, values, n in (("pos_scores", pos, num_positives), ("neg_scores", neg, num_negatives)):
+        if not isinstance(values, list) or len(values) != n or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            what = "positive" if name == "pos_scores" else "negative"
+            raise DataError(f"expected a list of {n} numbers (one per {what}), got {values!r}"[:200], source,
+                            field=name)
+    return [float(pos[positive_index])] + [float(neg[k]) for k in negative_indices]
