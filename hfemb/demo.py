@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from hfemb.cli import main
+from hfemb import cli
 from hfemb.data.formats import read_records, write_records
 from hfemb.testing.tiny import tiny_qwen3_path
 
@@ -40,7 +40,7 @@ def _run(argv: list[str]) -> None:
     """Run an hfemb command in this process, after printing it as a user would type it."""
     shown = {"train": ["python", "run_train.py"], "eval": ["python", "run_eval.py"]}.get(argv[0], ["hfemb", argv[0]])
     print("$ " + " ".join(shlex.quote(a) for a in shown + argv[1:]), flush=True)
-    status = main(argv)
+    status = cli.main(argv)
     if status:
         raise SystemExit(f"demo: step failed with status {status}: {' '.join(argv)}")
 

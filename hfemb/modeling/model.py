@@ -18,7 +18,6 @@ bf16 there.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil

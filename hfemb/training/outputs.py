@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 from hfemb.errors import HfembError
-from hfemb.io_utils import save_atomically
 from hfemb.publishing.model_card import write_model_card
 
 log = logging.getLogger("hfemb.training.outputs")

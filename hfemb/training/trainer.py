@@ -37,6 +37,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from hfemb.errors import ConfigError
 from hfemb.training.config import LossConfig, resolved_distill_weight
 from hfemb.training.distill import distill_kl_loss, matryoshka_loss, truncate_normalize
 from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
