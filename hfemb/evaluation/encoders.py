@@ -143,6 +143,20 @@ class EncodedTexts:
     info: dict  # prompts, dimension, counts and seconds
 
 
+def encode_or_skip(spec: str, name: str, query_texts: list[str], doc_texts: list[str], settings: EvalSettings,
+                   failed: dict[str, str]) -> EncodedTexts | None:
+    """`encode_texts`, or with ``settings.skip_failed`` None after recording the failure in ``failed`` (a
+    failure otherwise stops the run, naming the model)."""
+    try:
+        return encode_texts(spec, name, query_texts, doc_texts, settings)
+    except HfembError as exc:
+        if not settings.skip_failed:
+            raise HfembError(f"model {name!r} ({spec}): {exc}") from exc
+        failed[name] = str(exc)
+        print(f"hfemb eval: skipping model {name!r} ({spec}): {exc}")
+        return None
+
+
 def encode_texts(spec: str, name: str, query_texts: list[str], doc_texts: list[str],
                  settings: EvalSettings) -> EncodedTexts:
     """Encode distinct query and document texts once, through the cache; the model loads only if needed."""

@@ -22,7 +22,7 @@ from hfemb.data.records import labelled_documents
 from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
 from hfemb.evaluation import metrics
-from hfemb.evaluation.encoders import encode_texts
+from hfemb.evaluation.encoders import encode_or_skip
 from hfemb.evaluation.report import write_report
 from hfemb.evaluation.settings import EvalSettings
 
@@ -191,13 +191,8 @@ def evaluate(models: dict[str, str], data_path, *, dev_path=None, split_dev: flo
     dev_scores: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
     for name, spec in models.items():
-        try:
-            encoded = encode_texts(spec, name, query_texts, doc_texts, settings)
-        except HfembError as exc:
-            if not settings.skip_failed:
-                raise HfembError(f"model {name!r} ({spec}): {exc}") from exc
-            failed[name] = str(exc)
-            print(f"hfemb eval: skipping model {name!r} ({spec}): {exc}")
+        encoded = encode_or_skip(spec, name, query_texts, doc_texts, settings, failed)
+        if encoded is None:
             continue
         for pairs, store in ((eval_pairs, eval_scores), (dev_pairs, dev_scores)):
             if pairs is not None:

@@ -222,7 +222,7 @@ def _f1_from_counts(counts: np.ndarray) -> np.ndarray:
         return np.where(denom > 0, 2 * tp / denom, 0.0)
 
 
-def _resample_weights(n_groups: int, n_boot: int, seed: int, chunk: int = 200):
+def resample_weights(n_groups: int, n_boot: int, seed: int, chunk: int = 200):
     """Yield ``[b, n_groups]`` multinomial counts: how often each query is drawn in a resample."""
     rng = np.random.default_rng(seed)
     done = 0
@@ -243,7 +243,7 @@ def bootstrap_f1(confusions: list[np.ndarray], *, n_boot: int = 1000, seed: int 
     stacked = np.stack(confusions)  # [M, Q, 3]
     n_models, n_groups, _ = stacked.shape
     samples = []
-    for weights in _resample_weights(n_groups, n_boot, seed):
+    for weights in resample_weights(n_groups, n_boot, seed):
         counts = np.einsum("bq,mqc->bmc", weights, stacked)  # [b, M, 3]
         samples.append(_f1_from_counts(counts))
     f1 = np.concatenate(samples)  # [B, M]
@@ -264,7 +264,7 @@ def bootstrap_best_threshold(group_ids, labels, scores, *, label_threshold: floa
     block_end = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # last index of each distinct score
     n_groups = int(g.max()) + 1
     best = []
-    for weights in _resample_weights(n_groups, n_boot, seed, chunk=max(1, min(200, 2_000_000 // max(len(s), 1)))):
+    for weights in resample_weights(n_groups, n_boot, seed, chunk=max(1, min(200, 2_000_000 // max(len(s), 1)))):
         w = weights[:, g]  # [b, n] row weights
         tp = np.cumsum(w * y, axis=1)[:, block_end]  # predicted positive = score >= s[block_end]
         fp = np.cumsum(w * (1 - y), axis=1)[:, block_end]

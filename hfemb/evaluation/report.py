@@ -233,16 +233,16 @@ def write_report(report: dict, output_dir, *, eval_scores: dict, eval_labels, pl
     markdown = markdown_report(report)
     with atomic_open(output_dir / "results.md") as fh:
         fh.write(markdown)
-    write_json(output_dir / "results.json", _jsonable(report))
+    write_json(output_dir / "results.json", jsonable(report))
     return markdown
 
 
-def _jsonable(obj):
+def jsonable(obj):
     """NaN -> null, numpy scalars -> Python, tuples -> lists (strict JSON)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):

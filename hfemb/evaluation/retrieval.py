@@ -19,7 +19,7 @@ import numpy as np
 from hfemb.data.beir import RetrievalSet
 from hfemb.errors import ConfigError, HfembError
 from hfemb.evaluation import retrieval_metrics as rm
-from hfemb.evaluation.encoders import encode_texts
+from hfemb.evaluation.encoders import encode_or_skip
 from hfemb.evaluation.retrieval_report import write_retrieval_report
 from hfemb.evaluation.settings import EvalSettings
 
@@ -146,13 +146,8 @@ def evaluate_retrieval(models: dict[str, str], rset: RetrievalSet, *, dev_set: R
 
     results, runs, failed = {}, {}, {}
     for name, spec in models.items():
-        try:
-            encoded = encode_texts(spec, name, queries, distinct_docs, settings)
-        except HfembError as exc:
-            if not settings.skip_failed:
-                raise HfembError(f"model {name!r} ({spec}): {exc}") from exc
-            failed[name] = str(exc)
-            print(f"hfemb eval: skipping model {name!r} ({spec}): {exc}")
+        encoded = encode_or_skip(spec, name, queries, distinct_docs, settings, failed)
+        if encoded is None:
             continue
         device = search_device(settings)
         corpus = encoded.documents[doc_rows] if len(distinct_docs) != len(doc_rows) else encoded.documents

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hfemb.evaluation.metrics import resample_weights
+
 RETRIEVAL_METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10", "recall@100", "map@100")
 
 
@@ -83,16 +85,6 @@ def mean_metrics(per_query: dict[str, np.ndarray]) -> dict[str, float]:
     return {name: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for name, v in per_query.items()}
 
 
-def _resample_counts(n: int, n_boot: int, seed: int, chunk: int = 200):
-    """``[b, n]`` multinomial counts: how often each query is drawn in a resample (seeded)."""
-    rng = np.random.default_rng(seed)
-    done = 0
-    while done < n_boot:
-        b = min(chunk, n_boot - done)
-        yield rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)
-        done += b
-
-
 def bootstrap_means(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
     """Percentile intervals of the mean of ``values [M, Q]`` (per model, per query) and of each model's paired
     difference from model 0: the same query resamples for every model. Returns ``{"mean": [(lo, hi)] * M,
@@ -100,7 +92,7 @@ def bootstrap_means(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, al
     values = np.asarray(values, dtype=np.float64)
     n_models, n_q = values.shape
     samples = []
-    for w in _resample_counts(n_q, n_boot, seed):
+    for w in resample_weights(n_q, n_boot, seed):
         samples.append(w @ values.T / n_q)  # [b, M]
     means = np.concatenate(samples)
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]

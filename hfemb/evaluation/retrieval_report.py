@@ -6,6 +6,7 @@ import csv
 import math
 from pathlib import Path
 
+from hfemb.evaluation.report import jsonable
 from hfemb.evaluation.retrieval_metrics import RETRIEVAL_METRICS
 from hfemb.io_utils import atomic_open, write_json
 
@@ -43,8 +44,8 @@ def threshold_table(report: dict) -> str:
     sweep_k = report["settings"]["sweep_k"]
     first = report["reference_model"]
     on = next(iter(report["models"].values()))["threshold"]["chosen_on"]
-    head = ["model", f"threshold (best F1 on {on})", f"F1 at threshold [95% CI]", "precision / recall",
-            f"ΔF1 vs {first} [95% CI]", f"best F1 on eval (at)"]
+    head = ["model", f"threshold (best F1 on {on})", "F1 at threshold [95% CI]", "precision / recall",
+            f"ΔF1 vs {first} [95% CI]", "best F1 on eval (at)"]
     lines = [f"Threshold sweep over each query's top {sweep_k}: a retrieved document with score >= threshold is "
              "predicted relevant; relevant documents not retrieved count as misses.", "",
              "| " + " | ".join(head) + " |", "|---|" + "---|" * (len(head) - 1)]
@@ -100,19 +101,6 @@ def write_csv(report: dict, path: Path) -> None:
         for name, m in report["models"].items():
             writer.writerow([name, *(f"{m['retrieval'][k]:.6f}" for k in RETRIEVAL_METRICS),
                              f"{m['threshold']['chosen_threshold']:.6f}", f"{m['threshold']['f1_at_chosen']:.6f}"])
-
-
-def jsonable(obj):
-    """NaN -> null, numpy scalars -> Python, tuples -> lists (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def write_retrieval_report(report: dict, output_dir) -> str:
