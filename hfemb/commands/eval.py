@@ -231,7 +231,8 @@ def run(args) -> int:
         raise ConfigError("no eval data: pass --data FILE (or set 'data' in the config)")
     from hfemb.io_utils import check_output
 
-    check_output(values["output_dir"], inputs=[values["data"], values["dev"], getattr(args, "classify_knowledge", None)],
+    check_output(values["output_dir"], inputs=[values["data"], values["dev"], values["corpus"],
+                                               getattr(args, "classify_knowledge", None)],
                  option="--output-dir", folder=True, files=OUTPUT_FILES)  # before loading any model
     setting_names = {f.name for f in fields(EvalSettings)}
     settings = EvalSettings(**{k: v for k, v in values.items() if k in setting_names})

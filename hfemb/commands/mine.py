@@ -160,7 +160,8 @@ def empty_reason(report: dict, config) -> str:
                        f"{report['documents']} documents (each needs documents other than its query's positives "
                        "and their duplicates; the input may have a single row, or all rows alike)")
     if dropped.get("max_relative_score"):
-        reasons.append(f"{dropped['max_relative_score']} rows lost their candidates to --max-relative-score")
+        reasons.append(f"{dropped['max_relative_score']} rows lost their candidates to --max-relative-score"
+                       + (" / --max-score-margin" if config.max_score_margin is not None else ""))
     return "; ".join(reasons) or "every row was dropped"
 
 

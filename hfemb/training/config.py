@@ -286,7 +286,7 @@ def deepspeed_zero_stage(value: Any, where: str = "config") -> int | None:
 
 def _check_distill_matryoshka(loss: LossConfig, where: str) -> None:
     if loss.distill_weight is not None and not loss.distill_weight >= 0:
-        raise ConfigError(f"{where}: 'loss.distill_weight' must be >= 0 (or null: on when rows carry teacher scores)")
+        raise ConfigError(f"{where}: 'loss.distill_weight' must be >= 0 (or null: the default, off)")
     if not loss.distill_temperature > 0:
         raise ConfigError(f"{where}: 'loss.distill_temperature' must be > 0, got {loss.distill_temperature}")
     dims, weights = loss.matryoshka_dims, loss.matryoshka_weights

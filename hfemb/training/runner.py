@@ -348,7 +348,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     from transformers import set_seed
 
     out = Path(cfg.training["output_dir"])
-    check_output(out, inputs=[cfg.data.train_file, cfg.data.eval_file], option="training.output_dir", folder=True,
+    check_output(out, inputs=[cfg.data.train_file, cfg.data.eval_file, *(cfg.data.eval_files or {}).values()],
+                 option="training.output_dir", folder=True,
                  files=("train_log.jsonl", "train_summary.json"))  # before loading data or the model
     check_hardware(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -443,7 +444,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     main_process = trainer.is_world_process_zero()
     ds_config = args.hf_deepspeed_config if zero3 else None
     # free the trainer, the optimizer and the trained model (GPU memory) before merging on the CPU
-    del trainer, model, collator
+    loss_callback.trainer = None  # RunLossCallback holds the trainer: it would survive the del
+    del trainer, model, collator, loss_callback
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +153,31 @@ def test_bf16_lora_training_writes_an_exact_merged_model(tiny_qwen3, zh_sample_c
     expected = merge_error(torch.from_numpy(merged), torch.from_numpy(adapter), torch.from_numpy(base))
     assert expected["adapter_shift"] > 1e-3 and expected["merge_error"] < 0.05
     assert merge["merge_error"] < 0.05 and merge["texts"] == 8
+
+
+def test_trainer_is_freed_before_merging(tiny_qwen3, tmp_path, monkeypatch):
+    """The CPU merge runs with the trainer, its optimizer and the trained model gone (their GPU memory free):
+    no MultiNegEmbeddingTrainer is alive while `merge_outputs` runs (oracle: the garbage collector)."""
+    import gc
+
+    import hfemb.training.runner as runner
+    from hfemb.training.trainer import MultiNegEmbeddingTrainer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_trainer import make_config
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"query": f"question number {i}", "positive": f"answer text {i}",
+                                         "negative": [f"other text {i + 1}", f"more text {i + 2}"]}) + "\n"
+                             for i in range(8)))
+    alive = []
+    merge = runner.merge_outputs
+
+    def spy(*args, **kwargs):
+        gc.collect()
+        alive.extend(type(o).__name__ for o in gc.get_objects() if isinstance(o, MultiNegEmbeddingTrainer))
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "merge_outputs", spy)
+    runner.run_training(make_config(tiny_qwen3, str(train), tmp_path / "out", training={"max_steps": 1}))
+    assert (tmp_path / "out" / "merged" / "config.json").is_file() and alive == []
