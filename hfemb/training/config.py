@@ -206,9 +206,6 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if m.quantization_bits not in (4, 8):
         raise ConfigError(f"{where}: 'model.quantization_bits' must be 4 or 8, got {m.quantization_bits!r}")
     check_dtype(m.torch_dtype, f"{where}: 'model.torch_dtype'")
-    from hfemb.modeling.packing import parse_padding_free  # here: importing it loads torch
-
-    parse_padding_free(m.padding_free, f"{where}: 'model.padding_free'")
     if not d.train_file:
         raise ConfigError(f"{where}: 'data.train_file' is required")
     if d.eval_ratio is None:

@@ -94,3 +94,12 @@ def test_a_training_arguments_error_from_an_override_names_it(tmp_path, capsys):
                      "training.save_strategy=epoch", bad]) == 2
         err = capsys.readouterr().err
         assert f"override {bad!r}: " in err and "load_best_model_at_end" in err and err.count("\n") == 1, err
+
+
+def test_padding_free_values_are_checked_by_the_field_annotation(tmp_path):
+    """model.padding_free is Literal['auto', true, false] | null: checked when the config loads, no torch needed."""
+    path = write(tmp_path, BASE)
+    for value, expected in (("true", True), ("false", False), ("auto", "auto"), ("null", None)):
+        assert load_config(path, [f"model.padding_free={value}"]).model.padding_free == expected
+    with pytest.raises(ConfigError, match="'model.padding_free' must be one of auto, True, False or null, got 'yes'"):
+        load_config(path, ["model.padding_free=yes"])
