@@ -105,6 +105,11 @@ class LossConfig:
     # the rows carry teacher scores (`hfemb mine --teacher`, FlagEmbedding's pos_scores/neg_scores), else off.
     distill_weight: float | None = None
     distill_temperature: float = 0.05
+    # Pair ranking across queries (hfemb.training.distill.pair_rank_loss, CoSENT): + pair_rank_weight * the
+    # log-sum-exp of scale * (s(q_j, negative) - s(q_i, positive)) over every pair of the batch, so that one
+    # cosine threshold separates relevant from irrelevant pairs. None: DEFAULT_PAIR_RANK_WEIGHT.
+    pair_rank_weight: float | None = None
+    pair_rank_scale: float = 20.0
     # Matryoshka: InfoNCE on each truncated, re-normalised prefix, summed with these weights (default 1 each);
     # list the full dimension too to keep training it (sentence-transformers' MatryoshkaLoss).
     matryoshka_dims: list[int] | None = None
@@ -114,6 +119,14 @@ class LossConfig:
 # Off: on WikiQA dev, distilling all-mpnet-base-v2 into MiniLM did not beat the defaults (dev best F1 0.541 vs
 # 0.550, ROC-AUC 0.843 vs 0.849; README, Results). Set loss.distill_weight (e.g. 1.0) to use teacher scores.
 DEFAULT_DISTILL_WEIGHT = 0.0
+
+
+DEFAULT_PAIR_RANK_WEIGHT = 0.0
+
+
+def resolved_pair_rank_weight(loss: LossConfig) -> float:
+    """The pair-ranking (CoSENT) weight in effect: the configured one, else the default."""
+    return DEFAULT_PAIR_RANK_WEIGHT if loss.pair_rank_weight is None else float(loss.pair_rank_weight)
 
 
 def resolved_distill_weight(loss: LossConfig, rows_have_teacher_scores: bool) -> float:
@@ -284,6 +297,10 @@ def deepspeed_zero_stage(value: Any, where: str = "config") -> int | None:
 def _check_distill_matryoshka(loss: LossConfig, where: str) -> None:
     if loss.distill_weight is not None and not loss.distill_weight >= 0:
         raise ConfigError(f"{where}: 'loss.distill_weight' must be >= 0 (or null: the default, off)")
+    if loss.pair_rank_weight is not None and not loss.pair_rank_weight >= 0:
+        raise ConfigError(f"{where}: 'loss.pair_rank_weight' must be >= 0 (or null: the default)")
+    if not loss.pair_rank_scale > 0:
+        raise ConfigError(f"{where}: 'loss.pair_rank_scale' must be > 0, got {loss.pair_rank_scale}")
     if not loss.distill_temperature > 0:
         raise ConfigError(f"{where}: 'loss.distill_temperature' must be > 0, got {loss.distill_temperature}")
     dims, weights = loss.matryoshka_dims, loss.matryoshka_weights

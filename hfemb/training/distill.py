@@ -1,4 +1,4 @@
-"""Teacher distillation and Matryoshka terms of the training loss: pure functions beside `info_nce_loss`.
+"""Teacher distillation, pair-ranking (CoSENT) and Matryoshka terms of the training loss: pure functions beside `info_nce_loss`.
 
 Shapes: B queries, G = 1 + N documents per query (its positive, then its N negatives), D dims.
 ``q``: [B, D]; ``d``: [M, D] holding this process's B*G documents at rows ``doc_offset .. doc_offset+B*G-1``
@@ -43,6 +43,30 @@ def distill_kl_loss(q: torch.Tensor, d: torch.Tensor, teacher_scores: torch.Tens
     log_p = F.log_softmax(teacher, dim=-1)  # [B, G]
     log_q = F.log_softmax(student, dim=-1)  # [B, G]
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()  # []
+
+
+def pair_rank_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, scale: float = 20.0,
+                   doc_offset: int | None = None, negative_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """CoSENT over the batch: log(1 + sum over every (positive pair, negative pair) of exp(scale * (s_neg - s_pos))).
+
+    Unlike InfoNCE, which compares a query's candidates with each other, this compares pairs *across*
+    queries: every query's positive should score above every query's own negatives, so one threshold on
+    the cosine separates relevant from irrelevant pairs (the ROC-AUC of the batch's pairs; Su's CoSENT,
+    sentence-transformers' ``CoSENTLoss`` on (query, document, label) pairs). ``negative_mask`` [B, G-1]
+    True = not a negative (e.g. a duplicate of the positive's text); those pairs are left out.
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    sims = own_group_similarities(q, d, group_size, doc_offset)  # [B, G]
+    pos, neg = sims[:, 0], sims[:, 1:]  # [B], [B, G-1]
+    if neg.numel() == 0:
+        return sims.new_zeros(())
+    neg = neg.reshape(-1)  # [B*(G-1)]
+    diff = scale * (neg[None, :] - pos[:, None])  # [B, B*(G-1)] every positive against every negative
+    if negative_mask is not None:
+        diff = diff.masked_fill(negative_mask.reshape(1, -1).to(diff.device), float("-inf"))
+    zero = diff.new_zeros(1)
+    return torch.logsumexp(torch.cat([zero, diff.reshape(-1)]), dim=0)  # []
 
 
 def truncate_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:

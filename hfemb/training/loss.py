@@ -130,6 +130,14 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
     return LossOutput(loss=loss, logits=blocks[0], labels=labels, mask=mask, similarities=sims)
 
 
+def own_negative_mask(out: LossOutput, group_size: int) -> torch.Tensor | None:
+    """[B, G-1] bool of ``out.mask`` at each query's own negatives (True = masked: not a negative), or None."""
+    if out.mask is None:
+        return None
+    offsets = torch.arange(1, group_size, device=out.labels.device)  # [G-1] (own group: label 0, columns 1..G-1)
+    return out.mask.gather(1, out.labels[:, None] + offsets[None, :])  # [B, G-1]
+
+
 def _known_positives(b: int, g: int, columns: int, in_batch: bool, doc_ids: torch.Tensor | None,
                      query_positive_ids: torch.Tensor | None, query_text_ids: torch.Tensor | None,
                      query_offset: int | None) -> torch.Tensor | None:

@@ -38,12 +38,12 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hfemb.errors import ConfigError
-from hfemb.training.config import LossConfig, resolved_distill_weight
-from hfemb.training.distill import distill_kl_loss, matryoshka_loss, truncate_normalize
+from hfemb.training.config import LossConfig, resolved_distill_weight, resolved_pair_rank_weight
+from hfemb.training.distill import distill_kl_loss, matryoshka_loss, pair_rank_loss, truncate_normalize
 from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
 from hfemb.training.evaluator import run_evaluators
 from hfemb.training.grad_cache import grad_cache_step
-from hfemb.training.loss import LossOutput, info_nce_loss
+from hfemb.training.loss import LossOutput, info_nce_loss, own_negative_mask
 from hfemb.training.sampling import NoDuplicateQuerySampler
 
 # Columns of the per-query statistics returned by `prediction_step` (aggregated by `aggregate_eval_stats`).
@@ -173,6 +173,11 @@ class MultiNegEmbeddingTrainer(Trainer):
         if weight and teacher is not None:  # (run_training checks up front that training rows carry them)
             out.loss = out.loss + weight * distill_kl_loss(q, d, teacher, group_size=group_size,
                                                            temperature=c.distill_temperature, doc_offset=offset)
+        rank_weight = resolved_pair_rank_weight(c)
+        if rank_weight and group_size > 1:  # this process's own (query, document) pairs, across its queries
+            out.loss = out.loss + rank_weight * pair_rank_loss(
+                q, d, group_size=group_size, scale=c.pair_rank_scale, doc_offset=offset,
+                negative_mask=own_negative_mask(out, group_size))
         return out
 
     def _forward_loss(self, model, inputs):

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from hfemb.data.formats import Record, read_records
 from hfemb.errors import ConfigError, DataError
 from hfemb.training.config import DEFAULT_DISTILL_WEIGHT, config_from_dict
-from hfemb.training.distill import distill_kl_loss, matryoshka_loss, truncate_normalize
-from hfemb.training.loss import info_nce_loss
+from hfemb.training.distill import distill_kl_loss, matryoshka_loss, pair_rank_loss, truncate_normalize
+from hfemb.training.loss import info_nce_loss, own_negative_mask
 from hfemb.training.runner import check_teacher_scores, rows_from_records
 
 B, N = 4, 2
@@ -60,6 +60,45 @@ def test_kl_with_gathered_documents_equals_the_single_process_loss():
     torch.testing.assert_close(torch.stack(parts).mean(), full)
     with pytest.raises(ValueError):
         distill_kl_loss(q[:b], d, teacher[:b], group_size=g, doc_offset=w * b * g)
+
+
+def test_pair_rank_loss_by_hand_and_equals_sentence_transformers_cosent():
+    q = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    d = F.normalize(torch.tensor([[1.0, 0.2], [0.3, 1.0], [0.2, 1.0], [1.0, 0.1]]), dim=-1)  # G = 2
+    pos = [float(q[0] @ d[0]), float(q[1] @ d[2])]
+    neg = [float(q[0] @ d[1]), float(q[1] @ d[3])]
+    expected = math.log(1 + sum(math.exp(5.0 * (n - p)) for p in pos for n in neg))
+    assert float(pair_rank_loss(q, d, group_size=2, scale=5.0)) == pytest.approx(expected, rel=1e-5)
+
+    from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+
+    g = 3
+    q, d = _unit(B, 8, seed=7), _unit(B * g, 8, seed=8)
+    labels = torch.tensor([1.0 if k == 0 else 0.0 for _ in range(B) for k in range(g)])  # [B*G] positive first
+    oracle = CoSENTLoss(torch.nn.Identity(), scale=20.0).compute_loss_from_embeddings(
+        [q.repeat_interleave(g, dim=0), d], labels)  # every (query, document) pair of the batch
+    torch.testing.assert_close(pair_rank_loss(q, d, group_size=g, scale=20.0), oracle)
+    # a masked negative is left out: equals the loss without that pair (by hand)
+    mask = torch.zeros(B, g - 1, dtype=torch.bool)
+    mask[1, 0] = True
+    sims = torch.einsum("bd,bgd->bg", q, d.view(B, g, -1))
+    negs = [float(sims[i, k]) for i in range(B) for k in range(1, g) if not mask[i, k - 1]]
+    by_hand = math.log(1 + sum(math.exp(20.0 * (n - float(sims[i, 0]))) for i in range(B) for n in negs))
+    assert float(pair_rank_loss(q, d, group_size=g, negative_mask=mask)) == pytest.approx(by_hand, rel=1e-5)
+    # with gathered documents each process scores its own rows (doc_offset)
+    part = pair_rank_loss(q[2:], torch.cat([_unit(5, 8, seed=9), d[2 * g:]]), group_size=g, doc_offset=5)
+    torch.testing.assert_close(part, pair_rank_loss(q[2:], d[2 * g:], group_size=g))
+
+
+def test_own_negative_mask_reads_the_in_batch_and_own_group_masks():
+    q, d = _unit(B, 8, seed=10), _unit(B * 3, 8, seed=11)
+    ids = torch.arange(B * 3)
+    ids[4] = ids[3]  # query 1's first negative has its positive's text
+    for in_batch in (True, False):
+        out = info_nce_loss(q, d, group_size=3, doc_text_ids=ids, in_batch_negatives=in_batch)
+        expected = torch.zeros(B, 2, dtype=torch.bool)
+        expected[1, 0] = True
+        assert torch.equal(own_negative_mask(out, 3), expected)
 
 
 def test_matryoshka_is_the_weighted_sum_over_truncated_prefixes():
@@ -116,7 +155,8 @@ def test_config_checks(tmp_path):
     for loss, message in (({"distill_weight": -1}, "distill_weight"), ({"distill_temperature": 0}, "distill_temperature"),
                           ({"matryoshka_dims": [64, 0]}, "matryoshka_dims"), ({"matryoshka_dims": "64"}, "matryoshka_dims"),
                           ({"matryoshka_dims": [64], "matryoshka_weights": [1, 2]}, "matryoshka_weights"),
-                          ({"matryoshka_weights": [1]}, "needs 'loss.matryoshka_dims'")):
+                          ({"matryoshka_weights": [1]}, "needs 'loss.matryoshka_dims'"),
+                          ({"pair_rank_weight": -0.1}, "pair_rank_weight"), ({"pair_rank_scale": 0}, "pair_rank_scale")):
         with pytest.raises(ConfigError, match=message):
             _cfg(tmp_path, **loss)
 
@@ -181,6 +221,26 @@ def test_trainer_adds_the_distillation_term_and_grad_cache_agrees(tiny_qwen3, tm
     with torch.no_grad():
         torch.testing.assert_close(off._loss(q, d, batch).loss, info_nce_loss(
             q, d, group_size=1 + N, doc_text_ids=batch["doc_text_ids"]).loss)
+
+
+def test_trainer_adds_the_pair_rank_term_and_grad_cache_agrees(tiny_qwen3, tmp_path, rows):
+    trainer = _trainer(tiny_qwen3, tmp_path, {"pair_rank_weight": 0.5, "pair_rank_scale": 10.0})
+    batch = trainer.data_collator(rows[:B])
+    model = trainer.model
+    model.eval()
+    with torch.no_grad():
+        q = model(batch["query_input_ids"], batch["query_attention_mask"])
+        d = model(batch["doc_input_ids"], batch["doc_attention_mask"])
+        got = trainer._loss(q, d, batch).loss
+        nce = info_nce_loss(q, d, group_size=1 + N, doc_text_ids=batch["doc_text_ids"])
+        rank = pair_rank_loss(q, d, group_size=1 + N, scale=10.0, negative_mask=own_negative_mask(nce, 1 + N))
+    assert float(rank) > 0
+    torch.testing.assert_close(got, nce.loss + 0.5 * rank)
+    plain_loss, plain = _step(trainer, batch, None)
+    cached_loss, cached = _step(trainer, batch, 3)
+    assert cached_loss == pytest.approx(plain_loss, abs=1e-5)
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_run_training_with_teacher_scores_and_matryoshka_writes_the_dims(tiny_qwen3, tmp_path, rows):
