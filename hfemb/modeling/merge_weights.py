@@ -102,8 +102,9 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
 
 
 PROVENANCE_FILE = "hfemb_merge.json"  # what `merge_weights` did, read by the model card
-# the tuned model's card and recommended threshold describe the tuned weights, not the merged ones
-_NOT_COPIED = ("README.md", "hfemb_threshold.json", PROVENANCE_FILE, "merge.json")
+AVERAGING_FILE = "hfemb_averaging.json"  # in a merged/ that is a checkpoint average (hfemb.training.averaging)
+# the tuned model's card, threshold and provenance describe the tuned weights, not the merged ones
+_NOT_COPIED = ("README.md", "hfemb_threshold.json", PROVENANCE_FILE, AVERAGING_FILE, "merge.json")
 
 
 def public_name(spec: str | os.PathLike) -> str:
@@ -163,13 +164,17 @@ def merge_weights(base: str | os.PathLike, tuned: str | os.PathLike, output: str
               "tensors": len(merged), "rule": "(1 - alpha) * base + alpha * tuned, per tensor in fp32"
               if method == "linear" else "spherical interpolation per tensor in fp32",
               "hfemb_version": hfemb.__version__}
+    averaged = read_merge_record(tuned, AVERAGING_FILE)
+    if averaged:  # the tuned model was itself a checkpoint average
+        record["tuned_checkpoint_averaging"] = {k: averaged.get(k) for k in ("k", "steps")}
     write_model_folder(tuned, merged, output, {PROVENANCE_FILE: record})
     return record
 
 
-def read_merge_record(folder: str | os.PathLike) -> dict | None:
-    """The ``hfemb_merge.json`` of a model folder written by `merge_weights`, or None."""
-    path = Path(folder, PROVENANCE_FILE)
+def read_merge_record(folder: str | os.PathLike, name: str = PROVENANCE_FILE) -> dict | None:
+    """The ``hfemb_merge.json`` of a model folder written by `merge_weights` (or another provenance file
+    ``name``, e.g. ``AVERAGING_FILE``), or None."""
+    path = Path(folder, name)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

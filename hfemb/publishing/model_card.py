@@ -27,7 +27,7 @@ from hfemb.evaluation.encoders import resolve_model_path
 from hfemb.evaluation.report import summary_table
 from hfemb.io_utils import atomic_open, write_json
 from hfemb.mining.mine import report_path
-from hfemb.modeling.merge_weights import PROVENANCE_FILE, read_merge_record
+from hfemb.modeling.merge_weights import AVERAGING_FILE, PROVENANCE_FILE, read_merge_record
 from hfemb.modeling.st_layout import st_pooling
 
 log = logging.getLogger("hfemb.publishing.model_card")
@@ -408,6 +408,7 @@ class _Model:
     pooling: str
     max_length: int
     merge: dict | None  # hfemb_merge.json of `hfemb merge-weights`
+    averaging: dict | None  # hfemb_averaging.json: these weights are a checkpoint average (training)
 
 
 def _describe(model_dir: Path, output_dir, base_model: str | None, finetune_type: str | None) -> _Model:
@@ -421,7 +422,7 @@ def _describe(model_dir: Path, output_dir, base_model: str | None, finetune_type
     return _Model(
         folder=model_dir, output_dir=output_dir, summary=summary, adapter=adapter_cfg is not None,
         base=base_model or model_cfg.get("name_or_path") or (adapter_cfg or {}).get("base_model_name_or_path")
-        or (merge or {}).get("base"), merge=merge,
+        or (merge or {}).get("base"), merge=merge, averaging=read_merge_record(model_dir, AVERAGING_FILE),
         kind=finetune_type or model_cfg.get("finetune_type") or ("lora" if adapter_cfg is not None else None),
         prompts=(_read_json(model_dir / "config_sentence_transformers.json") or {}).get("prompts") or {},
         pooling=st_pooling(str(model_dir)) or "mean",
@@ -509,26 +510,31 @@ def _training(m: _Model, mining: dict | None) -> list[str]:
 
 
 def weight_merging_section(m: _Model) -> list[str]:
-    """What was done to the trained weights: checkpoint averaging (``train_summary.json``
-    ``checkpoint_averaging``, not for an adapter folder, which stays the last step's) and interpolation with the
-    base (``hfemb_merge.json`` of `hfemb merge-weights`)."""
+    """What was done to the trained weights: checkpoint averaging (``hfemb_averaging.json`` beside the weights;
+    a failed one from ``train_summary.json``) and interpolation with the base (``hfemb_merge.json`` of
+    `hfemb merge-weights`). Read from the folder, so a card never claims it for other weights (an ``adapter/``,
+    or a ``merged/`` re-made by `hfemb merge`)."""
     lines = []
-    averaging = m.summary.get("checkpoint_averaging") if not m.adapter else None
-    if isinstance(averaging, dict) and averaging.get("error"):
-        lines.append(f"- **checkpoint averaging** (last {averaging.get('k')} checkpoints) was configured but failed: "
-                     f"{averaging['error']}; these weights are the last step's.")
-    elif isinstance(averaging, dict) and averaging.get("k"):
-        lora = m.kind in ("lora", "qlora")
+    averaging = m.averaging
+    failed = m.summary.get("checkpoint_averaging") if not m.adapter else None
+    if averaging and averaging.get("k"):
         lines.append(f"- **checkpoint averaging**: the weights are the per-tensor mean (in fp32) of the last "
                      f"{averaging['k']} checkpoints of the run, at steps {_fmt(averaging.get('steps'))}"
                      + (" (each LoRA checkpoint merged onto the base first: the mean of W + BA, not of A and B)"
-                        if lora else "") + f"; stored in {averaging.get('stored_dtype')}. The evaluation during "
-                     "training reported here is of the last step's model, not of this average.")
+                        if "LoRA" in str(averaging.get("rule")) else "")
+                     + f"; stored in {_fmt(averaging.get('stored_dtype'))}. The evaluation during training reported "
+                     "here is of the last step's model, not of this average.")
+    elif isinstance(failed, dict) and failed.get("error"):
+        lines.append(f"- **checkpoint averaging** (last {failed.get('k')} checkpoints) was configured but failed: "
+                     f"{failed['error']}; these weights are the last step's.")
     if m.merge:
         mg = m.merge
+        tuned_avg = mg.get("tuned_checkpoint_averaging") or {}
         lines.append(f"- **interpolation with the base** ({mg.get('method')}, alpha {_fmt(mg.get('alpha'))}): "
-                     f"{mg.get('rule')}, with base `{mg.get('base')}` and tuned model `{mg.get('tuned')}` "
-                     f"(`hfemb merge-weights`; recorded in `{PROVENANCE_FILE}`).")
+                     f"{mg.get('rule')}, with base `{mg.get('base')}` and tuned model `{mg.get('tuned')}`"
+                     + (f" (itself the mean of its run's last {tuned_avg.get('k')} checkpoints, steps "
+                        f"{_fmt(tuned_avg.get('steps'))})" if tuned_avg.get("k") else "")
+                     + f" (`hfemb merge-weights`; recorded in `{PROVENANCE_FILE}`).")
     return ["## Weight merging", "", *lines, ""] if lines else []
 
 

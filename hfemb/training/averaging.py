@@ -20,6 +20,7 @@ one base load per checkpoint (k loads of the base from disk).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ from transformers import TrainerCallback
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import save_atomically
 from hfemb.modeling.dtypes import DTYPES
-from hfemb.modeling.merge_weights import load_state_dict, write_model_folder
+from hfemb.modeling.merge_weights import AVERAGING_FILE, load_state_dict, write_model_folder
 from hfemb.modeling.model import load_embedding_model
 from hfemb.training.resume import checkpoint_problem, checkpoint_step
 
@@ -152,10 +153,12 @@ def _accumulate(total: dict[str, torch.Tensor] | None, state: dict[str, torch.Te
     return total
 
 
-def average_full_checkpoints(folders: list[Path], template: str | os.PathLike, output_dir: str | os.PathLike) -> dict:
+def average_full_checkpoints(folders: list[Path], template: str | os.PathLike, output_dir: str | os.PathLike,
+                             record: dict | None = None) -> dict:
     """``output_dir`` (replaced atomically; may be ``template``) = the model folder ``template`` (the final
     model: tokenizer, sentence-transformers files) with the fp32 mean of the checkpoints' weights, each tensor
-    stored in the checkpoints' dtype. Returns the record."""
+    stored in the checkpoints' dtype, and ``record`` (+ the stored dtype) as ``hfemb_averaging.json``.
+    Returns the record."""
     total, dtypes = None, {}
     for folder in folders:
         state = load_state_dict(folder)
@@ -164,16 +167,18 @@ def average_full_checkpoints(folders: list[Path], template: str | os.PathLike, o
         del state
     averaged = {name: (t / len(folders)).to(dtypes[name]).contiguous() if t.is_floating_point() else t
                 for name, t in total.items()}
-    write_model_folder(template, averaged, output_dir)
     stored = sorted({str(d).replace("torch.", "") for d in dtypes.values() if d.is_floating_point})
-    return {"stored_dtype": stored[0] if len(stored) == 1 else stored}
+    record = {**(record or {}), "stored_dtype": stored[0] if len(stored) == 1 else stored}
+    write_model_folder(template, averaged, output_dir, {AVERAGING_FILE: record})
+    return record
 
 
 def average_lora_checkpoints(folders: list[Path], output_dir: str | os.PathLike, *, base_dtype: str = "float32",
-                             merged_dtype: str = "auto", trust_remote_code: bool = False) -> dict:
+                             merged_dtype: str = "auto", trust_remote_code: bool = False,
+                             record: dict | None = None) -> dict:
     """``output_dir`` = a plain full model whose weights are the fp32 mean over the adapter checkpoints of each
-    one merged onto the base (``base_dtype``: the dtype the base was trained in). ``merged_dtype``: auto =
-    float32. Returns the record."""
+    one merged onto the base (``base_dtype``: the dtype the base was trained in; ``merged_dtype``: auto =
+    float32), with ``record`` (+ the dtypes) as ``hfemb_averaging.json``. Returns the record."""
     if merged_dtype not in DTYPES:
         raise HfembError(f"dtype must be one of {', '.join(DTYPES)}, got {merged_dtype!r}")
     stored = "float32" if merged_dtype == "auto" else merged_dtype
@@ -194,12 +199,19 @@ def average_lora_checkpoints(folders: list[Path], output_dir: str | os.PathLike,
         for p in model.backbone.parameters():
             if p.is_floating_point():
                 p.data = p.data.to(getattr(torch, stored))
-    save_atomically(lambda d: model.save_pretrained(d), output_dir)
-    return {"base_dtype": base_dtype, "stored_dtype": stored}
+    record = {**(record or {}), "base_dtype": base_dtype, "stored_dtype": stored}
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder)
+        Path(folder, AVERAGING_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    save_atomically(write, output_dir)
+    return record
 
 
-def averaging_record(k: int, folders: list[Path], extra: dict) -> dict:
-    """What ``train_summary.json`` records under ``checkpoint_averaging``."""
+def averaging_record(k: int, folders: list[Path], lora: bool) -> dict:
+    """What ``train_summary.json`` (``checkpoint_averaging``) and ``merged/hfemb_averaging.json`` record."""
     return {"k": k, "steps": [checkpoint_step(f) for f in folders], "checkpoints": [f.name for f in folders],
-            "rule": "per-tensor mean in fp32 of the checkpoints' weights (LoRA: of each checkpoint merged onto "
-                    "the base)", **extra}
+            "rule": "per-tensor mean in fp32 of " + ("each checkpoint's LoRA merged onto the base (W + s B A)"
+                                                    if lora else "the checkpoints' weights"),
+            "final_eval": "of the last step's model, before averaging"}

@@ -534,14 +534,13 @@ def average_outputs(cfg: TrainConfig, out: Path, saved_steps: list[int], k: int)
     """``merged/`` = the fp32 mean of the last ``k`` checkpoints of this run (`hfemb.training.averaging`; LoRA:
     of each checkpoint merged onto the base, on the CPU). Returns the record for ``train_summary.json``."""
     folders = checkpoints_to_average(out, saved_steps, k)
+    record = averaging_record(k, folders, lora=cfg.model.finetune_type != "full")
     if cfg.model.finetune_type == "full":
-        extra = average_full_checkpoints(folders, out / "merged", out / "merged")
+        record = average_full_checkpoints(folders, out / "merged", out / "merged", record)
     else:
-        extra = average_lora_checkpoints(
+        record = average_lora_checkpoints(
             folders, out / "merged", base_dtype="auto" if cfg.model.finetune_type == "qlora" else resolve_dtype(cfg),
-            merged_dtype=cfg.export.merged_dtype, trust_remote_code=cfg.model.trust_remote_code)
-    record = averaging_record(k, folders, extra)
-    record["final_eval"] = "of the last step's model, before averaging"
+            merged_dtype=cfg.export.merged_dtype, trust_remote_code=cfg.model.trust_remote_code, record=record)
     log.info("merged/ is the average of %s", ", ".join(record["checkpoints"]))
     return record
 

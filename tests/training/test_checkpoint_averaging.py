@@ -38,7 +38,7 @@ def test_full_finetuning_exports_the_mean_of_the_last_k_checkpoints(tiny_qwen3, 
     summary = _run(tiny_qwen3, mined_file, out, "full", max_steps=3, average_checkpoints=2)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # limit raised to k
     record = json.loads((out / "train_summary.json").read_text())["checkpoint_averaging"]
-    assert record == summary["checkpoint_averaging"]
+    assert record == summary["checkpoint_averaging"] == json.loads((out / "merged" / "hfemb_averaging.json").read_text())
     assert record["k"] == 2 and record["steps"] == [2, 3] and record["checkpoints"] == ["checkpoint-2", "checkpoint-3"]
     c2, c3, merged = _weights(out / "checkpoint-2"), _weights(out / "checkpoint-3"), _weights(out / "merged")
     assert merged.keys() == c3.keys()
