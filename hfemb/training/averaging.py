@@ -104,14 +104,15 @@ class CheckpointAveragingCallback(TrainerCallback):
             self.saved = [s for s, _ in complete_checkpoints(output_dir) if s <= step]
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if args.save_strategy == "steps":
+        strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+        if strategy == "steps":
             future = planned_save_steps(state.max_steps, int(state.save_steps), after=state.global_step)
         else:  # epoch: one save per epoch; a partial last epoch also ends with a save
             future = list(range(max(0, math.ceil(state.num_train_epochs) - math.ceil(state.epoch or 0))))
         if len(self.saved) + len(future) < self.k:
             raise ConfigError(f"'{FIELD}' is {self.k} but this run saves only {len(self.saved) + len(future)} "
-                              f"checkpoint(s) ({state.max_steps} steps, save_strategy {args.save_strategy!r}"
-                              + (f", save_steps {state.save_steps}" if args.save_strategy == "steps" else "")
+                              f"checkpoint(s) ({state.max_steps} steps, save_strategy {strategy!r}"
+                              + (f", save_steps {state.save_steps}" if strategy == "steps" else "")
                               + "); save more often, train longer or average fewer")
 
     def on_save(self, args, state, control, **kwargs):
