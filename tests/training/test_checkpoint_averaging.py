@@ -149,3 +149,45 @@ def test_too_few_saves_stop_before_the_first_step(tiny_qwen3, mined_file, tmp_pa
     with pytest.raises(ConfigError, match=r"'training.average_checkpoints' is 2 but this run saves only 1 checkpoint"):
         run_training(cfg)
     assert not list(out.glob("checkpoint-*")) and not (out / "merged").exists()
+
+
+def test_resumed_run_averages_checkpoints_of_both_parts(tiny_qwen3, mined_file, tmp_path):  # noqa: F811
+    """A run resumed from checkpoint-3 averages 2 and 3 (saved before the interruption) with the new 4."""
+    import shutil
+
+    from hfemb.training.runner import run_training
+
+    out = tmp_path / "resumed"
+    settings = {"save_strategy": "steps", "save_steps": 1, "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
+                "learning_rate": 2e-2, "max_steps": 4, "average_checkpoints": 3}
+    run_training(make_config(tiny_qwen3, mined_file, out, finetune="full", training=settings))
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "merged")
+    summary = run_training(make_config(tiny_qwen3, mined_file, out, finetune="full", training=settings),
+                           resume=str(out / "checkpoint-3"))
+    assert summary["checkpoint_averaging"]["steps"] == [2, 3, 4]
+    c = [_weights(out / f"checkpoint-{i}") for i in (2, 3, 4)]
+    merged = _weights(out / "merged")
+    for name in merged:
+        np.testing.assert_allclose(merged[name], (c[0][name] + c[1][name] + c[2][name]) / 3, rtol=2.5e-7,
+                                   atol=1e-7)  # one fp32 rounding
+
+
+def test_only_this_runs_complete_checkpoints_are_averaged(tmp_path):
+    """Checkpoints are chosen from the steps this run saved (a leftover checkpoint of an earlier run in the same
+    folder is ignored), the last k of them; a missing or incomplete one is named."""
+    from hfemb.errors import HfembError
+    from hfemb.training.averaging import checkpoints_to_average
+
+    for step in (1, 2, 3, 4, 6):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"")
+        if step != 6:  # checkpoint-6: killed while being written
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    assert [p.name for p in checkpoints_to_average(tmp_path, [2, 4], 2)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in checkpoints_to_average(tmp_path, [4, 2, 3, 4], 2)] == ["checkpoint-3", "checkpoint-4"]
+    with pytest.raises(HfembError, match="missing checkpoint-6"):
+        checkpoints_to_average(tmp_path, [4, 6], 2)
+    with pytest.raises(HfembError, match="only 1 complete checkpoint"):
+        checkpoints_to_average(tmp_path, [4], 2)
