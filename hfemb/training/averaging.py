@@ -98,7 +98,7 @@ class CheckpointAveragingCallback(TrainerCallback):
     up to its step count as saved by this run."""
 
     def __init__(self, k: int, output_dir: str | os.PathLike, resumed_from: str | None = None):
-        self.k, self.output_dir, self.saved = k, Path(output_dir), []
+        self.k, self.saved = k, []
         if resumed_from:
             step = checkpoint_step(resumed_from)
             self.saved = [s for s, _ in complete_checkpoints(output_dir) if s <= step]
@@ -108,7 +108,7 @@ class CheckpointAveragingCallback(TrainerCallback):
         if strategy == "steps":
             future = planned_save_steps(state.max_steps, int(state.save_steps), after=state.global_step)
         else:  # epoch: one save per epoch; a partial last epoch also ends with a save
-            future = list(range(max(0, math.ceil(state.num_train_epochs) - math.ceil(state.epoch or 0))))
+            future = list(range(max(0, math.ceil(state.num_train_epochs) - math.floor(state.epoch or 0))))
         if len(self.saved) + len(future) < self.k:
             raise ConfigError(f"'{FIELD}' is {self.k} but this run saves only {len(self.saved) + len(future)} "
                               f"checkpoint(s) ({state.max_steps} steps, save_strategy {strategy!r}"
