@@ -92,11 +92,12 @@ def mine(tag: str, data_dir: Path, source: Path | None = None) -> tuple[Path, di
 
 
 def merged_model(tuned: str, base: str, out: Path, alpha: float = MERGE_ALPHA) -> tuple[str, float]:
-    from hfemb.modeling.merge_weights import merge_weights
+    from hfemb.modeling.merge_weights import PROVENANCE_FILE, merge_weights, public_name
 
     target = out / "runs" / f"merged-alpha{alpha:g}"
     started = time.time()
-    if not (target / "merge.json").exists() or json.loads((target / "merge.json").read_text())["tuned"] != tuned:
+    record = target / PROVENANCE_FILE
+    if not record.exists() or json.loads(record.read_text())["tuned"] != public_name(tuned):
         merge_weights(base, tuned, target, alpha, "linear")
     return str(target), time.time() - started
 

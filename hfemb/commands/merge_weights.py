@@ -1,5 +1,5 @@
 """`hfemb merge-weights --base B --tuned T --alpha A [--method linear|slerp] --output DIR`: interpolate a tuned
-model with its base, per tensor in fp32 (LM-Cocktail; `hfemb.modeling.merge_weights`)."""
+model with its base, per tensor in fp32 (LM-Cocktail; `hfemb.modeling.merge_weights`), and write its model card."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ HELP = "interpolate a tuned model's weights with its base (linear or slerp, per 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Write (1 - ALPHA) * BASE + ALPHA * TUNED (or the spherical interpolation) to DIR, "
                           "per tensor in fp32, keeping TUNED's tokenizer, prompts and sentence-transformers files; "
-                          "DIR/merge.json records how. Both must be full models (a training output's merged/).")
+                          "DIR/hfemb_merge.json records how and DIR/README.md is a new model card (`hfemb card DIR` "
+                          "rewrites it). Both must be full models (a training output's merged/).")
     a = parser.add_argument
     a("--base", required=True, help="the base model folder")
     a("--tuned", required=True, help="the tuned model folder (or a training output with merged/)")
@@ -23,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hfemb.evaluation.encoders import resolve_model_path
     from hfemb.modeling.merge_weights import merge_weights
+    from hfemb.publishing.model_card import write_model_card
 
     record = merge_weights(resolve_model_path(args.base), resolve_model_path(args.tuned), args.output,
                            args.alpha, args.method)
+    write_model_card(args.output, eval_results=False)
     print(f"merged {record['tensors']} tensors ({record['method']}, alpha {record['alpha']:g}) -> {args.output}")
     return 0

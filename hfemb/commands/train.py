@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"done in {summary['seconds']:.0f}s, {summary['global_step']} steps; {outs}")
     if summary.get("final_eval"):
         ev = summary["final_eval"]
-        print("eval: " + ", ".join(f"{k.removeprefix('eval_')}={v:.4f}" for k, v in ev.items()
+        averaged = (summary.get("checkpoint_averaging") or {}).get("checkpoints")
+        print(("eval (last step's model; merged/ is the mean of " + ", ".join(averaged) + "): " if averaged else
+               "eval: ") + ", ".join(f"{k.removeprefix('eval_')}={v:.4f}" for k, v in ev.items()
                                    if isinstance(v, float) and not k.endswith(("runtime", "per_second"))))
     return 0

@@ -5,7 +5,9 @@ several checkpoints (``average_state_dicts``).
 
 Both folders are full models with the same tensor names and shapes (a merged training output, not an adapter
 folder); the output is the tuned folder with its weights replaced (tokenizer, sentence-transformers files and
-prompts kept), written atomically, each tensor stored back in the tuned model's dtype, plus ``merge.json``.
+prompts kept; not its model card or threshold, which describe the tuned weights), written atomically, each
+tensor stored back in the tuned model's dtype, plus ``hfemb_merge.json`` (method, alpha, the models by Hub id or
+relative path: `public_name`), which the model card shows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import hfemb
 from hfemb.errors import ConfigError, HfembError
 
 METHODS = ("linear", "slerp")
@@ -98,31 +101,84 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
     return out
 
 
-def merge_weights(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, alpha: float,
-                  method: str = "linear") -> dict:
-    """Write ``output``: the tuned folder with merged weights (atomically) and ``merge.json``; returns the record."""
+PROVENANCE_FILE = "hfemb_merge.json"  # what `merge_weights` did, read by the model card
+AVERAGING_FILE = "hfemb_averaging.json"  # in a merged/ that is a checkpoint average (hfemb.training.averaging)
+# the tuned model's card, threshold and provenance describe the tuned weights, not the merged ones
+_NOT_COPIED = ("README.md", "hfemb_threshold.json", PROVENANCE_FILE, AVERAGING_FILE, "merge.json")
+
+
+def public_name(spec: str | os.PathLike) -> str:
+    """How a model is named in a provenance file: a Hub id as given; a local folder relative to the working
+    directory when inside it, else by its last path parts (``run1/merged``): never an absolute (home) path."""
+    text = str(spec)
+    if not os.path.exists(text) and not os.path.isabs(text) and not text.startswith(("~", ".")):
+        return text  # a Hub id (or a name the user gave)
+    path = Path(os.path.abspath(os.path.expanduser(text)))
+    try:
+        rel = path.relative_to(Path.cwd().resolve())
+        if str(rel) != ".":
+            return rel.as_posix()
+    except ValueError:
+        pass
+    parts = path.parts[-2:] if path.name in ("merged", "adapter") else path.parts[-1:]
+    return "/".join(parts) or path.name
+
+
+def write_model_folder(template: str | os.PathLike, state: dict[str, torch.Tensor], output: str | os.PathLike,
+                       extra_json: dict[str, dict] | None = None) -> None:
+    """``output`` = the model folder ``template`` (tokenizer, config, sentence-transformers files; not its card or
+    threshold) with ``state`` as its weights (one ``model.safetensors``) and ``extra_json`` files, replaced
+    atomically (``output`` may be ``template``)."""
     from safetensors.torch import save_file
 
-    tuned, base, output = Path(tuned), Path(base), Path(output)
-    if output.resolve() in (tuned.resolve(), base.resolve()):
-        raise ConfigError("--output must differ from --base and --tuned")
-    merged = merge_state_dicts(load_state_dict(base), load_state_dict(tuned), alpha, method)
-    record = {"method": method, "alpha": alpha, "base": str(base), "tuned": str(tuned),
-              "tensors": len(merged), "rule": "(1 - alpha) * base + alpha * tuned, per tensor in fp32"
-              if method == "linear" else "spherical interpolation per tensor in fp32"}
-
+    template, output = Path(template), Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        for item in tuned.iterdir():
-            if item.name in _WEIGHT_FILES or item.name.startswith("model-") and item.suffix == ".safetensors":
+        for item in template.iterdir():
+            if item.name in _WEIGHT_FILES or item.name in _NOT_COPIED or (
+                    item.name.startswith("model-") and item.suffix == ".safetensors"):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        save_file(merged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def merge_weights(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, alpha: float,
+                  method: str = "linear", names: tuple[str, str] | None = None) -> dict:
+    """Write ``output``: the tuned folder with merged weights (atomically) and ``hfemb_merge.json``; returns the
+    record. ``names``: how the base and tuned models were given (default: the folders), recorded through
+    `public_name`."""
+    tuned, base, output = Path(tuned), Path(base), Path(output)
+    if output.resolve() in (tuned.resolve(), base.resolve()):
+        raise ConfigError("--output must differ from --base and --tuned")
+    merged = merge_state_dicts(load_state_dict(base), load_state_dict(tuned), alpha, method)
+    base_name, tuned_name = names or (str(base), str(tuned))
+    record = {"method": method, "alpha": alpha, "base": public_name(base_name), "tuned": public_name(tuned_name),
+              "tensors": len(merged), "rule": "(1 - alpha) * base + alpha * tuned, per tensor in fp32"
+              if method == "linear" else "spherical interpolation per tensor in fp32",
+              "hfemb_version": hfemb.__version__}
+    averaged = read_merge_record(tuned, AVERAGING_FILE)
+    if averaged:  # the tuned model was itself a checkpoint average
+        record["tuned_checkpoint_averaging"] = {k: averaged.get(k) for k in ("k", "steps")}
+    write_model_folder(tuned, merged, output, {PROVENANCE_FILE: record})
     return record
+
+
+def read_merge_record(folder: str | os.PathLike, name: str = PROVENANCE_FILE) -> dict | None:
+    """The ``hfemb_merge.json`` of a model folder written by `merge_weights` (or another provenance file
+    ``name``, e.g. ``AVERAGING_FILE``), or None."""
+    path = Path(folder, name)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise HfembError(f"{path}: cannot read JSON: {exc}") from None
+    return record if isinstance(record, dict) else None

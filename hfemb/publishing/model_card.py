@@ -27,6 +27,7 @@ from hfemb.evaluation.encoders import resolve_model_path
 from hfemb.evaluation.report import summary_table
 from hfemb.io_utils import atomic_open, write_json
 from hfemb.mining.mine import report_path
+from hfemb.modeling.merge_weights import AVERAGING_FILE, PROVENANCE_FILE, read_merge_record
 from hfemb.modeling.st_layout import st_pooling
 
 log = logging.getLogger("hfemb.publishing.model_card")
@@ -406,6 +407,8 @@ class _Model:
     prompts: dict
     pooling: str
     max_length: int
+    merge: dict | None  # hfemb_merge.json of `hfemb merge-weights`
+    averaging: dict | None  # hfemb_averaging.json: these weights are a checkpoint average (training)
 
 
 def _describe(model_dir: Path, output_dir, base_model: str | None, finetune_type: str | None) -> _Model:
@@ -415,9 +418,11 @@ def _describe(model_dir: Path, output_dir, base_model: str | None, finetune_type
     summary = (_read_json(output_dir / "train_summary.json") or {}) if output_dir else {}
     model_cfg = (summary.get("config") or {}).get("model") or {}
     adapter_cfg = _read_json(model_dir / "adapter_config.json")
+    merge = read_merge_record(model_dir)
     return _Model(
         folder=model_dir, output_dir=output_dir, summary=summary, adapter=adapter_cfg is not None,
-        base=base_model or model_cfg.get("name_or_path") or (adapter_cfg or {}).get("base_model_name_or_path"),
+        base=base_model or model_cfg.get("name_or_path") or (adapter_cfg or {}).get("base_model_name_or_path")
+        or (merge or {}).get("base"), merge=merge, averaging=read_merge_record(model_dir, AVERAGING_FILE),
         kind=finetune_type or model_cfg.get("finetune_type") or ("lora" if adapter_cfg is not None else None),
         prompts=(_read_json(model_dir / "config_sentence_transformers.json") or {}).get("prompts") or {},
         pooling=st_pooling(str(model_dir)) or "mean",
@@ -504,6 +509,35 @@ def _training(m: _Model, mining: dict | None) -> list[str]:
     return lines
 
 
+def weight_merging_section(m: _Model) -> list[str]:
+    """What was done to the trained weights: checkpoint averaging (``hfemb_averaging.json`` beside the weights;
+    a failed one from ``train_summary.json``) and interpolation with the base (``hfemb_merge.json`` of
+    `hfemb merge-weights`). Read from the folder, so a card never claims it for other weights (an ``adapter/``,
+    or a ``merged/`` re-made by `hfemb merge`)."""
+    lines = []
+    averaging = m.averaging
+    failed = m.summary.get("checkpoint_averaging") if not m.adapter else None
+    if averaging and averaging.get("k"):
+        lines.append(f"- **checkpoint averaging**: the weights are the per-tensor mean (in fp32) of the last "
+                     f"{averaging['k']} checkpoints of the run, at steps {_fmt(averaging.get('steps'))}"
+                     + (" (each LoRA checkpoint merged onto the base first: the mean of W + BA, not of A and B)"
+                        if "LoRA" in str(averaging.get("rule")) else "")
+                     + f"; stored in {_fmt(averaging.get('stored_dtype'))}. The evaluation during training reported "
+                     "here is of the last step's model, not of this average.")
+    elif isinstance(failed, dict) and failed.get("error"):
+        lines.append(f"- **checkpoint averaging** (last {failed.get('k')} checkpoints) was configured but failed: "
+                     f"{failed['error']}; these weights are the last step's.")
+    if m.merge:
+        mg = m.merge
+        tuned_avg = mg.get("tuned_checkpoint_averaging") or {}
+        lines.append(f"- **interpolation with the base** ({mg.get('method')}, alpha {_fmt(mg.get('alpha'))}): "
+                     f"{mg.get('rule')}, with base `{mg.get('base')}` and tuned model `{mg.get('tuned')}`"
+                     + (f" (itself the mean of its run's last {tuned_avg.get('k')} checkpoints, steps "
+                        f"{_fmt(tuned_avg.get('steps'))})" if tuned_avg.get("k") else "")
+                     + f" (`hfemb merge-weights`; recorded in `{PROVENANCE_FILE}`).")
+    return ["## Weight merging", "", *lines, ""] if lines else []
+
+
 _EVAL_COLUMNS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "Recall@10"), ("recall@100", "Recall@100"),
                  ("best_f1", "best F1"), ("best_threshold", "at threshold"), ("roc_auc", "ROC-AUC"))
 
@@ -558,6 +592,7 @@ def build_model_card(model_dir: str | os.PathLike, *, output_dir: str | os.PathL
     title = (repo_id or "").split("/")[-1] or (m.output_dir.name if in_run else m.folder.name)
 
     lines = _overview(m, title, threshold, mined=mining is not None)
+    lines += weight_merging_section(m)
     if m.summary:
         lines += _training(m, mining)
     lines += ["## Evaluation", ""]

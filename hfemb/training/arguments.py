@@ -15,3 +15,6 @@ class EmbeddingTrainingArguments(TrainingArguments):
 
     grad_cache_mini_batch: int | None = field(default=None, metadata={
         "help": "rows per forward pass with GradCache (hfemb.training.grad_cache); null or 0 = off"})
+    average_checkpoints: int | None = field(default=None, metadata={
+        "help": "export the per-tensor fp32 mean of the last k saved checkpoints (hfemb.training.averaging); "
+                "null or 0 = off"})

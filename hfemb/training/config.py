@@ -30,6 +30,7 @@ from hfemb.mining.mine import MiningConfig
 from hfemb.modeling.dtypes import check_dtype
 from hfemb.publishing.hub import push_settings
 from hfemb.training.arguments import EmbeddingTrainingArguments
+from hfemb.training.averaging import check_averaging_config
 
 QWEN3_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FinetuneType = Literal["lora", "qlora", "full"]
@@ -206,6 +207,9 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
     training = check_section(EmbeddingTrainingArguments, "training", raw.get("training", {}), where,
                              extra=TRAINING_ALIASES)
     cfg.training = {**TRAINING_DEFAULTS, **training}
+    k = training.get("average_checkpoints")
+    if isinstance(k, int) and k > 0 and "save_total_limit" not in training:  # hfemb's default must not block it
+        cfg.training["save_total_limit"] = max(TRAINING_DEFAULTS["save_total_limit"], k)
     validate(cfg, where)
     return cfg
 
@@ -269,6 +273,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if mini_batch is not None and mini_batch < 0:
         raise ConfigError(f"{where}: 'training.grad_cache_mini_batch' must be a whole number of rows >= 1 "
                           f"(or 0/null for off), got {mini_batch!r}")
+    check_averaging_config(t, where)
     if m.finetune_type == "qlora" and deepspeed_zero_stage(t.get("deepspeed"), where) == 3:
         raise ConfigError(f"{where}: QLoRA (finetune_type 'qlora') with DeepSpeed ZeRO-3 is not supported: ZeRO-3 "
                           "shards weights of one storage dtype and bitsandbytes 4-bit weights are uint8 unless "

@@ -33,6 +33,9 @@ from hfemb.modeling.model import load_embedding_model
 from hfemb.publishing.hub import PUSH_KEYS, check_can_push, push_settings, push_training_output
 from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.arguments import EmbeddingTrainingArguments
+from hfemb.training.averaging import (FIELD as AVERAGING_FIELD, CheckpointAveragingCallback, average_full_checkpoints,
+                                      average_lora_checkpoints, averaging_k, averaging_record,
+                                      checkpoints_to_average)
 from hfemb.training.collator import MultiNegCollator
 from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
 from hfemb.training.distill import write_matryoshka_info
@@ -308,6 +311,8 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> EmbeddingTrainingArg
             t.setdefault("eval_steps", t.get("save_steps", 500))
         if t["save_strategy"] == "steps":
             t.setdefault("save_steps", t.get("eval_steps", 500))
+        if "load_best_model_at_end" not in t and averaging_k(t):
+            t["load_best_model_at_end"] = False  # the exported model is the average (hfemb.training.averaging)
         if "load_best_model_at_end" not in t:
             t["load_best_model_at_end"] = str(t["eval_strategy"]) == str(t["save_strategy"]) != "no" and (
                 t["save_strategy"] != "steps" or _multiple(t["save_steps"], t["eval_steps"]))
@@ -322,9 +327,12 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> EmbeddingTrainingArg
             raise ConfigError("training.load_best_model_at_end needs evaluation data (data.eval_file or data.eval_ratio)")
     try:
         (args,) = HfArgumentParser(EmbeddingTrainingArguments).parse_dict(t, allow_extra_keys=False)
-        return args
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"training section: {' '.join(str(exc).split())}") from None  # one line
+    if averaging_k(t) and args.save_strategy == "no":  # e.g. following eval_strategy "no"
+        raise ConfigError(f"'{AVERAGING_FIELD}' is {averaging_k(t)} but no checkpoints are saved (save_strategy "
+                          "\"no\", following eval_strategy); set training.save_strategy to \"steps\" or \"epoch\"")
+    return args
 
 
 def _multiple(save_steps, eval_steps) -> bool:
@@ -395,11 +403,14 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         truncate_train_log(log_file, checkpoint_step(resume_from))
     previous_loss = previous_loss_sum(resume_from)
     loss_callback = RunLossCallback(previous_loss[0] if previous_loss else None)
+    k_average = averaging_k(cfg.training)
+    averaging = CheckpointAveragingCallback(k_average, out, resume_from) if k_average else None
     lengths = [len(r["query"]) + len(r["positive"]) + sum(map(len, r["negatives"])) for r in rows]
     trainer = MultiNegEmbeddingTrainer(
         model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or ([] if evaluators else None),
         data_collator=collator, loss_config=cfg.loss, train_lengths=lengths,
-        callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from), loss_callback],
+        callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from), loss_callback,
+                   *([averaging] if averaging else [])],
         grad_cache_mini_batch=args.grad_cache_mini_batch, evaluators=evaluators,
         no_duplicate_queries=cfg.data.batch_sampler == "no_duplicate_queries",
     )
@@ -449,7 +460,15 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if main_process and cfg.model.finetune_type != "full":
+    if main_process and averaging:
+        try:
+            summary["checkpoint_averaging"] = average_outputs(cfg, out, averaging.saved, k_average)
+        except Exception as exc:  # noqa: BLE001 - the checkpoints are kept: say so
+            summary["checkpoint_averaging"] = {"k": k_average, "error": str(exc)}
+            write_json(out / "train_summary.json", summary)
+            raise HfembError(f"training finished, but averaging the last {k_average} checkpoints failed: {exc} "
+                             f"(the checkpoints are in {out}; merged/ is not the average)") from exc
+    elif main_process and cfg.model.finetune_type != "full":
         probe = [r["query"] for r in rows[:4]] + [r["positive"] for r in rows[:4]]
         try:
             summary["merge"] = merge_outputs(cfg, out, probe, ds_config)
@@ -509,6 +528,21 @@ def merge_outputs(cfg: TrainConfig, out: Path, texts: list[str], ds_config=None)
         if ds_config is not None:
             set_hf_deepspeed_config(ds_config)
     return report
+
+
+def average_outputs(cfg: TrainConfig, out: Path, saved_steps: list[int], k: int) -> dict:
+    """``merged/`` = the fp32 mean of the last ``k`` checkpoints of this run (`hfemb.training.averaging`; LoRA:
+    of each checkpoint merged onto the base, on the CPU). Returns the record for ``train_summary.json``."""
+    folders = checkpoints_to_average(out, saved_steps, k)
+    record = averaging_record(k, folders, lora=cfg.model.finetune_type != "full")
+    if cfg.model.finetune_type == "full":
+        record = average_full_checkpoints(folders, out / "merged", out / "merged", record)
+    else:
+        record = average_lora_checkpoints(
+            folders, out / "merged", base_dtype="auto" if cfg.model.finetune_type == "qlora" else resolve_dtype(cfg),
+            merged_dtype=cfg.export.merged_dtype, trust_remote_code=cfg.model.trust_remote_code, record=record)
+    log.info("merged/ is the average of %s", ", ".join(record["checkpoints"]))
+    return record
 
 
 def zero3_enabled() -> bool:

@@ -40,7 +40,7 @@ def test_linear_merge_equals_numpy_per_tensor(base_and_tuned, tmp_path, capsys):
         expected = 0.7 * b[name].double().numpy() + 0.3 * t[name].double().numpy()
         np.testing.assert_allclose(m[name].double().numpy(), expected, rtol=1e-5, atol=1e-6)
         assert m[name].dtype == t[name].dtype
-    assert json.loads((out / "merge.json").read_text())["alpha"] == 0.3
+    assert json.loads((out / "hfemb_merge.json").read_text())["alpha"] == 0.3
     assert (out / "tokenizer.json").exists() and (out / "modules.json").exists() == (Path(tuned) / "modules.json").exists()
     from hfemb.modeling.model import load_embedding_model
 
