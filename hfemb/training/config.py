@@ -61,7 +61,7 @@ class DataConfig:
     train_file: str = ""
     # Several datasets in one run (instead of train_file): [{file, name?, instruction?, format?, weight?}]
     # (`TrainFileSpec`); every micro-batch holds rows of one dataset (hfemb.training.sampling.SameDatasetSampler)
-    train_files: list[dict[str, Any]] | None = None
+    train_files: list[Any] | None = None  # entries checked by check_train_files (errors name data.train_files[i])
     eval_file: str | None = None
     eval_ratio: float | None = 0.0  # held-out share of training queries when there is no eval_file; null = 0
     format: str = "auto"
