@@ -267,3 +267,10 @@ def test_run_with_two_datasets_exports_each_instruction_as_a_named_prompt(tiny_q
         np.testing.assert_allclose(st.encode(queries, prompt_name=name), ours, atol=1e-5)
     plain = load_embedding_model(str(out / "merged")).encode(queries, is_query=True)
     assert np.abs(st.encode(queries, prompt_name="diet") - plain).max() > 1e-3  # the instruction matters
+
+
+def test_model_card_config_keeps_only_the_file_names_of_train_files():
+    from hfemb.publishing.model_card import clean_config
+
+    config = {"data": {"train_files": [{"file": "/home/alice/private/med.csv", "name": "med", "weight": 2.0}]}}
+    assert clean_config(config) == {"data": {"train_files": [{"file": "med.csv", "name": "med", "weight": 2.0}]}}
