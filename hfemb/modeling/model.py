@@ -264,12 +264,13 @@ class EmbeddingModel(torch.nn.Module):
     @torch.no_grad()
     def encode(self, texts: list[str], *, is_query: bool, batch_size: int = 32, max_length: int | None = 512,
                max_tokens_per_batch: int | None = None, show_progress: bool = False,
-               convert_to_numpy: bool = True) -> np.ndarray | torch.Tensor:
+               convert_to_numpy: bool = True, prompts: list[str | None] | None = None) -> np.ndarray | torch.Tensor:
         """[N, D] fp32 embeddings in input order. Texts are tokenised once, sorted longest first and
-        batched by ``batch_size`` rows and, if given, ``max_tokens_per_batch`` padded tokens."""
+        batched by ``batch_size`` rows and, if given, ``max_tokens_per_batch`` padded tokens. ``prompts``: one
+        prompt per text (see `token_ids`)."""
         if isinstance(texts, str):
             raise TypeError("encode expects a list of texts, not one string")
-        rows = self.token_ids(list(texts), is_query=is_query, max_length=max_length)
+        rows = self.token_ids(list(texts), is_query=is_query, max_length=max_length, prompts=prompts)
         out = torch.empty(len(rows), self.embedding_dim, dtype=torch.float32)
         batches = _length_batches([len(r) for r in rows], batch_size, max_tokens_per_batch)
         if show_progress:

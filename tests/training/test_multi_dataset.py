@@ -274,3 +274,28 @@ def test_model_card_config_keeps_only_the_file_names_of_train_files():
 
     config = {"data": {"train_files": [{"file": "/home/alice/private/med.csv", "name": "med", "weight": 2.0}]}}
     assert clean_config(config) == {"data": {"train_files": [{"file": "med.csv", "name": "med", "weight": 2.0}]}}
+
+
+def test_hold_out_evaluator_encodes_each_query_with_its_datasets_prompt(tiny_qwen3, zh_sample_csv):
+    """The eval_ratio hold-out of several datasets: metrics equal the scoring of queries encoded by hand with
+    their own prompt written in front (the tiny model's document prompt is empty)."""
+    from hfemb.modeling.model import load_embedding_model
+    from hfemb.training.evaluator import build_evaluators
+
+    model = load_embedding_model(tiny_qwen3)
+    recs = read_records(str(zh_sample_csv)).records[:12]
+    prompts = [format_instruction("Retrieve the answer", ""), "", None]
+    rows = [{"query": r.query, "positive": r.positives[0], "negatives": [recs[(i + 3) % 12].positives[0]],
+             "dataset": i % 3, "query_prompt": prompts[i % 3]} for i, r in enumerate(recs)]
+    cfg = config_from_dict({**BASE, "data": {"train_files": [{"file": "a"}], "eval_ratio": 0.2,
+                                             "query_max_len": 64, "passage_max_len": 64}})
+    (ev,) = build_evaluators(cfg, rows)
+    queries, documents = ev.texts()
+    by_hand = [(prompts[i % 3] if prompts[i % 3] is not None else model.query_prompt) + r.query
+               for i, r in enumerate(recs)]
+    assert model.document_prompt == "" and queries == [r.query for r in recs]
+    q = model.encode(by_hand, is_query=False, max_length=64)
+    d = model.encode(documents, is_query=False, max_length=64)
+    assert ev(model) == pytest.approx(ev.score(q, d), abs=1e-6)
+    plain = model.encode(queries, is_query=True, max_length=64)  # the model's own prompt on every query
+    assert ev.score(plain, d) != pytest.approx(ev.score(q, d), abs=1e-6)
