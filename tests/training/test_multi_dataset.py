@@ -299,3 +299,75 @@ def test_hold_out_evaluator_encodes_each_query_with_its_datasets_prompt(tiny_qwe
     assert ev(model) == pytest.approx(ev.score(q, d), abs=1e-6)
     plain = model.encode(queries, is_query=True, max_length=64)  # the model's own prompt on every query
     assert ev.score(plain, d) != pytest.approx(ev.score(q, d), abs=1e-6)
+
+
+# ---- a real 2-process DDP dataloader (torchrun, gloo on CPU) ------------------------------------------
+PER_DEVICE = 3
+
+
+def _ddp_rows() -> list[dict]:
+    return ([{"query": f"first q{i}", "positive": "p", "negatives": ["n"], "dataset": 0} for i in range(18)]
+            + [{"query": f"second q{i}", "positive": "p", "negatives": ["n"], "dataset": 1} for i in range(10)])
+
+
+def _torchrun_dataloader_main(model_path: str, out: str) -> None:
+    """Each process: the Trainer's own (accelerate-sharded) train dataloader over two epochs; the row indices
+    of every batch go to ``out/rank<r>.json``."""
+    from hfemb.modeling.model import load_embedding_model
+    from hfemb.training.arguments import EmbeddingTrainingArguments
+    from hfemb.training.distributed import rank, world_size
+    from hfemb.training.trainer import MultiNegEmbeddingTrainer
+
+    rows = [{**r, "index": i} for i, r in enumerate(_ddp_rows())]
+    args = EmbeddingTrainingArguments(output_dir=out, per_device_train_batch_size=PER_DEVICE, use_cpu=True,
+                                      report_to="none", remove_unused_columns=False, seed=4,
+                                      dataloader_pin_memory=False, ddp_broadcast_buffers=False)
+    trainer = MultiNegEmbeddingTrainer(model=load_embedding_model(model_path), args=args, train_dataset=rows,
+                                       data_collator=lambda features: [f["index"] for f in features],
+                                       dataset_weights=[1.0, 2.0])
+    loader = trainer.get_train_dataloader()
+    epochs = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)  # as Trainer's loop does
+        epochs.append([list(batch) for batch in loader])
+    Path(out, f"rank{rank()}.json").write_text(json.dumps({"world_size": world_size(), "epochs": epochs}))
+
+
+def test_two_ddp_processes_draw_the_same_dataset_at_every_step(tiny_qwen3, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, tiny_qwen3, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    rows = _ddp_rows()
+    oracle = SameDatasetSampler([r["dataset"] for r in rows], block_size=2 * PER_DEVICE, weights=[1.0, 2.0], seed=4,
+                                queries=[r["query"] for r in rows])
+    for epoch in range(2):
+        steps = list(zip(ranks[0]["epochs"][epoch], ranks[1]["epochs"][epoch]))
+        assert len(steps) == 3 + 3  # round(18 / 6) = 3; 2 * 10 / 6 = 3.3 -> 3
+        for b0, b1 in steps:
+            assert len(b0) == len(b1) == PER_DEVICE
+            assert len({rows[i]["dataset"] for i in b0 + b1}) == 1  # one dataset on both processes
+            assert len({rows[i]["query"] for i in b0 + b1}) == 2 * PER_DEVICE
+        assert Counter(rows[b0[0]]["dataset"] for b0, _ in steps) == {0: 3, 1: 3}
+        # and it is the sampler's own order, dealt out batch by batch to the processes
+        assert [b0 + b1 for b0, b1 in steps] == [block for _, block in oracle.blocks(epoch)]
+    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]
+
+
+if __name__ == "__main__":  # run by torchrun from test_two_ddp_processes_draw_the_same_dataset_at_every_step
+    import sys
+
+    _torchrun_dataloader_main(*sys.argv[1:3])
