@@ -218,6 +218,52 @@ def test_example_config_loads_and_its_files_are_shipped():
 
 
 # ---- end to end -----------------------------------------------------------------------------------
+def _mined_files(recs, folder: Path, per_file: int) -> list[str]:
+    """Two FlagEmbedding-style files of ``per_file`` records each, 2 negatives per row (other rows' answers)."""
+    files = []
+    for part in range(2):
+        chunk = recs[part * per_file:(part + 1) * per_file]
+        path = folder / f"part{part}.jsonl"
+        with open(path, "w", encoding="utf-8") as fh:
+            for i, r in enumerate(chunk):
+                negs = [chunk[(i + 5) % per_file].positives[0], chunk[(i + 7) % per_file].positives[0]]
+                fh.write(json.dumps({"query": r.query, "pos": [r.positives[0]], "neg": negs}, ensure_ascii=False) + "\n")
+        files.append(str(path))
+    return files
+
+
+def test_resumed_multi_dataset_run_equals_the_uninterrupted_one(tiny_qwen3, zh_sample_csv, tmp_path):
+    """Killed after step 2 of a 9-step epoch (3 + 6 blocks) and resumed: the Trainer skips the epoch's first
+    batches of the same seeded order, so the adapter equals the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from hfemb.training.runner import run_training
+
+    files = _mined_files(read_records(str(zh_sample_csv)).records[:24], tmp_path, 12)
+
+    def cfg(out, steps):
+        return config_from_dict({
+            "model": {"name_or_path": tiny_qwen3, "finetune_type": "lora", "torch_dtype": "float32"},
+            "data": {"train_files": [{"file": files[0], "instruction": "Answer it"},
+                                     {"file": files[1], "instruction": False, "weight": 2}],
+                     "query_max_len": 32, "passage_max_len": 32, "num_negatives": 2},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "training": {"output_dir": str(out), "per_device_train_batch_size": 4, "max_steps": steps,
+                         "learning_rate": 1e-3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
+                         "logging_steps": 1, "report_to": "none", "save_strategy": "steps", "save_steps": 2,
+                         "save_total_limit": 3, "seed": 0, "dataloader_pin_memory": False, "disable_tqdm": True}})
+
+    run_training(cfg(tmp_path / "full", 4))
+    run_training(cfg(tmp_path / "cut", 2))
+    summary = run_training(cfg(tmp_path / "cut", 4), resume=True)
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 4
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 def test_run_with_two_datasets_exports_each_instruction_as_a_named_prompt(tiny_qwen3, zh_sample_csv, tmp_path):
     from sentence_transformers import SentenceTransformer
 
@@ -225,14 +271,7 @@ def test_run_with_two_datasets_exports_each_instruction_as_a_named_prompt(tiny_q
     from hfemb.training.runner import run_training
 
     recs = read_records(str(zh_sample_csv)).records[:48]
-    files = []
-    for part, chunk in enumerate((recs[:24], recs[24:])):
-        path = tmp_path / f"part{part}.jsonl"
-        with open(path, "w", encoding="utf-8") as fh:
-            for i, r in enumerate(chunk):
-                negs = [chunk[(i + 5) % 24].positives[0], chunk[(i + 11) % 24].positives[0]]
-                fh.write(json.dumps({"query": r.query, "pos": [r.positives[0]], "neg": negs}, ensure_ascii=False) + "\n")
-        files.append(str(path))
+    files = _mined_files(recs, tmp_path, 24)
     tasks = {"symptoms": "Given a patient's question, retrieve the doctor's answer",
              "diet": "Given a question about diet, retrieve the advice"}
     out = tmp_path / "run"
