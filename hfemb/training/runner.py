@@ -152,7 +152,7 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
 
 def dataset_query_prompt(spec: TrainFileSpec) -> str | None:
     """The query prompt of one dataset of ``data.train_files``: None = the model's own, "" = none (``""`` or
-    false), else Qwen3-Embedding's ``Instruct: {task}\nQuery:``."""
+    false), else Qwen3-Embedding's ``Instruct: {task}\\nQuery:``."""
     if spec.instruction is None:
         return None
     return format_instruction(spec.instruction, "") if spec.instruction else ""
