@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="query instruction for ALL models: 'Instruct: TASK\\nQuery:' (default: each model's own)")
     group.add_argument("--no-instruction", dest="instruction", action="store_const", const=False,
                        help="no query prompt for any model")
+    group.add_argument("--prompt-name", metavar="NAME",
+                       help="query prompt saved under NAME with each model (config_sentence_transformers.json "
+                            "'prompts', e.g. a dataset of training's data.train_files); every model must have it "
+                            "(base models: pass the same task with --instruction)")
     a("--symmetric", action="store_const", const=True, help="documents get the query prompt too (all models)")
     a("--pooling", choices=("last", "mean", "cls"), help="override pooling (default: each model's own)")
     a("--dtype", choices=DTYPES, help="default auto: bf16 on a bf16 GPU, else fp32")

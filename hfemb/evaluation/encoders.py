@@ -110,17 +110,25 @@ def model_fingerprint(spec: str, settings: EvalSettings) -> dict:
 def load_encoder(spec: str, settings: EvalSettings):
     """A local ``EmbeddingModel`` or an ``OpenAIEncoder``: both have ``encode(texts, is_query=...)`` and prompts."""
     if is_openai_spec(spec):
+        if settings.prompt_name is not None:
+            raise ConfigError(f"--prompt-name {settings.prompt_name}: an OpenAI-compatible endpoint has no saved "
+                              "prompts; pass the task with --instruction instead")
         return openai_encoder(spec, instruction=settings.instruction, symmetric=settings.symmetric,
                               api_key_env=settings.api_key_env, batch_size=settings.request_batch_size,
                               dimensions=settings.truncate_dim)
     from hfemb.modeling.model import load_embedding_model  # lazy: torch; OpenAI-compatible endpoints need none
 
     _, dtype = _resolved_device_dtype(settings)
-    return load_embedding_model(
+    model = load_embedding_model(
         resolve_model_path(spec), pooling=settings.pooling, query_instruction=settings.instruction,
         symmetric=settings.symmetric, torch_dtype=dtype, trust_remote_code=settings.trust_remote_code,
         truncate_dim=settings.truncate_dim, device=settings.device, quantization=settings.quantization,
         padding_free=settings.padding_free)
+    if settings.prompt_name is not None:  # a saved prompt by name (ConfigError naming the model's prompts)
+        model.query_prompt = model.prompt(settings.prompt_name)
+        if settings.symmetric:
+            model.document_prompt = model.query_prompt
+    return model
     # settings.max_length goes to encode(), which caps it at the model's own limit (MiniLM: 256)
 
 
@@ -162,6 +170,8 @@ def encode_texts(spec: str, name: str, query_texts: list[str], doc_texts: list[s
     """Encode distinct query and document texts once, through the cache; the model loads only if needed."""
     started = time.perf_counter()
     request = {"instruction": settings.instruction, "symmetric": settings.symmetric}
+    if settings.prompt_name is not None:  # (only then: earlier caches keep their keys)
+        request["prompt_name"] = settings.prompt_name
     cache = EmbeddingCache(settings.cache_dir or default_cache_dir(), model_fingerprint(spec, settings)) \
         if settings.use_cache else None
     encoder, load_seconds, encode_seconds, n_encoded = None, 0.0, 0.0, 0

@@ -21,6 +21,9 @@ class EvalSettings:
     bad_label: str = "error"  # rows with a label such as "NA": "error" (see on_error) or "skip"
     instruction: str | bool | None = None  # None: each model's default; str: task for all; False: no prompt
     symmetric: bool = False  # documents get the query prompt too
+    # a query prompt saved with every model by name (config_sentence_transformers.json "prompts", e.g. one
+    # dataset's instruction of training's data.train_files); exclusive with instruction
+    prompt_name: str | None = None
     pooling: str | None = None
     dtype: str = "auto"  # bf16 on a bf16 GPU, fp32 on CPU
     quantization: str | None = None  # "4bit" | "8bit" (bitsandbytes, CUDA)
@@ -54,6 +57,9 @@ class EvalSettings:
                                                       or self.max_tokens_per_batch < 1):
             raise ConfigError(f"max_tokens_per_batch must be a positive integer, got {self.max_tokens_per_batch!r}")
         check_dtype(self.dtype)
+        if self.prompt_name is not None and self.instruction is not None:
+            raise ConfigError("give prompt_name (--prompt-name) or instruction (--instruction / --no-instruction), "
+                              "not both")
         if self.quantization not in (None, "4bit", "8bit"):
             raise ConfigError(f"quantization must be 4bit or 8bit, got {self.quantization!r}")
         from hfemb.modeling.packing import parse_padding_free  # here: importing it loads torch

@@ -112,14 +112,17 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 class EmbeddingModel(torch.nn.Module):
     """Backbone -> pooling -> optional Matryoshka truncation -> L2 normalisation (fp32).
 
-    ``query_prompt`` / ``document_prompt`` are full prefixes ("" = none). ``append_eos`` appends
+    ``query_prompt`` / ``document_prompt`` are full prefixes ("" = none); ``named_prompts`` more query prompts by
+    name (e.g. one per training dataset), saved beside them for ``SentenceTransformer.encode(...,
+    prompt_name=name)`` and read back by `load_embedding_model`. ``append_eos`` appends
     ``eos_token_id_to_append`` after truncation (the tokenizer does not add it itself).
     ``max_length`` caps every ``max_length`` passed to `tokenize` / `encode`.
     """
 
     def __init__(self, backbone, tokenizer, *, pooling: str, query_prompt: str = "", document_prompt: str = "",
                  append_eos: bool = False, eos_token_id_to_append: int | None = None, normalize: bool = True,
-                 truncate_dim: int | None = None, max_length: int | None = None, name_or_path: str | None = None):
+                 truncate_dim: int | None = None, max_length: int | None = None, name_or_path: str | None = None,
+                 named_prompts: dict[str, str] | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ConfigError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
@@ -127,6 +130,7 @@ class EmbeddingModel(torch.nn.Module):
             raise ConfigError("append_eos needs eos_token_id_to_append")
         self.backbone, self.tokenizer, self.pooling = backbone, tokenizer, pooling
         self.query_prompt, self.document_prompt = query_prompt or "", document_prompt or ""
+        self.named_prompts: dict[str, str] = dict(named_prompts or {})
         self.append_eos, self.eos_token_id_to_append = bool(append_eos), eos_token_id_to_append
         self.normalize, self.truncate_dim, self.name_or_path = normalize, truncate_dim, name_or_path
         self.max_length = max_length or _model_max_length(backbone.config, tokenizer)
@@ -212,13 +216,20 @@ class EmbeddingModel(torch.nn.Module):
             raise ConfigError(f"max_length must be at least {1 + int(self.append_eos)}, got {max_length}")
         return limit
 
-    def token_ids(self, texts: list[str], *, is_query: bool, max_length: int | None) -> list[list[int]]:
-        """Unpadded ids: prompt + text, truncated, end token appended when ``append_eos``."""
+    def token_ids(self, texts: list[str], *, is_query: bool, max_length: int | None,
+                  prompts: list[str | None] | None = None) -> list[list[int]]:
+        """Unpadded ids: prompt + text, truncated, end token appended when ``append_eos``. ``prompts``: one
+        prompt per text (None = the model's query/document prompt), e.g. each training row's dataset instruction."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text {i} is {type(text).__name__}, expected str")
         prompt = self.query_prompt if is_query else self.document_prompt
-        texts = [prompt + t for t in texts] if prompt else list(texts)
+        if prompts is not None:
+            if len(prompts) != len(texts):
+                raise ValueError(f"{len(prompts)} prompts for {len(texts)} texts")
+            texts = [(prompt if p is None else p) + t for p, t in zip(prompts, texts)]
+        else:
+            texts = [prompt + t for t in texts] if prompt else list(texts)
         limit = self._effective_max_length(max_length)
         if not texts:
             return []
@@ -243,20 +254,23 @@ class EmbeddingModel(torch.nn.Module):
             attention_mask = positions < lengths.unsqueeze(1)
         return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask.to(torch.long)})
 
-    def tokenize(self, texts: list[str], *, is_query: bool, max_length: int) -> BatchEncoding:
-        """Prompt, truncation (the appended end token survives it) and padding to the longest text."""
-        return self.pad(self.token_ids(texts, is_query=is_query, max_length=max_length))
+    def tokenize(self, texts: list[str], *, is_query: bool, max_length: int,
+                 prompts: list[str | None] | None = None) -> BatchEncoding:
+        """Prompt (per text with ``prompts``, see `token_ids`), truncation (the appended end token survives it)
+        and padding to the longest text."""
+        return self.pad(self.token_ids(texts, is_query=is_query, max_length=max_length, prompts=prompts))
 
     # ---- inference -------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, texts: list[str], *, is_query: bool, batch_size: int = 32, max_length: int | None = 512,
                max_tokens_per_batch: int | None = None, show_progress: bool = False,
-               convert_to_numpy: bool = True) -> np.ndarray | torch.Tensor:
+               convert_to_numpy: bool = True, prompts: list[str | None] | None = None) -> np.ndarray | torch.Tensor:
         """[N, D] fp32 embeddings in input order. Texts are tokenised once, sorted longest first and
-        batched by ``batch_size`` rows and, if given, ``max_tokens_per_batch`` padded tokens."""
+        batched by ``batch_size`` rows and, if given, ``max_tokens_per_batch`` padded tokens. ``prompts``: one
+        prompt per text (see `token_ids`)."""
         if isinstance(texts, str):
             raise TypeError("encode expects a list of texts, not one string")
-        rows = self.token_ids(list(texts), is_query=is_query, max_length=max_length)
+        rows = self.token_ids(list(texts), is_query=is_query, max_length=max_length, prompts=prompts)
         out = torch.empty(len(rows), self.embedding_dim, dtype=torch.float32)
         batches = _length_batches([len(r) for r in rows], batch_size, max_tokens_per_batch)
         if show_progress:
@@ -326,7 +340,18 @@ class EmbeddingModel(torch.nn.Module):
     def _write_sentence_transformers_files(self, folder: Path) -> None:
         write_st_files(folder, dim=_text_config(self.config).hidden_size, pooling=self.pooling,
                        query_prompt=self.query_prompt, document_prompt=self.document_prompt,
-                       max_length=self.max_length)
+                       max_length=self.max_length, named_prompts=self.named_prompts)
+
+    def prompt(self, name: str) -> str:
+        """The prompt saved under ``name``: "query", "document" (or "passage"), or one of ``named_prompts``."""
+        if name == "query":
+            return self.query_prompt
+        if name in ("document", "passage"):
+            return self.document_prompt
+        if name not in self.named_prompts:
+            raise ConfigError(f"{self.name_or_path}: no prompt named {name!r}; its prompts are "
+                              f"{', '.join(['query', 'document', *self.named_prompts])}")
+        return self.named_prompts[name]
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -412,14 +437,26 @@ def _is_decoder(config) -> bool:
                 or getattr(config, "model_type", None) in DECODER_MODEL_TYPES)
 
 
-def _resolve_prompts(sources: list[str], query_instruction, symmetric: bool) -> tuple[str, str]:
+def _st_prompts(sources: list[str]) -> tuple[dict[str, str], str]:
+    """The ``prompts`` of the first source (the adapter folder first, then its base) whose
+    config_sentence_transformers.json has any, and its ``default_prompt_name``."""
     st_config: dict[str, Any] = {}
-    for source in sources:  # the adapter folder first, then its base
+    for source in sources:
         st_config = read_model_json(source, "config_sentence_transformers.json") or {}
         if st_config.get("prompts"):
             break
-    prompts = st_config.get("prompts") or {}
-    default = prompts.get(st_config.get("default_prompt_name") or "", "")
+    return st_config.get("prompts") or {}, st_config.get("default_prompt_name") or ""
+
+
+def _named_prompts(sources: list[str]) -> dict[str, str]:
+    """The saved prompts other than query / document / passage (e.g. one per dataset of ``data.train_files``)."""
+    prompts, _ = _st_prompts(sources)
+    return {k: v for k, v in prompts.items() if k not in ("query", "document", "passage") and isinstance(v, str)}
+
+
+def _resolve_prompts(sources: list[str], query_instruction, symmetric: bool) -> tuple[str, str]:
+    prompts, default_name = _st_prompts(sources)
+    default = prompts.get(default_name, "")
     document = prompts.get("document", prompts.get("passage", default))
     if query_instruction is None:
         if "query" in prompts or default:
@@ -578,7 +615,7 @@ def load_embedding_model(name_or_path: str, *, pooling: str | None = None,
     model = EmbeddingModel(backbone, tokenizer, pooling=pooling, query_prompt=query_prompt,
                            document_prompt=document_prompt, append_eos=do_append,
                            eos_token_id_to_append=eos_id if do_append else None, truncate_dim=truncate_dim,
-                           max_length=max_length, name_or_path=name_or_path)
+                           max_length=max_length, name_or_path=name_or_path, named_prompts=_named_prompts(sources))
     model.padding_free = resolve_padding_free(padding_free, backbone.config)
     return model
 

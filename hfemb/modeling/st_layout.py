@@ -61,10 +61,11 @@ def st_pooling(name_or_path: str) -> str | None:
 
 
 def write_st_files(folder: str | os.PathLike, *, dim: int, pooling: str, query_prompt: str, document_prompt: str,
-                   max_length: int) -> None:
+                   max_length: int, named_prompts: dict[str, str] | None = None) -> None:
     """Write the sentence-transformers files (not the backbone or tokenizer) into ``folder``: Transformer ->
     Pooling (``pooling``: last, mean or cls; ``dim``: the hidden size) -> Normalize, with the query and document
-    prompts and the maximum sequence length."""
+    prompts (and ``named_prompts``, more query prompts by name: ``encode(..., prompt_name=name)``) and the
+    maximum sequence length."""
     folder = Path(folder)
     write_json(folder / "modules.json", [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -81,7 +82,7 @@ def write_st_files(folder: str | os.PathLike, *, dim: int, pooling: str, query_p
     (folder / "2_Normalize").mkdir(exist_ok=True)
     write_json(folder / "config_sentence_transformers.json", {
         "model_type": "SentenceTransformer",
-        "prompts": {"query": query_prompt, "document": document_prompt},
+        "prompts": {"query": query_prompt, **(named_prompts or {}), "document": document_prompt},
         "default_prompt_name": None, "similarity_fn_name": "cosine",
     })
     write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_length, "do_lower_case": False})

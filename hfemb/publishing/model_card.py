@@ -206,6 +206,8 @@ def clean_config(config: dict) -> dict:
         return "token" not in key.lower() and not key.startswith("hub_") and key != "push_to_hub"
 
     def value(key: str, v: Any) -> Any:
+        if key == "train_files" and isinstance(v, list):  # data.train_files: [{file, name, ...}]
+            return [{**e, "file": value("train_file", e.get("file"))} if isinstance(e, dict) else e for e in v]
         return Path(v).name if key in _PATH_KEYS and isinstance(v, str) and v else v
 
     return {section: ({k: value(k, v) for k, v in body.items() if keep(k)} if isinstance(body, dict) else body)

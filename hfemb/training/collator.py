@@ -1,7 +1,9 @@
 """`MultiNegCollator`: training rows -> one query batch and one document batch, padded to their longest text.
 
 A row is ``{"query": str, "positive": str, "negatives": [str] * num_negatives}``, optionally with
-``"query_positives": [str]`` (every known positive of its query: none of them counts as its negative).
+``"query_positives": [str]`` (every known positive of its query: none of them counts as its negative) and
+``"query_prompt": str | None`` (several datasets: its dataset's query prompt, "" = none, None = the model's;
+documents get it too when ``symmetric``).
 Documents are ordered
 ``[pos_0, neg_0_1 .. neg_0_N, pos_1, ...]`` (B*(1+N) rows), matching `hfemb.training.loss.info_nce_loss`.
 Batches never carry a ``labels`` key: with one, HF Trainer would not divide the loss by the
@@ -46,6 +48,7 @@ class MultiNegCollator:
     query_max_len: int = 64
     passage_max_len: int = 512
     num_negatives: int = 3
+    symmetric: bool = False  # model.symmetric: a row's own query prompt goes on its documents too
 
     def _check(self, feature: dict[str, Any], position: int) -> None:
         where = _where(feature, position)
@@ -79,8 +82,12 @@ class MultiNegCollator:
                        or len(t) != 1 + self.num_negatives)
             raise DataError(f"{_where(features[bad], bad)}: expected {1 + self.num_negatives} teacher scores "
                             "(positive, then each negative) like the other rows", field="teacher_scores")
-        q = self.model.tokenize(queries, is_query=True, max_length=self.query_max_len)
-        d = self.model.tokenize(docs, is_query=False, max_length=self.passage_max_len)
+        prompts = [f.get("query_prompt") for f in features]  # per-dataset instructions (data.train_files)
+        if all(p is None for p in prompts):
+            prompts = None
+        q = self.model.tokenize(queries, is_query=True, max_length=self.query_max_len, prompts=prompts)
+        doc_prompts = [p for p in prompts for _ in range(1 + self.num_negatives)] if prompts and self.symmetric else None
+        d = self.model.tokenize(docs, is_query=False, max_length=self.passage_max_len, prompts=doc_prompts)
         return {
             "query_input_ids": q["input_ids"], "query_attention_mask": q["attention_mask"],  # [B, Tq]
             "doc_input_ids": d["input_ids"], "doc_attention_mask": d["attention_mask"],  # [B*(1+N), Td]

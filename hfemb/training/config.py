@@ -60,6 +60,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_file: str = ""
+    # Several datasets in one run (instead of train_file): [{file, name?, instruction?, format?, weight?}]
+    # (`TrainFileSpec`); every micro-batch holds rows of one dataset (hfemb.training.sampling.SameDatasetSampler)
+    train_files: list[Any] | None = None  # entries checked by check_train_files (errors name data.train_files[i])
     eval_file: str | None = None
     eval_ratio: float | None = 0.0  # held-out share of training queries when there is no eval_file; null = 0
     format: str = "auto"
@@ -78,6 +81,66 @@ class DataConfig:
     # logged as eval_<name>_<metric> (hfemb.training.evaluator); no loss on them.
     eval_files: dict[str, str] | None = None
     embedding_eval: bool = True  # retrieval / F1 metrics of the eval set at each evaluation (false: loss only)
+
+
+@dataclass
+class TrainFileSpec:
+    """One entry of ``data.train_files``."""
+
+    file: str = ""
+    name: str | None = None  # default: the file's stem; the prompt name in the exported model
+    # None: the model's default query prompt; "" or false: no prompt; else the task of Qwen3's
+    # "Instruct: {task}\nQuery:" (hfemb.modeling.model.format_instruction)
+    instruction: str | Literal[False] | None = None
+    format: str | None = None  # None: data.format
+    weight: float = 1.0  # batches per epoch = max(1, round(weight * rows / rows per step)); see sampling.py
+
+
+RESERVED_PROMPT_NAMES = ("query", "document", "passage")  # sentence-transformers' own prompt names
+
+
+def check_train_files(d: DataConfig, where: str) -> None:
+    """``data.train_files`` checked entry by entry (errors name ``data.train_files[i].key``) and normalised in
+    place: every key present, ``name`` defaulted to the file's stem; names unique."""
+    if not isinstance(d.train_files, list) or not d.train_files:
+        raise ConfigError(f"{where}: 'data.train_files' must be a non-empty list of objects "
+                          "{file, name, instruction, format, weight}")
+    entries, names = [], {}
+    for i, raw in enumerate(d.train_files):
+        section = f"data.train_files[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: '{section}' must be an object {{file, name, instruction, format, weight}}, "
+                              f"got {raw!r}")
+        spec = TrainFileSpec(**check_section(TrainFileSpec, section, raw, where))
+        if not spec.file:
+            raise ConfigError(f"{where}: '{section}.file' is required (the data file of this dataset)")
+        if not spec.weight > 0:
+            raise ConfigError(f"{where}: '{section}.weight' must be > 0, got {spec.weight!r}")
+        if spec.name is None:
+            base = Path(spec.file).name
+            for compression in (".gz", ".bz2", ".xz", ".zst"):
+                base = base.removesuffix(compression)
+            spec.name = Path(base).stem
+        if not spec.name or not all(c.isalnum() or c in "-_." for c in spec.name):
+            raise ConfigError(f"{where}: '{section}.name' {spec.name!r}: use letters, digits, '-', '_' and '.' "
+                              "(it names the dataset's prompt in the exported model)")
+        if spec.name in RESERVED_PROMPT_NAMES:
+            raise ConfigError(f"{where}: '{section}.name' must not be {spec.name!r} (a sentence-transformers prompt "
+                              "name of its own); give the dataset another name")
+        if spec.name in names:
+            raise ConfigError(f"{where}: '{section}.name' {spec.name!r} is also the name of "
+                              f"'data.train_files[{names[spec.name]}]'; give each dataset a distinct 'name'")
+        names[spec.name] = i
+        entries.append(dataclasses.asdict(spec))
+    d.train_files = entries
+
+
+def train_file_specs(d: DataConfig) -> list[TrainFileSpec]:
+    """The datasets of a run: ``data.train_files`` (as checked by `check_train_files`), or ``data.train_file`` as
+    one unnamed dataset with the model's own prompt."""
+    if d.train_files:
+        return [TrainFileSpec(**entry) for entry in d.train_files]
+    return [TrainFileSpec(file=d.train_file, name=None, format=d.format)]
 
 
 @dataclass
@@ -223,8 +286,15 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if m.quantization_bits not in (4, 8):
         raise ConfigError(f"{where}: 'model.quantization_bits' must be 4 or 8, got {m.quantization_bits!r}")
     check_dtype(m.torch_dtype, f"{where}: 'model.torch_dtype'")
-    if not d.train_file:
-        raise ConfigError(f"{where}: 'data.train_file' is required")
+    if d.train_file and d.train_files is not None:
+        raise ConfigError(f"{where}: give 'data.train_file' or 'data.train_files', not both")
+    if d.train_files is not None:
+        check_train_files(d, where)
+        if t.get("group_by_length"):
+            raise ConfigError(f"{where}: 'training.group_by_length' does not work with 'data.train_files' (each "
+                              "batch is drawn from one dataset); remove one of them")
+    elif not d.train_file:
+        raise ConfigError(f"{where}: 'data.train_file' is required (or 'data.train_files', a list of datasets)")
     if d.eval_ratio is None:
         d.eval_ratio = 0.0  # null: no held-out share
     if not 0.0 <= d.eval_ratio < 1.0:

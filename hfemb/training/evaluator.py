@@ -49,6 +49,8 @@ class EmbeddingEvaluator:
     query_max_len: int = 128
     passage_max_len: int = 512
     max_tokens_per_batch: int | None = 16384
+    # several datasets (data.train_files): query text -> its dataset's query prompt (None: the model's own)
+    query_prompts: dict[str, str | None] | None = None
 
     @property
     def prefix(self) -> str:
@@ -78,8 +80,9 @@ class EmbeddingEvaluator:
 
     def __call__(self, model) -> dict[str, float]:
         queries, documents = self.texts()
+        prompts = [self.query_prompts.get(t) for t in queries] if self.query_prompts else None
         q = encode_sharded(model, queries, is_query=True, batch_size=self.batch_size, max_length=self.query_max_len,
-                           max_tokens_per_batch=self.max_tokens_per_batch)
+                           max_tokens_per_batch=self.max_tokens_per_batch, prompts=prompts)
         d = encode_sharded(model, documents, is_query=False, batch_size=self.batch_size,
                            max_length=self.passage_max_len, max_tokens_per_batch=self.max_tokens_per_batch)
         return self.score(q, d, device=model.device)
@@ -99,9 +102,13 @@ class EmbeddingEvaluator:
         return {self.prefix + k: float(summary[k]) for k in self.base_metric_names()}
 
 
-def encode_sharded(model, texts: list[str], *, is_query: bool, **kwargs) -> np.ndarray:
+def encode_sharded(model, texts: list[str], *, is_query: bool, prompts: list[str | None] | None = None,
+                   **kwargs) -> np.ndarray:
     """``model.encode`` of ``texts`` [N] -> [N, D] float32; with several processes each encodes ``texts[r::W]``
-    and the shards are gathered once (every process gets all rows, in order)."""
+    and the shards are gathered once (every process gets all rows, in order). ``prompts``: one per text (None:
+    the model's own)."""
+    if prompts is not None:
+        kwargs["prompts"] = prompts
     from hfemb.training.distributed import is_distributed, rank, world_size
 
     if not texts:
@@ -111,6 +118,8 @@ def encode_sharded(model, texts: list[str], *, is_query: bool, **kwargs) -> np.n
     import torch.distributed as dist
 
     w, r = world_size(), rank()
+    if prompts is not None:
+        kwargs["prompts"] = prompts[r::w]
     mine = np.asarray(model.encode(texts[r::w], is_query=is_query, **kwargs), dtype=np.float32) if texts[r::w] \
         else np.zeros((0, model.embedding_dim), dtype=np.float32)
     parts: list = [None] * w
@@ -186,8 +195,9 @@ def available_metrics(evaluators: list[EmbeddingEvaluator], with_loss: bool) -> 
 
 
 def build_evaluators(cfg, eval_rows: list[dict]) -> list[EmbeddingEvaluator]:
-    """The training run's evaluators: ``data.eval_file`` (or the ``eval_ratio`` hold-out rows) unnamed, and
-    each ``data.eval_files`` entry by name. None when ``data.embedding_eval`` is false (named sets still run)."""
+    """The training run's evaluators: ``data.eval_file`` (or the ``eval_ratio`` hold-out rows, each query with its
+    dataset's prompt under ``data.train_files``) unnamed, and each ``data.eval_files`` entry by name. None when
+    ``data.embedding_eval`` is false (named sets still run)."""
     d = cfg.data
     batch = {"batch_size": int(cfg.training.get("per_device_eval_batch_size") or 32)}
     out = []
@@ -198,7 +208,8 @@ def build_evaluators(cfg, eval_rows: list[dict]) -> list[EmbeddingEvaluator]:
             out.append(evaluator_from_records(
                 records_from_rows(eval_rows), name=None, source=f"eval_ratio {d.eval_ratio:g} hold-out",
                 label_threshold=d.label_threshold, query_max_len=d.query_max_len, passage_max_len=d.passage_max_len,
-                **batch))
+                query_prompts={r["query"]: r["query_prompt"] for r in eval_rows} if "query_prompt" in eval_rows[0]
+                else None, **batch))
     for name, path in (d.eval_files or {}).items():
         out.append(evaluator_from_file(path, name=name, data_config=d, settings_kw=batch))
     return out

@@ -29,7 +29,7 @@ from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import check_output, save_atomically, write_json, write_jsonl
 from hfemb.mining.mine import MiningConfig, mine
-from hfemb.modeling.model import load_embedding_model
+from hfemb.modeling.model import format_instruction, load_embedding_model
 from hfemb.publishing.hub import PUSH_KEYS, check_can_push, push_settings, push_training_output
 from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.arguments import EmbeddingTrainingArguments
@@ -37,7 +37,7 @@ from hfemb.training.averaging import (FIELD as AVERAGING_FIELD, CheckpointAverag
                                       average_lora_checkpoints, averaging_k, averaging_record,
                                       checkpoints_to_average)
 from hfemb.training.collator import MultiNegCollator
-from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig
+from hfemb.training.config import QWEN3_LORA_TARGETS, TrainConfig, TrainFileSpec, train_file_specs
 from hfemb.training.distill import write_matryoshka_info
 from hfemb.training.evaluator import build_evaluators, check_best_metric
 from hfemb.training.merging import merge_adapter
@@ -78,15 +78,17 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> t
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
 
 
-def check_teacher_scores(rows: list[dict], cfg: TrainConfig) -> None:
-    """Teacher scores on every training row or on none; an explicit ``loss.distill_weight`` needs them."""
+def check_teacher_scores(rows: list[dict], cfg: TrainConfig, train_file: str | None = None) -> None:
+    """Teacher scores on every training row or on none; an explicit ``loss.distill_weight`` needs them.
+    ``train_file``: the file the rows come from (default ``data.train_file``)."""
+    train_file = train_file or cfg.data.train_file
     with_scores = sum("teacher_scores" in r for r in rows)
     if 0 < with_scores < len(rows):
-        raise ConfigError(f"{cfg.data.train_file}: {with_scores} of {len(rows)} training rows carry teacher scores "
+        raise ConfigError(f"{train_file}: {with_scores} of {len(rows)} training rows carry teacher scores "
                           "(pos_scores/neg_scores); give them for every row or for none")
     if cfg.loss.distill_weight and not with_scores:
         raise ConfigError(f"{cfg.source or 'config'}: 'loss.distill_weight' is {cfg.loss.distill_weight} but the "
-                          f"rows of {cfg.data.train_file} carry no teacher scores (mine with `hfemb mine --teacher "
+                          f"rows of {train_file} carry no teacher scores (mine with `hfemb mine --teacher "
                           "MODEL`, or give FlagEmbedding's pos_scores/neg_scores)")
 
 
@@ -130,10 +132,13 @@ def mine_cached(records: list[Record], source_file: str, mining: dict, num_negat
     return read_records(str(cached)).records, {**result.report, "cache": str(cached)}
 
 
-def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str) -> list[dict]:
+def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str,
+              fmt: str | None = None) -> list[dict]:
+    """The training rows of one file (``fmt``: its format, default ``data.format``), mined when needed; its
+    report goes to ``report[name]``."""
     d = cfg.data
     columns = ColumnMap(query=list(d.query_columns), positive=d.positive_column) if d.query_columns else None
-    result = read_records(path, fmt=d.format, columns=columns, on_error="skip" if d.skip_bad_rows else "raise",
+    result = read_records(path, fmt=fmt or d.format, columns=columns, on_error="skip" if d.skip_bad_rows else "raise",
                           label_threshold=d.label_threshold)
     records = result.records
     part: dict[str, Any] = {"file": path, "format": result.format, "records": len(records), "skipped_bad_rows": len(result.skipped)}
@@ -146,6 +151,39 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
     if not rows:
         raise HfembError(f"{path}: no usable {name} rows (each needs a query, a positive and {d.num_negatives} negatives)")
     return rows
+
+
+def dataset_query_prompt(spec: TrainFileSpec) -> str | None:
+    """The query prompt of one dataset of ``data.train_files``: None = the model's own, "" = none (``""`` or
+    false), else Qwen3-Embedding's ``Instruct: {task}\\nQuery:``."""
+    if spec.instruction is None:
+        return None
+    return format_instruction(spec.instruction, "") if spec.instruction else ""
+
+
+def load_train_datasets(cfg: TrainConfig, cache_dir: Path, report: dict, seed: int) -> tuple[list[dict], list[dict]]:
+    """``data.train_files``: each file read (and mined) on its own, its rows tagged with the dataset's index
+    (``"dataset"``) and query prompt (``"query_prompt"``, `dataset_query_prompt`); with ``data.eval_ratio`` (and no
+    ``data.eval_file``) a share of each dataset's queries is held out. Returns (train rows, held-out rows);
+    ``report["train <name>"]`` describes each dataset."""
+    rows: list[dict] = []
+    held: list[dict] = []
+    for index, spec in enumerate(train_file_specs(cfg.data)):
+        part = f"train {spec.name}"
+        own = load_rows(cfg, spec.file, cache_dir, report, part, fmt=spec.format)
+        check_teacher_scores(own, cfg, spec.file)
+        prompt = dataset_query_prompt(spec)
+        own = [{**row, "dataset": index, "query_prompt": prompt} for row in own]
+        if cfg.data.eval_ratio and not cfg.data.eval_file:
+            try:
+                out, own = split_by_query(own, cfg.data.eval_ratio, seed, query=itemgetter("query"))
+            except HfembError as exc:
+                raise HfembError(f"{spec.file} (data.train_files[{index}]): data.eval_ratio: {exc}") from None
+            held.extend(out)
+            report[part]["rows_after_eval_split"] = len(own)
+        report[part].update({"name": spec.name, "weight": spec.weight, "query_prompt": prompt})
+        rows.extend(own)
+    return rows, held
 
 
 # ---- model ------------------------------------------------------------------------------------
@@ -356,7 +394,9 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     from transformers import set_seed
 
     out = Path(cfg.training["output_dir"])
-    check_output(out, inputs=[cfg.data.train_file, cfg.data.eval_file, *(cfg.data.eval_files or {}).values()],
+    specs = train_file_specs(cfg.data)
+    multi = bool(cfg.data.train_files)  # several datasets: one dataset per step (hfemb.training.sampling)
+    check_output(out, inputs=[*(spec.file for spec in specs), cfg.data.eval_file, *(cfg.data.eval_files or {}).values()],
                  option="training.output_dir", folder=True,
                  files=("train_log.jsonl", "train_summary.json"))  # before loading data or the model
     check_hardware(cfg)
@@ -367,11 +407,18 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
 
     data_report: dict[str, Any] = {}
     cache_dir = out / ".hfemb_cache"
-    rows = load_rows(cfg, cfg.data.train_file, cache_dir, data_report, "train")
+    if multi:
+        rows, held_out = load_train_datasets(cfg, cache_dir, data_report, seed)
+    else:
+        rows = load_rows(cfg, cfg.data.train_file, cache_dir, data_report, "train")
     if cfg.data.eval_file and is_beir_folder(cfg.data.eval_file):
         eval_rows = []  # a retrieval set: metrics from the evaluator only, no eval loss
     elif cfg.data.eval_file:
         eval_rows = load_rows(cfg, cfg.data.eval_file, cache_dir, data_report, "eval")
+    elif multi:  # held out per dataset by load_train_datasets
+        eval_rows = held_out
+        if cfg.data.eval_ratio:
+            data_report["eval"] = {"from": "eval_ratio", "ratio": cfg.data.eval_ratio, "rows": len(eval_rows)}
     else:
         eval_rows, rows = (split_by_query(rows, cfg.data.eval_ratio, seed, query=itemgetter("query"))
                            if cfg.data.eval_ratio else ([], rows))
@@ -382,7 +429,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     check_best_metric(cfg, evaluators, with_loss=bool(eval_rows))
 
     resume_from = resolve_resume(out, resume)  # complete checkpoints only; skipped ones are named
-    check_teacher_scores(rows, cfg)
+    if not multi:  # (several datasets: checked per file by load_train_datasets)
+        check_teacher_scores(rows, cfg)
 
     try:
         args = training_arguments(cfg, has_eval=bool(eval_rows) or bool(evaluators))  # first: under ZeRO-3 the model then loads into shards
@@ -392,12 +440,16 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     except (ValueError, TypeError) as exc:  # TrainingArguments' own checks (report_to, strategies, ...)
         raise ConfigError(f"{cfg.source or 'config'}: section 'training': {exc}") from None
     model = build_model(cfg)
+    if multi:  # each dataset's query prompt, saved by name (config_sentence_transformers.json "prompts")
+        model.named_prompts.update({spec.name: model.query_prompt if prompt is None else prompt for spec, prompt
+                                    in ((s, dataset_query_prompt(s)) for s in specs)})
     if args.ddp_find_unused_parameters is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.deepspeed:
         # transformers' default for a model that is not a PreTrainedModel is True: an extra pass over the graph
         # every step; only needed when some trainable weight gets no gradient (e.g. BERT's unused pooler)
         args.ddp_find_unused_parameters = has_unused_trainable_parameters(model)
     collator = MultiNegCollator(model=model, query_max_len=cfg.data.query_max_len,
-                                passage_max_len=cfg.data.passage_max_len, num_negatives=cfg.data.num_negatives)
+                                passage_max_len=cfg.data.passage_max_len, num_negatives=cfg.data.num_negatives,
+                                symmetric=cfg.model.symmetric)
     log_file = out / "train_log.jsonl"
     if resume_from and int(os.environ.get("RANK", "0")) == 0:  # steps logged after the checkpoint are run again
         truncate_train_log(log_file, checkpoint_step(resume_from))
@@ -413,6 +465,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
                    *([averaging] if averaging else [])],
         grad_cache_mini_batch=args.grad_cache_mini_batch, evaluators=evaluators,
         no_duplicate_queries=cfg.data.batch_sampler == "no_duplicate_queries",
+        dataset_weights=[spec.weight for spec in specs] if multi else None,
     )
     loss_callback.trainer = trainer
     # ZeRO-3 parameters are shards: ds_numel is the full size

@@ -44,7 +44,7 @@ from hfemb.training.distributed import gather_rows, with_gathered_weights, world
 from hfemb.training.evaluator import run_evaluators
 from hfemb.training.grad_cache import grad_cache_step
 from hfemb.training.loss import LossOutput, info_nce_loss, own_negative_mask
-from hfemb.training.sampling import NoDuplicateQuerySampler
+from hfemb.training.sampling import NoDuplicateQuerySampler, SameDatasetSampler
 
 # Columns of the per-query statistics returned by `prediction_step` (aggregated by `aggregate_eval_stats`).
 STAT_COLUMNS = ("correct", "positive_similarity", "negative_similarity", "hardest_negative_similarity")
@@ -104,7 +104,9 @@ class MultiNegEmbeddingTrainer(Trainer):
     Extra arguments: ``loss_config`` (temperature, in-batch and cross-device negatives, false-negative
     masking), ``train_lengths`` (per-row lengths for ``train_sampling_strategy="group_by_length"``),
     ``grad_cache_mini_batch`` (rows per forward pass with GradCache; None/0 = off), ``no_duplicate_queries``
-    (`hfemb.training.sampling.NoDuplicateQuerySampler` unless rows are grouped by length) and ``evaluators``
+    (`hfemb.training.sampling.NoDuplicateQuerySampler` unless rows are grouped by length), ``dataset_weights``
+    (several datasets: rows carry their dataset's index as ``"dataset"``; each step's batches come from one
+    dataset, `hfemb.training.sampling.SameDatasetSampler`) and ``evaluators``
     (`hfemb.training.evaluator.EmbeddingEvaluator`: retrieval / F1 metrics of the live model, logged with the
     eval loss as ``eval_<metric>`` at every evaluation; ``eval_dataset=[]`` when there is no loss set).
     """
@@ -113,7 +115,7 @@ class MultiNegEmbeddingTrainer(Trainer):
 
     def __init__(self, *args, loss_config: LossConfig | None = None, train_lengths: list[int] | None = None,
                  grad_cache_mini_batch: int | None = None, no_duplicate_queries: bool = True,
-                 evaluators: list | None = None, **kwargs):
+                 evaluators: list | None = None, dataset_weights: list[float] | None = None, **kwargs):
         kwargs.setdefault("compute_metrics", aggregate_eval_stats)
         super().__init__(*args, **kwargs)
         self.evaluators = list(evaluators or [])
@@ -122,6 +124,7 @@ class MultiNegEmbeddingTrainer(Trainer):
         self.train_lengths = train_lengths
         self.grad_cache_mini_batch = grad_cache_mini_batch or None
         self.no_duplicate_queries = no_duplicate_queries
+        self.dataset_weights = list(dataset_weights) if dataset_weights is not None else None
         if self.grad_cache_mini_batch and self.is_deepspeed_enabled:
             raise ValueError("grad_cache_mini_batch does not work with DeepSpeed (accelerate steps its engine after "
                              "each backward call)")
@@ -264,13 +267,18 @@ class MultiNegEmbeddingTrainer(Trainer):
 
     # ---- sampling -----------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.dataset_weights is not None:  # several datasets: one dataset per step, on every process
+            return SameDatasetSampler([row["dataset"] for row in dataset], weights=self.dataset_weights,
+                                      block_size=self.args.train_batch_size * self.args.world_size,  # one step
+                                      seed=self.args.data_seed or self.args.seed,
+                                      queries=[row["query"] for row in dataset] if self.no_duplicate_queries else None)
         if self.args.train_sampling_strategy == "group_by_length" and self.train_lengths is not None:
             return LengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
                 lengths=self.train_lengths,
                 generator=torch.Generator().manual_seed(self.args.data_seed or self.args.seed),
             )
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.no_duplicate_queries and isinstance(dataset, (list, tuple)) and dataset and "query" in dataset[0]:
             return NoDuplicateQuerySampler([row["query"] for row in dataset],
                                            block_size=self.args.per_device_train_batch_size * self.args.world_size,
