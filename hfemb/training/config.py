@@ -169,6 +169,9 @@ class LossConfig:
     # the rows carry teacher scores (`hfemb mine --teacher`, FlagEmbedding's pos_scores/neg_scores), else off.
     distill_weight: float | None = None
     distill_temperature: float = 0.05
+    # kl: KL over each row's candidates (relative scores only); mse: mean squared difference of the cosine
+    # similarities themselves (the teacher's absolute scale too, so its threshold behaviour across queries)
+    distill_loss: Literal["kl", "mse"] = "kl"
     # Pair ranking across queries (hfemb.training.distill.pair_rank_loss, CoSENT): + pair_rank_weight * the
     # log-sum-exp of scale * (s(q_j, negative) - s(q_i, positive)) over every pair of the batch, so that one
     # cosine threshold separates relevant from irrelevant pairs. None: DEFAULT_PAIR_RANK_WEIGHT.

@@ -45,6 +45,17 @@ def distill_kl_loss(q: torch.Tensor, d: torch.Tensor, teacher_scores: torch.Tens
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()  # []
 
 
+def distill_mse_loss(q: torch.Tensor, d: torch.Tensor, teacher_scores: torch.Tensor, *, group_size: int,
+                     doc_offset: int | None = None) -> torch.Tensor:
+    """Mean over the B*G (query, document) pairs of (student cosine - teacher cosine)^2: unlike the KL, it
+    also transfers the teacher's absolute scale (a cosine threshold means the same across queries)."""
+    student = own_group_similarities(q, d, group_size, doc_offset)  # [B, G]
+    teacher = teacher_scores.to(student.device).float()  # [B, G]
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher_scores has shape {tuple(teacher.shape)}, expected {tuple(student.shape)}")
+    return F.mse_loss(student, teacher)  # []
+
+
 def pair_rank_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, scale: float = 20.0,
                    doc_offset: int | None = None, negative_mask: torch.Tensor | None = None) -> torch.Tensor:
     """CoSENT over the batch: log(1 + sum over every (positive pair, negative pair) of exp(scale * (s_neg - s_pos))).

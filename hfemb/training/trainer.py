@@ -39,7 +39,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hfemb.errors import ConfigError
 from hfemb.training.config import LossConfig, resolved_distill_weight, resolved_pair_rank_weight
-from hfemb.training.distill import distill_kl_loss, matryoshka_loss, pair_rank_loss, truncate_normalize
+from hfemb.training.distill import distill_kl_loss, distill_mse_loss, matryoshka_loss, pair_rank_loss, truncate_normalize
 from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
 from hfemb.training.evaluator import run_evaluators
 from hfemb.training.grad_cache import grad_cache_step
@@ -174,8 +174,10 @@ class MultiNegEmbeddingTrainer(Trainer):
         teacher = inputs.get("teacher_scores")  # [B, G] when the rows carry teacher scores
         weight = resolved_distill_weight(c, teacher is not None)
         if weight and teacher is not None:  # (run_training checks up front that training rows carry them)
-            out.loss = out.loss + weight * distill_kl_loss(q, d, teacher, group_size=group_size,
-                                                           temperature=c.distill_temperature, doc_offset=offset)
+            term = (distill_mse_loss(q, d, teacher, group_size=group_size, doc_offset=offset) if c.distill_loss == "mse"
+                    else distill_kl_loss(q, d, teacher, group_size=group_size, temperature=c.distill_temperature,
+                                         doc_offset=offset))
+            out.loss = out.loss + weight * term
         rank_weight = resolved_pair_rank_weight(c)
         if rank_weight and group_size > 1:  # this process's own (query, document) pairs, across its queries
             out.loss = out.loss + rank_weight * pair_rank_loss(

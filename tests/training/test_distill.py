@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hfemb.data.formats import Record, read_records
 from hfemb.errors import ConfigError, DataError
 from hfemb.training.config import DEFAULT_DISTILL_WEIGHT, config_from_dict
-from hfemb.training.distill import distill_kl_loss, matryoshka_loss, pair_rank_loss, truncate_normalize
+from hfemb.training.distill import distill_kl_loss, distill_mse_loss, matryoshka_loss, pair_rank_loss, truncate_normalize
 from hfemb.training.loss import info_nce_loss, own_negative_mask
 from hfemb.training.runner import check_teacher_scores, rows_from_records
 
@@ -60,6 +60,20 @@ def test_kl_with_gathered_documents_equals_the_single_process_loss():
     torch.testing.assert_close(torch.stack(parts).mean(), full)
     with pytest.raises(ValueError):
         distill_kl_loss(q[:b], d, teacher[:b], group_size=g, doc_offset=w * b * g)
+
+
+def test_mse_distillation_by_hand_zero_for_a_perfect_student_and_per_process():
+    q, d = _unit(B, 8, seed=12), _unit(B * 3, 8, seed=13)
+    teacher = torch.rand(B, 3, generator=torch.Generator().manual_seed(14))
+    by_hand = sum((float(q[i] @ d[3 * i + k]) - float(teacher[i, k])) ** 2 for i in range(B) for k in range(3)) / (B * 3)
+    assert float(distill_mse_loss(q, d, teacher, group_size=3)) == pytest.approx(by_hand, rel=1e-5)
+    same = torch.einsum("bd,bgd->bg", q, d.view(B, 3, -1))
+    assert float(distill_mse_loss(q, d, same, group_size=3)) == pytest.approx(0.0, abs=1e-10)
+    # a constant shift of the teacher changes the MSE (absolute scale) but not the KL (relative scores)
+    assert float(distill_mse_loss(q, d, same + 0.1, group_size=3)) == pytest.approx(0.01, rel=1e-4)
+    assert float(distill_kl_loss(q, d, same + 0.1, group_size=3)) == pytest.approx(0.0, abs=1e-6)
+    part = distill_mse_loss(q[2:], torch.cat([_unit(5, 8, seed=15), d[6:]]), teacher[2:], group_size=3, doc_offset=5)
+    torch.testing.assert_close(part, distill_mse_loss(q[2:], d[6:], teacher[2:], group_size=3))
 
 
 def test_pair_rank_loss_by_hand_and_equals_sentence_transformers_cosent():
@@ -156,7 +170,7 @@ def test_config_checks(tmp_path):
                           ({"matryoshka_dims": [64, 0]}, "matryoshka_dims"), ({"matryoshka_dims": "64"}, "matryoshka_dims"),
                           ({"matryoshka_dims": [64], "matryoshka_weights": [1, 2]}, "matryoshka_weights"),
                           ({"matryoshka_weights": [1]}, "needs 'loss.matryoshka_dims'"),
-                          ({"pair_rank_weight": -0.1}, "pair_rank_weight"), ({"pair_rank_scale": 0}, "pair_rank_scale")):
+                          ({"pair_rank_weight": -0.1}, "pair_rank_weight"), ({"distill_loss": "l2"}, "distill_loss"), ({"pair_rank_scale": 0}, "pair_rank_scale")):
         with pytest.raises(ConfigError, match=message):
             _cfg(tmp_path, **loss)
 
@@ -217,6 +231,11 @@ def test_trainer_adds_the_distillation_term_and_grad_cache_agrees(tiny_qwen3, tm
     for name in plain:
         torch.testing.assert_close(cached[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
     assert DEFAULT_DISTILL_WEIGHT == 0  # off by default: distillation did not beat the defaults on WikiQA dev
+    mse = _trainer(tiny_qwen3, tmp_path, {"distill_weight": 3.0, "distill_loss": "mse"})
+    with torch.no_grad():
+        torch.testing.assert_close(mse._loss(q, d, batch).loss, info_nce_loss(
+            q, d, group_size=1 + N, doc_text_ids=batch["doc_text_ids"]).loss + 3.0 * distill_mse_loss(
+            q, d, batch["teacher_scores"], group_size=1 + N))
     off = _trainer(tiny_qwen3, tmp_path, {})  # rows carry teacher scores, no weight given: plain InfoNCE
     with torch.no_grad():
         torch.testing.assert_close(off._loss(q, d, batch).loss, info_nce_loss(
