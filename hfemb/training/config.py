@@ -18,6 +18,7 @@ import json
 import os
 import re
 import typing
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -114,8 +115,8 @@ def check_train_files(d: DataConfig, where: str) -> None:
         spec = TrainFileSpec(**check_section(TrainFileSpec, section, raw, where))
         if not spec.file:
             raise ConfigError(f"{where}: '{section}.file' is required (the data file of this dataset)")
-        if not spec.weight > 0:
-            raise ConfigError(f"{where}: '{section}.weight' must be > 0, got {spec.weight!r}")
+        if not (spec.weight > 0 and math.isfinite(spec.weight)):
+            raise ConfigError(f"{where}: '{section}.weight' must be a finite number > 0, got {spec.weight!r}")
         if spec.name is None:
             base = Path(spec.file).name
             for compression in (".gz", ".bz2", ".xz", ".zst"):
@@ -293,9 +294,14 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: give 'data.train_file' or 'data.train_files', not both")
     if d.train_files is not None:
         check_train_files(d, where)
-        if t.get("group_by_length"):
+        if t.get("group_by_length") or t.get("train_sampling_strategy") == "group_by_length":
             raise ConfigError(f"{where}: 'training.group_by_length' does not work with 'data.train_files' (each "
                               "batch is drawn from one dataset); remove one of them")
+        if m.symmetric and len({repr(s.instruction) for s in train_file_specs(d)}) > 1:
+            # the saved model and the in-training evaluator give documents the model's one document prompt
+            raise ConfigError(f"{where}: 'model.symmetric' with 'data.train_files' of different instructions is not "
+                              "supported (documents would be trained with one prompt per dataset but evaluated and "
+                              "served with one); train each symmetric task on its own, or give them one instruction")
     elif not d.train_file:
         raise ConfigError(f"{where}: 'data.train_file' is required (or 'data.train_files', a list of datasets)")
     if d.eval_ratio is None:

@@ -86,6 +86,13 @@ def check_teacher_scores(rows: list[dict], cfg: TrainConfig, train_file: str | N
     if 0 < with_scores < len(rows):
         raise ConfigError(f"{train_file}: {with_scores} of {len(rows)} training rows carry teacher scores "
                           "(pos_scores/neg_scores); give them for every row or for none")
+    if cfg.loss.distill_loss == "mse" and with_scores:  # cosine targets: reranker logits would be silently wrong
+        for line, row in enumerate(rows, 1):
+            bad = next((x for x in row["teacher_scores"] if not -1.0 <= float(x) <= 1.0), None)
+            if bad is not None:
+                raise ConfigError(f"{train_file}: training row {line}: 'teacher_scores' (pos_scores/neg_scores) has "
+                                  f"{bad}, outside [-1, 1]: loss.distill_loss=mse needs cosine similarities (e.g. "
+                                  "`hfemb mine --teacher`); use distill_loss=kl for reranker scores")
     if cfg.loss.distill_weight and not with_scores:
         raise ConfigError(f"{cfg.source or 'config'}: 'loss.distill_weight' is {cfg.loss.distill_weight} but the "
                           f"rows of {train_file} carry no teacher scores (mine with `hfemb mine --teacher "
@@ -183,6 +190,12 @@ def load_train_datasets(cfg: TrainConfig, cache_dir: Path, report: dict, seed: i
             report[part]["rows_after_eval_split"] = len(own)
         report[part].update({"name": spec.name, "weight": spec.weight, "query_prompt": prompt})
         rows.extend(own)
+    scored = {spec.file: any("teacher_scores" in r for r in rows if r["dataset"] == i)
+              for i, spec in enumerate(train_file_specs(cfg.data))}
+    if len(set(scored.values())) > 1:  # batches of held-out rows mix datasets: all or none
+        raise ConfigError(f"data.train_files: teacher scores (pos_scores/neg_scores) in "
+                          f"{', '.join(f for f, s in scored.items() if s)} but not in "
+                          f"{', '.join(f for f, s in scored.items() if not s)}; give them for every dataset or none")
     return rows, held
 
 
@@ -358,7 +371,14 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> EmbeddingTrainingArg
                 log.warning("training.save_strategy %r / eval_strategy %r do not match: hfemb's default "
                             "load_best_model_at_end=true is turned off (the final model is the last step's)",
                             t["save_strategy"], t["eval_strategy"])
-        t.setdefault("metric_for_best_model", "eval_loss")
+        k = averaging_k(t)
+        if not k:
+            t.setdefault("metric_for_best_model", "eval_loss")
+        elif t.get("metric_for_best_model") and t.get("save_total_limit") is not None and t["save_total_limit"] <= k:
+            # the Trainer also keeps the best checkpoint: rotation could delete one of the last k
+            raise ConfigError(f"'{AVERAGING_FIELD}' is {k} with training.metric_for_best_model set: the best "
+                              f"checkpoint is kept besides the last {k}, so training.save_total_limit must be at least "
+                              f"{k + 1} (or null), got {t['save_total_limit']}")
     else:
         t.setdefault("save_strategy", "epoch")
         if t.get("load_best_model_at_end"):
@@ -517,7 +537,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         try:
             summary["checkpoint_averaging"] = average_outputs(cfg, out, averaging.saved, k_average)
         except Exception as exc:  # noqa: BLE001 - the checkpoints are kept: say so
-            summary["checkpoint_averaging"] = {"k": k_average, "error": str(exc)}
+            # the summary is uploaded with the model: no absolute paths in it
+            summary["checkpoint_averaging"] = {"k": k_average, "error": str(exc).replace(str(out), out.name)}
             write_json(out / "train_summary.json", summary)
             raise HfembError(f"training finished, but averaging the last {k_average} checkpoints failed: {exc} "
                              f"(the checkpoints are in {out}; merged/ is not the average)") from exc

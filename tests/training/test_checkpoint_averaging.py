@@ -133,6 +133,14 @@ def test_defaults_make_room_for_k():
     assert planned_save_steps(5, 2) == [2, 4, 5] and planned_save_steps(4, 2, after=2) == [4]
     args = training_arguments(cfg, has_eval=True)  # hfemb would turn load_best_model_at_end on: not with averaging
     assert args.load_best_model_at_end is False and args.save_total_limit == 3
+    # no best checkpoint is tracked by default: the Trainer's rotation keeps it besides the newest ones, which
+    # could delete one of the last k (the best at step 3 of 5 kept checkpoint-3 and -5, lost checkpoint-4)
+    assert args.metric_for_best_model is None
+    explicit = {"output_dir": "o", "average_checkpoints": 2, "metric_for_best_model": "eval_loss"}
+    with pytest.raises(ConfigError, match="save_total_limit must be at least 3"):
+        training_arguments(config_from_dict({**BASE, "training": {**explicit, "save_total_limit": 2}}), has_eval=True)
+    assert training_arguments(config_from_dict({**BASE, "training": {**explicit, "save_total_limit": 3}}),
+                              has_eval=True).save_total_limit == 3
     with pytest.raises(ConfigError, match="'training.average_checkpoints' is 2 but no checkpoints are saved"):
         training_arguments(config_from_dict({**BASE, "training": {"output_dir": "o", "average_checkpoints": 2,
                                                                   "eval_strategy": "no"}}), has_eval=True)

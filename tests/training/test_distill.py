@@ -164,6 +164,10 @@ def test_config_checks(tmp_path):
     check_teacher_scores(rows, _cfg(tmp_path))  # no scores, default weight: fine
     with pytest.raises(ConfigError, match="carry no teacher scores"):
         check_teacher_scores(rows, _cfg(tmp_path, distill_weight=0.5))
+    logits = [{**rows[0], "teacher_scores": [7.5, -2.0, 0.1]}]  # a reranker's logits, not cosines
+    check_teacher_scores(logits, _cfg(tmp_path, distill_weight=1.0))  # KL: relative scores, fine
+    with pytest.raises(ConfigError, match=r"training row 1: 'teacher_scores' .* has 7.5, outside \[-1, 1\]"):
+        check_teacher_scores(logits, _cfg(tmp_path, distill_weight=1.0, distill_loss="mse"))
     with pytest.raises(ConfigError, match="1 of 2 training rows"):
         check_teacher_scores(rows + [{**rows[0], "teacher_scores": [1, 0, 0]}], _cfg(tmp_path))
     for loss, message in (({"distill_weight": -1}, "distill_weight"), ({"distill_temperature": 0}, "distill_temperature"),

@@ -188,7 +188,9 @@ def test_train_files_entries_are_normalised():
     ({"train_files": []}, None, "'data.train_files' must be a non-empty list"),
     ({"train_files": [{"file": "a"}, "b.jsonl"]}, None, "'data.train_files[1]' must be an object"),
     ({"train_files": [{"file": "a"}, {"file": "b"}, {"file": "c", "weight": 0}]}, None,
-     "'data.train_files[2].weight' must be > 0, got 0.0"),
+     "'data.train_files[2].weight' must be a finite number > 0, got 0.0"),
+    ({"train_files": [{"file": "a", "weight": float("inf")}]}, None, "'data.train_files[0].weight' must be a finite"),
+    ({"train_files": [{"file": "a"}]}, {"train_sampling_strategy": "group_by_length"}, "'training.group_by_length'"),
     ({"train_files": [{"file": "a"}, {"file": "b", "weight": "2"}]}, None,
      "'data.train_files[1].weight' must be a number, got '2'"),
     ({"train_files": [{"file": "a", "instruction": True}]}, None, "'data.train_files[0].instruction' must be"),
@@ -230,6 +232,32 @@ def _mined_files(recs, folder: Path, per_file: int) -> list[str]:
                 fh.write(json.dumps({"query": r.query, "pos": [r.positives[0]], "neg": negs}, ensure_ascii=False) + "\n")
         files.append(str(path))
     return files
+
+
+def test_symmetric_with_different_instructions_is_refused():
+    files = [{"file": "a", "instruction": "Find a similar question"}, {"file": "b", "instruction": "Find a duplicate"}]
+    with pytest.raises(ConfigError, match="'model.symmetric' with 'data.train_files' of different instructions"):
+        config_from_dict({"model": {"name_or_path": "m", "symmetric": True}, "data": {"train_files": files},
+                          "training": {"output_dir": "o"}}, where="c.json")
+    same = [{**f, "instruction": "Find a similar question"} for f in files]
+    assert config_from_dict({"model": {"name_or_path": "m", "symmetric": True}, "data": {"train_files": same},
+                             "training": {"output_dir": "o"}}).model.symmetric
+
+
+def test_teacher_scores_in_some_datasets_only_are_refused(zh_sample_csv, tmp_path):
+    """Held-out batches mix datasets: teacher scores must be in every dataset or in none (one error, both files)."""
+    from hfemb.training.runner import load_train_datasets
+
+    recs = read_records(str(zh_sample_csv)).records
+    files = _mined_files(recs, tmp_path, 10)
+    with open(files[0], encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    with open(files[0], "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps({**row, "pos_scores": [0.9], "neg_scores": [0.2, 0.1]}, ensure_ascii=False) + "\n")
+    cfg = _cfg({"train_files": [{"file": f} for f in files], "num_negatives": 2, "mine": False, "eval_ratio": 0.2})
+    with pytest.raises(ConfigError, match=r"teacher scores .* in .*part0.jsonl but not in .*part1.jsonl"):
+        load_train_datasets(cfg, tmp_path / "cache", {}, seed=0)
 
 
 def test_resumed_multi_dataset_run_equals_the_uninterrupted_one(tiny_qwen3, zh_sample_csv, tmp_path):
