@@ -490,6 +490,8 @@ def _overview(m: _Model, title: str, threshold: dict | None, mined: bool) -> lis
                 ("normalisation", "L2 (use cosine or dot product)"), ("max sequence length", m.max_length),
                 ("query prompt", f"`{json.dumps(m.prompts.get('query', ''), ensure_ascii=False)}`"),
                 ("document prompt", f"`{json.dumps(m.prompts.get('document', ''), ensure_ascii=False)}`"),
+                *[(f"prompt `{name}` (`prompt_name={name!r}`)", f"`{json.dumps(text, ensure_ascii=False)}`")
+                  for name, text in m.prompts.items() if name not in ("query", "document", "passage")],
                 ("recommended threshold", threshold["threshold"] if threshold else "not evaluated yet")]), ""]
 
 

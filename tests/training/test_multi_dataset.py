@@ -334,6 +334,11 @@ def test_run_with_two_datasets_exports_each_instruction_as_a_named_prompt(tiny_q
         np.testing.assert_allclose(st.encode(queries, prompt_name=name), ours, atol=1e-5)
     plain = load_embedding_model(str(out / "merged")).encode(queries, is_query=True)
     assert np.abs(st.encode(queries, prompt_name="diet") - plain).max() > 1e-3  # the instruction matters
+    from hfemb.publishing.model_card import build_model_card
+
+    card = build_model_card(out / "merged").text  # the card lists every named prompt, as saved
+    for name in tasks:
+        assert f"prompt `{name}` (`prompt_name='{name}'`) | `{json.dumps(st_config['prompts'][name])}`" in card
 
 
 def test_model_card_config_keeps_only_the_file_names_of_train_files():
