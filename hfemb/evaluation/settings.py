@@ -4,6 +4,7 @@ recorded in results.json); shared by ``hfemb.evaluation.evaluate`` and ``hfemb.e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from hfemb.errors import ConfigError
 from hfemb.evaluation import metrics
@@ -40,6 +41,9 @@ class EvalSettings:
     skip_failed: bool = False  # a model that fails to load/encode is reported and skipped
     plots: bool = True
     show_progress: bool = True
+    # corpus retrieval top-k: exact blocked search (torch), FAISS IndexFlatIP (exact, optional faiss package)
+    # or FAISS HNSW (approximate); hfemb.evaluation.faiss_search
+    search: Literal["exact", "faiss", "faiss-hnsw"] = "exact"
 
     def __post_init__(self):
         if isinstance(self.thresholds, str):
@@ -54,6 +58,8 @@ class EvalSettings:
                                                       or self.max_tokens_per_batch < 1):
             raise ConfigError(f"max_tokens_per_batch must be a positive integer, got {self.max_tokens_per_batch!r}")
         check_dtype(self.dtype)
+        if self.search not in ("exact", "faiss", "faiss-hnsw"):
+            raise ConfigError(f"search must be exact, faiss or faiss-hnsw, got {self.search!r}")
         if self.quantization not in (None, "4bit", "8bit"):
             raise ConfigError(f"quantization must be 4bit or 8bit, got {self.quantization!r}")
         from hfemb.modeling.packing import parse_padding_free  # here: importing it loads torch
