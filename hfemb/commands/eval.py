@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-length", type=int, help="tokens per text (default 512)")
     a("--truncate-dim", type=int, help="Matryoshka: keep the first N dimensions (re-normalised)")
     a("--trust-remote-code", action="store_const", const=True, help="allow custom model code")
+    a("--search", choices=("exact", "faiss", "faiss-hnsw"), help="corpus retrieval top-100: exact blocked search "
+      "(default), faiss (IndexFlatIP: exact too; needs pip install 'hfemb[faiss]') or faiss-hnsw (approximate: "
+      "faster on millions of documents, may miss some; see README)")
     a("--cache-dir", help="embedding cache (default $HFEMB_CACHE/embeddings or ~/.cache/hfemb/embeddings)")
     a("--no-cache", dest="use_cache", action="store_const", const=False, help="neither read nor write the cache")
     a("--bootstrap", dest="n_bootstrap", type=int, metavar="N", help="bootstrap resamples of queries (default 1000; 0 = off)")

@@ -5,6 +5,7 @@ them (local or ``openai:MODEL@URL``), and encoding each distinct text once throu
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import re
 import time
@@ -20,7 +21,8 @@ from hfemb.evaluation.settings import EvalSettings
 
 DEFAULT_BASE_MODELS = {"base 0.6B": "Qwen/Qwen3-Embedding-0.6B", "base 8B": "Qwen/Qwen3-Embedding-8B"}
 CACHE_FORMAT = 1  # bump when what a cached vector means changes
-CHUNK_TEXTS = 2048  # texts per encode call: progress and cache-write granularity
+CHUNK_TEXTS = 2048  # texts per encode call of an OpenAI-compatible endpoint: progress and cache-write granularity
+CACHE_FLUSH_TEXTS = 8192  # a local model's vectors go to the cache (one commit) every this many texts
 
 
 def latest_training_output(root: str | Path) -> Path | None:
@@ -231,16 +233,43 @@ def _progress(total: int, name: str, enabled: bool):
 
 def _encode_in_chunks(encoder, texts: list[str], is_query: bool, settings: EvalSettings, progress,
                       on_chunk=None) -> np.ndarray:
-    """Longest texts first, in chunks (progress + cache granularity); the model batches each chunk by tokens."""
+    """[len(texts), D] float32 in input order. A local model (its ``encode`` takes ``on_batch``) gets all the texts
+    in one call: tokenised once and batched by token length exactly as ``model.encode(texts)`` batches them (the
+    same vectors, bit for bit); its batches drive the progress bar and, every ``CACHE_FLUSH_TEXTS`` texts,
+    ``on_chunk`` (the cache, so an interrupted run resumes). Other encoders (OpenAI-compatible endpoints) get chunks of
+    ``CHUNK_TEXTS`` texts, longest first."""
+    kw = {"is_query": is_query, "batch_size": settings.batch_size, "max_length": settings.max_length,
+          "max_tokens_per_batch": settings.max_tokens_per_batch, "show_progress": False}
+    if "on_batch" in inspect.signature(encoder.encode).parameters:
+        pending: list[int] = []
+        pending_vectors: list[np.ndarray] = []
+
+        def flush() -> None:
+            if pending:
+                on_chunk([texts[i] for i in pending], np.concatenate(pending_vectors))
+                pending.clear()
+                pending_vectors.clear()
+
+        def on_batch(idx: list[int], vectors) -> None:
+            if on_chunk is not None:
+                pending.extend(idx)
+                pending_vectors.append(np.asarray(vectors, dtype=np.float32))
+                if len(pending) >= CACHE_FLUSH_TEXTS:
+                    flush()
+            progress.update(len(idx))
+
+        vectors = np.asarray(encoder.encode(texts, on_batch=on_batch, **kw), dtype=np.float32)
+        if on_chunk is not None:
+            flush()
+        if vectors.shape[0] != len(texts):
+            raise HfembError(f"encoder returned {vectors.shape[0]} vectors for {len(texts)} texts")
+        return vectors
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     chunk = CHUNK_TEXTS
     out = np.empty((len(texts),), dtype=object)
     for start in range(0, len(order), chunk):
         idx = order[start:start + chunk]
-        vectors = encoder.encode([texts[i] for i in idx], is_query=is_query, batch_size=settings.batch_size,
-                                 max_length=settings.max_length, max_tokens_per_batch=settings.max_tokens_per_batch,
-                                 show_progress=False)
-        vectors = np.asarray(vectors, dtype=np.float32)
+        vectors = np.asarray(encoder.encode([texts[i] for i in idx], **kw), dtype=np.float32)
         if vectors.shape[0] != len(idx):
             raise HfembError(f"encoder returned {vectors.shape[0]} vectors for {len(idx)} texts")
         for i, v in zip(idx, vectors):

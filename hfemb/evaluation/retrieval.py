@@ -20,6 +20,7 @@ from hfemb.data.beir import RetrievalSet
 from hfemb.errors import ConfigError, HfembError
 from hfemb.evaluation import retrieval_metrics as rm
 from hfemb.evaluation.encoders import encode_or_skip
+from hfemb.evaluation.faiss_search import faiss_search, import_faiss
 from hfemb.evaluation.retrieval_report import write_retrieval_report
 from hfemb.evaluation.settings import EvalSettings
 
@@ -107,9 +108,15 @@ def summarize_run(run: dict, thresholds) -> dict:
             "sweep": rm.topk_sweep(run["sweep_scores"], run["sweep_hit"], run["n_rel"], thresholds)}
 
 
-def search_encoded(q_emb: np.ndarray, d_emb: np.ndarray, k: int, device=None) -> tuple[np.ndarray, np.ndarray, float]:
+def search_encoded(q_emb: np.ndarray, d_emb: np.ndarray, k: int, device=None,
+                   search: str = "exact") -> tuple[np.ndarray, np.ndarray, float]:
+    """Top-``k`` by ``search`` (``exact``: `exact_search`; ``faiss`` / ``faiss-hnsw``:
+    `hfemb.evaluation.faiss_search.faiss_search`, on the CPU) and the seconds it took."""
     started = time.perf_counter()
-    scores, ranked = exact_search(q_emb, d_emb, k, device=device)
+    if search == "exact":
+        scores, ranked = exact_search(q_emb, d_emb, k, device=device)
+    else:
+        scores, ranked = faiss_search(q_emb, d_emb, k, kind=search)
     return scores, ranked, time.perf_counter() - started
 
 
@@ -126,6 +133,8 @@ def evaluate_retrieval(models: dict[str, str], rset: RetrievalSet, *, dev_set: R
         raise ConfigError("no model to evaluate")
     if dev_set is not None and split_dev:
         raise ConfigError("give either a dev set or a dev split fraction, not both")
+    if settings.search != "exact":
+        import_faiss()  # not installed: one clear error before any model loads
     started = time.perf_counter()
     if split_dev:
         if not 0 < split_dev < 1:
@@ -156,12 +165,13 @@ def evaluate_retrieval(models: dict[str, str], rset: RetrievalSet, *, dev_set: R
             if data is None:
                 continue
             q = encoded.queries[[q_pos[t] for t in data.query_texts]]
-            scores, ranked, seconds = search_encoded(q, corpus, top_k, device)
+            scores, ranked, seconds = search_encoded(q, corpus, top_k, device, settings.search)
             per_set[part] = score_run(scores, ranked, data, label_threshold=settings.label_threshold, sweep_k=sweep_k)
             per_set[part]["search_seconds"] = seconds
         runs[name] = per_set
         summary = summarize_run(per_set["eval"], settings.thresholds)
-        results[name] = {"model": spec, **encoded.info, "search_device": str(device),
+        results[name] = {"model": spec, **encoded.info, "search": settings.search,
+                         "search_device": str(device) if settings.search == "exact" else "cpu",
                          "search_seconds": round(per_set["eval"]["search_seconds"], 3),
                          "search_ms_per_query": round(1000 * per_set["eval"]["search_seconds"]
                                                       / max(len(rset.query_ids), 1), 4),

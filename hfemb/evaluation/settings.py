@@ -4,6 +4,7 @@ recorded in results.json); shared by ``hfemb.evaluation.evaluate`` and ``hfemb.e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from hfemb.errors import ConfigError
 from hfemb.evaluation import metrics
@@ -43,6 +44,9 @@ class EvalSettings:
     skip_failed: bool = False  # a model that fails to load/encode is reported and skipped
     plots: bool = True
     show_progress: bool = True
+    # corpus retrieval top-k: exact blocked search (torch), FAISS IndexFlatIP (exact, optional faiss package)
+    # or FAISS HNSW (approximate); hfemb.evaluation.faiss_search
+    search: Literal["exact", "faiss", "faiss-hnsw"] = "exact"
 
     def __post_init__(self):
         if isinstance(self.thresholds, str):
@@ -60,6 +64,8 @@ class EvalSettings:
         if self.prompt_name is not None and self.instruction is not None:
             raise ConfigError("give prompt_name (--prompt-name) or instruction (--instruction / --no-instruction), "
                               "not both")
+        if self.search not in ("exact", "faiss", "faiss-hnsw"):
+            raise ConfigError(f"search must be exact, faiss or faiss-hnsw, got {self.search!r}")
         if self.quantization not in (None, "4bit", "8bit"):
             raise ConfigError(f"quantization must be 4bit or 8bit, got {self.quantization!r}")
         from hfemb.modeling.packing import parse_padding_free  # here: importing it loads torch

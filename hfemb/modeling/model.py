@@ -264,10 +264,13 @@ class EmbeddingModel(torch.nn.Module):
     @torch.no_grad()
     def encode(self, texts: list[str], *, is_query: bool, batch_size: int = 32, max_length: int | None = 512,
                max_tokens_per_batch: int | None = None, show_progress: bool = False,
-               convert_to_numpy: bool = True, prompts: list[str | None] | None = None) -> np.ndarray | torch.Tensor:
+               convert_to_numpy: bool = True, prompts: list[str | None] | None = None,
+               on_batch=None) -> np.ndarray | torch.Tensor:
         """[N, D] fp32 embeddings in input order. Texts are tokenised once, sorted longest first and
         batched by ``batch_size`` rows and, if given, ``max_tokens_per_batch`` padded tokens. ``prompts``: one
-        prompt per text (see `token_ids`)."""
+        prompt per text (see `token_ids`). ``on_batch(indices, vectors)``, if given, is called after each batch
+        with the input positions of its texts and their [b, D] fp32 CPU vectors (progress, saving as it goes);
+        the result does not change."""
         if isinstance(texts, str):
             raise TypeError("encode expects a list of texts, not one string")
         rows = self.token_ids(list(texts), is_query=is_query, max_length=max_length, prompts=prompts)
@@ -283,7 +286,10 @@ class EmbeddingModel(torch.nn.Module):
             for batch in batches:
                 enc = self.pad([rows[i] for i in batch])
                 emb = self(enc["input_ids"].to(device), enc["attention_mask"].to(device))
-                out[torch.tensor(batch)] = emb.float().cpu()
+                emb = emb.float().cpu()
+                out[torch.tensor(batch)] = emb
+                if on_batch is not None:
+                    on_batch(batch, emb)
         finally:
             self.train(was_training)
         return out.numpy() if convert_to_numpy else out

@@ -82,6 +82,8 @@ class DataConfig:
     # logged as eval_<name>_<metric> (hfemb.training.evaluator); no loss on them.
     eval_files: dict[str, str] | None = None
     embedding_eval: bool = True  # retrieval / F1 metrics of the eval set at each evaluation (false: loss only)
+    # top-k search of retrieval eval sets: exact blocked search, or FAISS (optional package; hfemb.evaluation.faiss_search)
+    eval_search: Literal["exact", "faiss", "faiss-hnsw"] = "exact"
 
 
 @dataclass

@@ -25,6 +25,7 @@ from hfemb.data.beir import RetrievalSet, is_beir_folder, read_beir, retrieval_s
 from hfemb.errors import ConfigError
 from hfemb.evaluation import retrieval_metrics as rm
 from hfemb.evaluation.evaluate import EvalPairs, cosine_scores, pairs_from_records, summary_metrics
+from hfemb.evaluation.faiss_search import faiss_search, import_faiss
 from hfemb.evaluation.retrieval import TOP_K, exact_search, score_run, summarize_run
 from hfemb.evaluation.settings import EvalSettings
 
@@ -51,6 +52,7 @@ class EmbeddingEvaluator:
     max_tokens_per_batch: int | None = 16384
     # several datasets (data.train_files): query text -> its dataset's query prompt (None: the model's own)
     query_prompts: dict[str, str | None] | None = None
+    search: str = "exact"  # retrieval sets: "exact" | "faiss" | "faiss-hnsw" (hfemb.evaluation.faiss_search)
 
     @property
     def prefix(self) -> str:
@@ -93,7 +95,10 @@ class EmbeddingEvaluator:
         if self.kind == "retrieval":
             pos = {t: i for i, t in enumerate(dict.fromkeys(self.rset.doc_texts))}
             corpus = d[[pos[t] for t in self.rset.doc_texts]]
-            scores, ranked = exact_search(q, corpus, TOP_K, device=device)
+            if self.search == "exact":
+                scores, ranked = exact_search(q, corpus, TOP_K, device=device)
+            else:
+                scores, ranked = faiss_search(q, corpus, TOP_K, kind=self.search)
             summary = summarize_run(score_run(scores, ranked, self.rset, label_threshold=self.label_threshold),
                                     settings.thresholds)
         else:
@@ -144,7 +149,7 @@ def evaluator_from_file(path: str, *, name: str | None, data_config, settings_kw
 
     common = {"name": name, "source": str(path), "label_threshold": data_config.label_threshold,
               "query_max_len": data_config.query_max_len, "passage_max_len": data_config.passage_max_len,
-              **(settings_kw or {})}
+              "search": getattr(data_config, "eval_search", "exact"), **(settings_kw or {})}
     if is_beir_folder(path):
         from pathlib import Path
 
@@ -209,9 +214,11 @@ def build_evaluators(cfg, eval_rows: list[dict]) -> list[EmbeddingEvaluator]:
                 records_from_rows(eval_rows), name=None, source=f"eval_ratio {d.eval_ratio:g} hold-out",
                 label_threshold=d.label_threshold, query_max_len=d.query_max_len, passage_max_len=d.passage_max_len,
                 query_prompts={r["query"]: r["query_prompt"] for r in eval_rows} if "query_prompt" in eval_rows[0]
-                else None, **batch))
+                else None, search=d.eval_search, **batch))
     for name, path in (d.eval_files or {}).items():
         out.append(evaluator_from_file(path, name=name, data_config=d, settings_kw=batch))
+    if d.eval_search != "exact" and any(ev.kind == "retrieval" for ev in out):
+        import_faiss()  # not installed: one clear error before training
     return out
 
 
