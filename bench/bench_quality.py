@@ -211,7 +211,8 @@ def main() -> int:
     parser.add_argument("--recipe-only", nargs="+", metavar="I", help=argparse.SUPPRESS)  # train levers I.. and stop
     parser.add_argument("--train-questions", type=int, default=0,
                         help="--recipe: train on the first N training questions only (0: all 873)")
-    parser.add_argument("--levers", nargs="+", choices=("dense", "hybrid", "filter", "distill", "matryoshka", "combo"),
+    parser.add_argument("--levers", nargs="+", choices=("dense", "hybrid", "filter", "distill", "matryoshka", "combo",
+                                                            "combo-kl", "combo-mse", "cosent"),
                         help="--recipe: only these lever rows (default: all)")
     parser.add_argument("--dev-only", action="store_true", help="--recipe: evaluate on dev only (no test numbers)")
     parser.add_argument("--parallel", type=int, default=1,

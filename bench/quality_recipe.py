@@ -46,10 +46,16 @@ LEVERS = {
     "hfemb distillation from mpnet (BM25 negatives)": ("bm25-teacher", {}),
     "hfemb Matryoshka 384/256/128/64": (None, {"loss": {"matryoshka_dims": [384, 256, 128, 64]}}),
     "hfemb hybrid + teacher (defaults)": ("hybrid-teacher", {}),
+    "hfemb hybrid + teacher, KL distillation 1.0": ("hybrid-teacher", {"loss": {"distill_weight": 1.0}}),
+    "hfemb hybrid + teacher, MSE distillation 10": ("hybrid-teacher", {"loss": {"distill_weight": 10.0,
+                                                                                "distill_loss": "mse"}}),
+    "hfemb + CoSENT pair ranking 1.0": (None, {"loss": {"pair_rank_weight": 1.0}}),
 }
 LEVER_KEYS = {"dense": "hfemb dense mining", "hybrid": "hfemb hybrid mining",
               "filter": "hfemb hybrid + positive-aware filter", "distill": "hfemb distillation from mpnet (BM25 negatives)",
-              "matryoshka": "hfemb Matryoshka 384/256/128/64", "combo": "hfemb hybrid + teacher (defaults)"}
+              "matryoshka": "hfemb Matryoshka 384/256/128/64", "combo": "hfemb hybrid + teacher (defaults)",
+              "combo-kl": "hfemb hybrid + teacher, KL distillation 1.0",
+              "combo-mse": "hfemb hybrid + teacher, MSE distillation 10", "cosent": "hfemb + CoSENT pair ranking 1.0"}
 MERGE_ALPHA = 0.5  # LM-Cocktail-style merge of the tuned BM25-default model with its base
 TRUNCATE_DIM = 128
 
