@@ -73,7 +73,7 @@ def train_st(spec: dict) -> dict:
     args = SentenceTransformerTrainingArguments(
         output_dir=spec["out"], per_device_train_batch_size=spec["batch"], num_train_epochs=spec["epochs"],
         learning_rate=spec["lr"], warmup_ratio=spec["warmup"], seed=spec["seed"],
-        batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none", disable_tqdm=True,
+        gradient_accumulation_steps=spec.get("accum", 1), batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none", disable_tqdm=True,
         logging_steps=10, dataloader_pin_memory=False)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=common.st_dataset(rows),
                                          loss=MultipleNegativesRankingLoss(model, scale=20.0))
