@@ -31,15 +31,22 @@ def own_group_similarities(q: torch.Tensor, d: torch.Tensor, group_size: int, do
     return torch.einsum("bd,bgd->bg", q.float(), own)  # [B, G]
 
 
+def _teacher_beside(student: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:
+    """``teacher_scores`` as fp32 on the student's device, checked to be [B, G] like ``student``."""
+    teacher = teacher_scores.to(student.device).float()  # [B, G]
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher_scores has shape {tuple(teacher.shape)}, expected {tuple(student.shape)}")
+    return teacher
+
+
 def distill_kl_loss(q: torch.Tensor, d: torch.Tensor, teacher_scores: torch.Tensor, *, group_size: int,
                     temperature: float = 0.05, doc_offset: int | None = None) -> torch.Tensor:
     """Mean over the B queries of KL(p_teacher || p_student), p = softmax(scores / temperature) over G."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    student = own_group_similarities(q, d, group_size, doc_offset) / temperature  # [B, G]
-    teacher = teacher_scores.to(student.device).float() / temperature  # [B, G]
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher_scores has shape {tuple(teacher.shape)}, expected {tuple(student.shape)}")
+    student = own_group_similarities(q, d, group_size, doc_offset)  # [B, G]
+    teacher = _teacher_beside(student, teacher_scores) / temperature  # [B, G]
+    student = student / temperature
     log_p = F.log_softmax(teacher, dim=-1)  # [B, G]
     log_q = F.log_softmax(student, dim=-1)  # [B, G]
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()  # []
@@ -50,10 +57,7 @@ def distill_mse_loss(q: torch.Tensor, d: torch.Tensor, teacher_scores: torch.Ten
     """Mean over the B*G (query, document) pairs of (student cosine - teacher cosine)^2: unlike the KL, it
     also transfers the teacher's absolute scale (a cosine threshold means the same across queries)."""
     student = own_group_similarities(q, d, group_size, doc_offset)  # [B, G]
-    teacher = teacher_scores.to(student.device).float()  # [B, G]
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher_scores has shape {tuple(teacher.shape)}, expected {tuple(student.shape)}")
-    return F.mse_loss(student, teacher)  # []
+    return F.mse_loss(student, _teacher_beside(student, teacher_scores))  # []
 
 
 def pair_rank_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, scale: float = 20.0,

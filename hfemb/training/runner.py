@@ -175,10 +175,17 @@ def load_train_datasets(cfg: TrainConfig, cache_dir: Path, report: dict, seed: i
     ``report["train <name>"]`` describes each dataset."""
     rows: list[dict] = []
     held: list[dict] = []
+    scored: dict[str, bool] = {}  # file -> its rows carry teacher scores (all or none: check_teacher_scores)
     for index, spec in enumerate(train_file_specs(cfg.data)):
         part = f"train {spec.name}"
         own = load_rows(cfg, spec.file, cache_dir, report, part, fmt=spec.format)
         check_teacher_scores(own, cfg, spec.file)
+        scored[spec.file] = any("teacher_scores" in r for r in own)
+        if len(set(scored.values())) > 1:  # batches of held-out rows mix datasets: all or none, before more mining
+            raise ConfigError(f"data.train_files: teacher scores (pos_scores/neg_scores) in "
+                              f"{', '.join(f for f, s in scored.items() if s)} but not in "
+                              f"{', '.join(f for f, s in scored.items() if not s)}; give them for every dataset "
+                              "or none")
         prompt = dataset_query_prompt(spec)
         own = [{**row, "dataset": index, "query_prompt": prompt} for row in own]
         if cfg.data.eval_ratio and not cfg.data.eval_file:
@@ -190,12 +197,6 @@ def load_train_datasets(cfg: TrainConfig, cache_dir: Path, report: dict, seed: i
             report[part]["rows_after_eval_split"] = len(own)
         report[part].update({"name": spec.name, "weight": spec.weight, "query_prompt": prompt})
         rows.extend(own)
-    scored = {spec.file: any("teacher_scores" in r for r in rows if r["dataset"] == i)
-              for i, spec in enumerate(train_file_specs(cfg.data))}
-    if len(set(scored.values())) > 1:  # batches of held-out rows mix datasets: all or none
-        raise ConfigError(f"data.train_files: teacher scores (pos_scores/neg_scores) in "
-                          f"{', '.join(f for f, s in scored.items() if s)} but not in "
-                          f"{', '.join(f for f, s in scored.items() if not s)}; give them for every dataset or none")
     return rows, held
 
 
