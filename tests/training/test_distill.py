@@ -214,26 +214,37 @@ def _step(trainer, batch, mini_batch):
     return float(loss), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
-def test_trainer_adds_the_distillation_term_and_grad_cache_agrees(tiny_qwen3, tmp_path, rows):
-    trainer = _trainer(tiny_qwen3, tmp_path, {"matryoshka_dims": [64, 16], "distill_weight": 1.0})
-    batch = trainer.data_collator(rows[:B])
-    assert batch["teacher_scores"].shape == (B, 1 + N)
+def _embed(trainer, batch):
+    """The trainer's model in eval mode: (q [B, D], d [B*G, D]) of ``batch``, no gradients."""
     model = trainer.model
     model.eval()
     with torch.no_grad():
-        q = model(batch["query_input_ids"], batch["query_attention_mask"])
-        d = model(batch["doc_input_ids"], batch["doc_attention_mask"])
-        got = trainer._loss(q, d, batch).loss
-        nce = [info_nce_loss(truncate_normalize(q, k), truncate_normalize(d, k), group_size=1 + N,
-                             doc_text_ids=batch["doc_text_ids"]).loss for k in (64, 16)]
-        kl = distill_kl_loss(q, d, batch["teacher_scores"], group_size=1 + N)
-    torch.testing.assert_close(got, nce[0] + nce[1] + 1.0 * kl)
+        return (model(batch["query_input_ids"], batch["query_attention_mask"]),
+                model(batch["doc_input_ids"], batch["doc_attention_mask"]))
+
+
+def _assert_grad_cache_agrees(trainer, batch):
+    """A GradCache step (mini-batches of 3) has the plain step's loss and gradients."""
     plain_loss, plain = _step(trainer, batch, None)
     cached_loss, cached = _step(trainer, batch, 3)
     assert cached_loss == pytest.approx(plain_loss, abs=1e-5)
     assert plain.keys() == cached.keys() and plain
     for name in plain:
         torch.testing.assert_close(cached[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_trainer_adds_the_distillation_term_and_grad_cache_agrees(tiny_qwen3, tmp_path, rows):
+    trainer = _trainer(tiny_qwen3, tmp_path, {"matryoshka_dims": [64, 16], "distill_weight": 1.0})
+    batch = trainer.data_collator(rows[:B])
+    assert batch["teacher_scores"].shape == (B, 1 + N)
+    q, d = _embed(trainer, batch)
+    with torch.no_grad():
+        got = trainer._loss(q, d, batch).loss
+        nce = [info_nce_loss(truncate_normalize(q, k), truncate_normalize(d, k), group_size=1 + N,
+                             doc_text_ids=batch["doc_text_ids"]).loss for k in (64, 16)]
+        kl = distill_kl_loss(q, d, batch["teacher_scores"], group_size=1 + N)
+    torch.testing.assert_close(got, nce[0] + nce[1] + 1.0 * kl)
+    _assert_grad_cache_agrees(trainer, batch)
     assert DEFAULT_DISTILL_WEIGHT == 0  # off by default: distillation did not beat the defaults on WikiQA dev
     mse = _trainer(tiny_qwen3, tmp_path, {"distill_weight": 3.0, "distill_loss": "mse"})
     with torch.no_grad():
@@ -249,21 +260,14 @@ def test_trainer_adds_the_distillation_term_and_grad_cache_agrees(tiny_qwen3, tm
 def test_trainer_adds_the_pair_rank_term_and_grad_cache_agrees(tiny_qwen3, tmp_path, rows):
     trainer = _trainer(tiny_qwen3, tmp_path, {"pair_rank_weight": 0.5, "pair_rank_scale": 10.0})
     batch = trainer.data_collator(rows[:B])
-    model = trainer.model
-    model.eval()
+    q, d = _embed(trainer, batch)
     with torch.no_grad():
-        q = model(batch["query_input_ids"], batch["query_attention_mask"])
-        d = model(batch["doc_input_ids"], batch["doc_attention_mask"])
         got = trainer._loss(q, d, batch).loss
         nce = info_nce_loss(q, d, group_size=1 + N, doc_text_ids=batch["doc_text_ids"])
         rank = pair_rank_loss(q, d, group_size=1 + N, scale=10.0, negative_mask=own_negative_mask(nce, 1 + N))
     assert float(rank) > 0
     torch.testing.assert_close(got, nce.loss + 0.5 * rank)
-    plain_loss, plain = _step(trainer, batch, None)
-    cached_loss, cached = _step(trainer, batch, 3)
-    assert cached_loss == pytest.approx(plain_loss, abs=1e-5)
-    for name in plain:
-        torch.testing.assert_close(cached[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_grad_cache_agrees(trainer, batch)
 
 
 def test_run_training_with_teacher_scores_and_matryoshka_writes_the_dims(tiny_qwen3, tmp_path, rows):

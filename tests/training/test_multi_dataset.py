@@ -7,6 +7,7 @@ exports every instruction as a named prompt that sentence-transformers applies l
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -263,9 +264,8 @@ def test_teacher_scores_in_some_datasets_only_are_refused(zh_sample_csv, tmp_pat
 def test_resumed_multi_dataset_run_equals_the_uninterrupted_one(tiny_qwen3, zh_sample_csv, tmp_path):
     """Killed after step 2 of a 9-step epoch (3 + 6 blocks) and resumed: the Trainer skips the epoch's first
     batches of the same seeded order, so the adapter equals the uninterrupted run's."""
-    from safetensors.torch import load_file
-
-    from hfemb.training.runner import run_training
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_trainer import assert_resume_equals_uninterrupted
 
     files = _mined_files(read_records(str(zh_sample_csv)).records[:24], tmp_path, 12)
 
@@ -281,15 +281,7 @@ def test_resumed_multi_dataset_run_equals_the_uninterrupted_one(tiny_qwen3, zh_s
                          "logging_steps": 1, "report_to": "none", "save_strategy": "steps", "save_steps": 2,
                          "save_total_limit": 3, "seed": 0, "dataloader_pin_memory": False, "disable_tqdm": True}})
 
-    run_training(cfg(tmp_path / "full", 4))
-    run_training(cfg(tmp_path / "cut", 2))
-    summary = run_training(cfg(tmp_path / "cut", 4), resume=True)
-    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 4
-    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert_resume_equals_uninterrupted(cfg, tmp_path)
 
 
 def test_run_with_two_datasets_exports_each_instruction_as_a_named_prompt(tiny_qwen3, zh_sample_csv, tmp_path):
@@ -440,6 +432,4 @@ def test_two_ddp_processes_draw_the_same_dataset_at_every_step(tiny_qwen3, tmp_p
 
 
 if __name__ == "__main__":  # run by torchrun from test_two_ddp_processes_draw_the_same_dataset_at_every_step
-    import sys
-
     _torchrun_dataloader_main(*sys.argv[1:3])

@@ -152,13 +152,19 @@ def test_run_training_outputs_and_eval_metrics(tiny_qwen3, mined_file, tmp_path)
 
 
 def test_resume_continues_from_saved_step(tiny_qwen3, mined_file, tmp_path):
-    from hfemb.training.runner import run_training
-
     def cfg(out, steps):
         # constant LR: a 2-step and a 4-step cosine schedule differ from the first step on
         return make_config(tiny_qwen3, mined_file, out, training={
             "max_steps": steps, "save_strategy": "steps", "save_steps": 2, "save_total_limit": 3,
             "lr_scheduler_type": "constant", "warmup_ratio": 0.0})
+
+    assert_resume_equals_uninterrupted(cfg, tmp_path)
+
+
+def assert_resume_equals_uninterrupted(cfg, tmp_path) -> None:
+    """``cfg(out, steps)`` run 4 steps straight, and 2 steps then resumed to 4 (checkpoints every 2 steps): the
+    resumed run starts from checkpoint-2 and its adapter equals the uninterrupted run's."""
+    from hfemb.training.runner import run_training
 
     run_training(cfg(tmp_path / "full", 4))
     run_training(cfg(tmp_path / "cut", 2))
