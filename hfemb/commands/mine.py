@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "false negatives; BM25, or the model's cosine with --scorer dense|hybrid, e.g. 0.95); "
                           "not applied when the positive scores <= 0")
     sel.add_argument("--seed", type=int, default=42, help="sampling seed (each query's generator: seed + index)")
+    sel.add_argument("--no-candidates", action="store_true",
+                     help="do not write each row's hard and easy pools (negative_candidates, from which training "
+                          "redraws the row's negatives every epoch after the first); smaller files")
 
     bm = parser.add_argument_group("BM25")
     bm.add_argument("--idf", choices=("okapi", "lucene"), default="okapi",
@@ -121,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         max_relative_score=args.max_relative_score, seed=args.seed, num_shards=args.num_shards,
         shard_index=args.shard_index, cache_dir=args.cache_dir, workers=args.workers, use_cache=not args.no_cache,
         scorer=args.scorer, model=args.model, teacher=args.teacher, max_score_margin=args.max_score_margin,
-        instruction=args.instruction, embed_batch_size=args.embed_batch_size, device=args.device)
+        instruction=args.instruction, embed_batch_size=args.embed_batch_size, device=args.device,
+        candidates=not args.no_candidates)
     data = read_records(args.input, fmt=args.format, columns=columns, label_threshold=args.label_threshold,
                         on_error="skip" if args.skip_bad else "raise")
     if args.mode is None and any(r.candidates for r in data.records):

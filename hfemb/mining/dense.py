@@ -106,16 +106,23 @@ def check_scorer(scorer: str, model: str | None) -> None:
 
 def add_teacher_scores(rows: list[dict], teacher: str, enc: EncoderSettings) -> dict:
     """Write the teacher's cosine similarity of each row's query to its positive (``pos_scores``, a list of
-    one) and to each of its negatives (``neg_scores``), FlagEmbedding's names, in place. Returns timing info."""
+    one) and to each of its negatives (``neg_scores``), FlagEmbedding's names, in place; and to each of its
+    ``negative_candidates`` (``negative_candidate_scores``, same keys and order). Returns timing info."""
     if not rows:
         return {"texts": 0}
     queries = [r["query"] for r in rows]
-    docs = list(dict.fromkeys(t for r in rows for t in (r["positive"], *r["negative"])))
+    docs = list(dict.fromkeys(t for r in rows for t in (r["positive"], *r["negative"],
+                                                            *(x for pool in r.get("negative_candidates", {}).values()
+                                                              for x in pool))))
     q, d, info = embed(teacher, queries, docs, enc, name="teacher")
     d_pos = {t: i for i, t in enumerate(docs)}
+
+    def scores(i: int, texts: list[str]) -> list[float]:
+        return [round(float(s), 6) for s in d[[d_pos[t] for t in texts]] @ q[i]]  # [len(texts)]
+
     for i, row in enumerate(rows):
-        ids = [d_pos[row["positive"]]] + [d_pos[t] for t in row["negative"]]
-        sims = d[ids] @ q[i]  # [1 + N]
-        row["pos_scores"] = [round(float(sims[0]), 6)]
-        row["neg_scores"] = [round(float(s), 6) for s in sims[1:]]
+        row["pos_scores"] = scores(i, [row["positive"]])
+        row["neg_scores"] = scores(i, row["negative"])
+        if row.get("negative_candidates"):
+            row["negative_candidate_scores"] = {kind: scores(i, pool) for kind, pool in row["negative_candidates"].items()}
     return info

@@ -82,6 +82,8 @@ class MiningConfig:
     embed_batch_size: int = 32
     device: str | None = None
     embedding_cache_dir: str | None = None  # None: evaluation's cache ($HFEMB_CACHE/embeddings)
+    candidates: bool = True  # write each row's hard and easy pools ("negative_candidates"; training redraws
+    # that row's negatives from them every epoch after the first)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -132,6 +134,8 @@ class Selection:
     kinds: list[str] = field(default_factory=list)  # "hard" | "easy" | "random", one per id
     score_filtered: int = 0  # candidates dropped by max_score (beyond the skipped ranks)
     drop_reason: str | None = None  # one of DROP_REASONS when the row cannot be filled
+    pools: dict = field(default_factory=dict)  # "hard" / "easy" -> the whole pool drawn from (elements of the
+    # ranked list, rank order), for each kind drawn from a pool larger than its draw: training redraws from it
 
 
 _NOT_ALNUM = re.compile(r"[\W_]+")  # \w is str.isalnum() plus "_"
@@ -172,6 +176,8 @@ def select_negatives(ranked_ids: Sequence, ranked_scores: Sequence[float], rng: 
         selection.drop_reason = "too_few_negatives" if short_anyway else "max_relative_score"
         return selection
     for kind, pool, k in (("hard", hard, n_hard), ("easy", easy, n_easy), ("random", middle, n_random)):
+        if k and kind != "random" and len(pool) > k:
+            selection.pools[kind] = [ranked_ids[pos] for pos in pool]
         picked = np.sort(rng.choice(len(pool), size=k, replace=False)) if k else []
         for pos in (np.asarray(pool)[picked] if k else ()):
             selection.ids.append(ranked_ids[pos])
@@ -356,7 +362,8 @@ def mine(records: list[Record], config: MiningConfig, corpus: list[str] | None =
                 kinds.update(sel.kinds)
                 rows.append({"query": record.query, "positive": positive,
                              "negative": [doc_texts[i] for i in sel.ids],
-                             "mining": {"kinds": sel.kinds, "bm25": sel.scores, "positive_bm25": pos_score}})
+                             "mining": {"kinds": sel.kinds, "bm25": sel.scores, "positive_bm25": pos_score},
+                             **candidate_pools(sel, doc_texts, config)})
         selection_seconds += time.perf_counter() - t0
 
     teacher_info = add_teacher_scores(rows, config.teacher, encoder_settings) if config.teacher else None
@@ -426,8 +433,16 @@ def _select_model_aware(record: Record, positives: list[str], ids: np.ndarray, b
         if config.scorer == "hybrid":
             mining["rrf"] = [round(float(ranking[k]), 6) for k in chosen]
         rows.append({"query": record.query, "positive": positive, "negative": [doc_texts[i] for i in sel.ids],
-                     "mining": mining})
+                     "mining": mining, **candidate_pools(sel, doc_texts, config)})
     return filtered
+
+
+def candidate_pools(sel: Selection, doc_texts: list[str], config: MiningConfig) -> dict:
+    """``{"negative_candidates": {kind: [text, ...]}}`` for the row of ``sel`` (its hard and easy pools, each
+    holding the negatives drawn from it), or ``{}`` when candidates are off or no pool is larger than its draw."""
+    if not config.candidates or not sel.pools:
+        return {}
+    return {"negative_candidates": {kind: [doc_texts[i] for i in ids] for kind, ids in sel.pools.items()}}
 
 
 class _Normalizer(dict):

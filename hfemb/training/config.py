@@ -75,6 +75,9 @@ class DataConfig:
     passage_max_len: int = 512
     num_negatives: int = 3
     mine: bool | None = None  # None: mine when rows lack num_negatives negatives; needs no `mining` section
+    # every epoch after the first draws each row's negatives afresh from its mined pools (negative_candidates)
+    # or, for a longer negative list, from all of it (hfemb.training.redraw); false: the same negatives each epoch
+    redraw_negatives: bool = True
     # no_duplicate_queries: no two rows of one query in a step's batch, across processes too
     # (hfemb.training.sampling); random: the Trainer's shuffling. training.group_by_length takes precedence.
     batch_sampler: BatchSampler = "no_duplicate_queries"

@@ -44,6 +44,7 @@ from hfemb.training.merging import merge_adapter
 from hfemb.training.outputs import write_model_cards
 from hfemb.training.resume import (RunLossCallback, checkpoint_step, previous_loss_sum, remove_save_leftovers,
                                    resolve_resume, truncate_train_log, whole_run_loss)
+from hfemb.training.redraw import REDRAW_KEY, RedrawnRows, mined_pools_spec, resample_spec
 from hfemb.training.teacher_scores import row_teacher_scores
 from hfemb.training.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
 
@@ -55,7 +56,9 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> t
     """Training rows ``{"query","positive","negatives","query_positives"}``, one per (query, positive)
     (``query_positives``: every positive of the query, shared by its rows; none counts as its negative).
     A record with exactly ``num_negatives`` negatives (a mined file) keeps them in order; one with more gets a
-    seeded sample (as FlagEmbedding samples its ``neg`` lists); rows short of negatives are dropped and counted."""
+    seeded sample (as FlagEmbedding samples its ``neg`` lists); rows short of negatives are dropped and counted.
+    A row that can draw other negatives in later epochs (mined pools, or a longer list) carries its
+    `hfemb.training.redraw` spec under ``REDRAW_KEY``."""
     rows, short = [], 0
     known: dict[str, list[str]] = {}  # query -> all its positives (records of one query may repeat it)
     for rec in records:
@@ -74,6 +77,10 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> t
             teacher = row_teacher_scores(rec.extra, rec.source, j, picked, len(rec.positives), len(negs))
             if teacher is not None:
                 row["teacher_scores"] = teacher  # [1 + N] (hfemb mine --teacher, or FlagEmbedding's pos/neg_scores)
+            spec = mined_pools_spec(rec.extra, rec.source, negs, teacher is not None) if len(negs) == num_negatives \
+                else resample_spec(negs, num_negatives, rec.extra.get("neg_scores") if teacher is not None else None)
+            if spec is not None and num_negatives:
+                row[REDRAW_KEY] = spec
             rows.append(row)
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
 
@@ -479,8 +486,13 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     k_average = averaging_k(cfg.training)
     averaging = CheckpointAveragingCallback(k_average, out, resume_from) if k_average else None
     lengths = [len(r["query"]) + len(r["positive"]) + sum(map(len, r["negatives"])) for r in rows]
+    redraw = sum(REDRAW_KEY in r for r in rows) if cfg.data.redraw_negatives else 0
+    data_report["redraw_negatives"] = {"rows": redraw, "of": len(rows)}
+    if redraw and args.dataloader_num_workers and args.dataloader_persistent_workers:
+        raise ConfigError("data.redraw_negatives: persistent dataloader workers keep the first epoch's copy of the "
+                          "rows; set training.dataloader_persistent_workers=false or data.redraw_negatives=false")
     trainer = MultiNegEmbeddingTrainer(
-        model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or ([] if evaluators else None),
+        model=model, args=args, train_dataset=RedrawnRows(rows, args.data_seed or args.seed) if redraw else rows, eval_dataset=eval_rows or ([] if evaluators else None),
         data_collator=collator, loss_config=cfg.loss, train_lengths=lengths,
         callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from), loss_callback,
                    *([averaging] if averaging else [])],

@@ -44,6 +44,7 @@ from hfemb.training.distributed import gather_rows, with_gathered_weights, world
 from hfemb.training.evaluator import run_evaluators
 from hfemb.training.grad_cache import grad_cache_step
 from hfemb.training.loss import LossOutput, info_nce_loss, own_negative_mask
+from hfemb.training.redraw import RedrawnRows
 from hfemb.training.sampling import NoDuplicateQuerySampler, SameDatasetSampler
 
 # Columns of the per-query statistics returned by `prediction_step` (aggregated by `aggregate_eval_stats`).
@@ -281,7 +282,8 @@ class MultiNegEmbeddingTrainer(Trainer):
                 lengths=self.train_lengths,
                 generator=torch.Generator().manual_seed(self.args.data_seed or self.args.seed),
             )
-        if self.no_duplicate_queries and isinstance(dataset, (list, tuple)) and dataset and "query" in dataset[0]:
+        if self.no_duplicate_queries and isinstance(dataset, (list, tuple, RedrawnRows)) and len(dataset) \
+                and "query" in dataset[0]:
             return NoDuplicateQuerySampler([row["query"] for row in dataset],
                                            block_size=self.args.per_device_train_batch_size * self.args.world_size,
                                            seed=self.args.data_seed or self.args.seed)

@@ -118,6 +118,11 @@ def test_positive_aware_filter_and_teacher_scores(capsys, tmp_path, minilm, st_m
         assert max(row["mining"]["dense"]) <= 0.6 * row["mining"]["positive_dense"] + 1e-6
         assert row["pos_scores"] == pytest.approx([_cos(st_model, row["query"], row["positive"])], abs=1e-5)
         assert row["neg_scores"] == pytest.approx([_cos(st_model, row["query"], n) for n in row["negative"]], abs=1e-5)
+        pools = row["negative_candidates"]  # the pools training redraws from carry the teacher's scores too
+        assert set(pools) == set(row["negative_candidate_scores"]) and pools
+        for kind, texts in pools.items():
+            assert row["negative_candidate_scores"][kind] == pytest.approx(
+                [_cos(st_model, row["query"], t) for t in texts], abs=1e-5)
     assert report["teacher"]["texts"] > 0
 
 

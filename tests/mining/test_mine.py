@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -299,3 +300,31 @@ def test_real_short_qa_near_duplicate_answers_are_excluded(shared_data):
     for row in result.rows:
         assert normalize_text(row["positive"]) not in {normalize_text(n) for n in row["negative"]}
         assert len(set(row["negative"])) == 3
+
+
+def test_rows_carry_their_hard_and_easy_pools_ranked_by_rank_bm25():
+    records = [_pool("blood pressure diet", ["eat less salt"],
+                     ["blood pressure pills daily", "salt diet for blood pressure", "blood tests", "weather today",
+                      "football scores", "eat fruit", "pressure cooker"]),
+               _pool("diabetes diet", ["eat less sugar"], ["diabetes pills", "sugar free diet", "music"])]
+    cfg = MiningConfig(mode="pool", tokenizer="regex", num_negatives=3, num_hard=1, hard_top_k=3,
+                       easy_bottom_k=3, use_cache=False)
+    rows = mine(records, cfg).rows
+    docs = list(dict.fromkeys(t for r in records for t in (*r.positives, *r.negatives)))
+    ref = BM25Okapi(tokenize(docs, "regex", use_cache=False))
+    big = rows[0]
+    scores = dict(zip(docs, ref.get_scores(tokenize([records[0].query], "regex", use_cache=False)[0])))
+    pools = big["negative_candidates"]
+    assert set(pools) == {"hard", "easy"} and len(pools["hard"]) == 3 and len(pools["easy"]) == 3
+    assert not set(pools["hard"]) & set(pools["easy"]) and "eat less salt" not in pools["hard"] + pools["easy"]
+    # the hard pool is a top 3 by rank-bm25, the easy pool a bottom 3 of the rest (ties may go either way)
+    rest = [d for d in records[0].negatives if d not in pools["hard"]]
+    middle = [d for d in rest if d not in pools["easy"]]
+    assert min(scores[d] for d in pools["hard"]) >= max(scores[d] for d in rest)
+    assert max(scores[d] for d in pools["easy"]) <= min(scores[d] for d in middle) and len(middle) == 1
+    for neg, kind in zip(big["negative"], big["mining"]["kinds"]):
+        assert neg in pools[kind]
+    # 3 negatives in a pool of 3: every one is drawn, nothing to redraw, no pools written
+    assert "negative_candidates" not in rows[1]
+    off = mine(records, dataclasses.replace(cfg, candidates=False)).rows
+    assert "negative_candidates" not in off[0] and off[0]["negative"] == big["negative"]

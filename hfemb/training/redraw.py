@@ -1,0 +1,114 @@
+"""Per-epoch redraw of each training row's negatives from its candidate pools (``data.redraw_negatives``).
+
+A mined row keeps ``num_negatives`` negatives, but `hfemb mine` also writes the pools they were drawn from
+(``negative_candidates``: the hard pool and the easy pool). Epoch 0 trains on the mined negatives, exactly as
+written; every later epoch draws each row's hard and easy negatives afresh from those pools, with the same
+counts in the same positions (seeded by ``(seed, epoch, row)``, so a run and its resume repeat). A row with
+more negatives than ``num_negatives`` (FlagEmbedding's ``neg`` lists) is resampled from all of them each epoch,
+as FlagEmbedding resamples its lists. Teacher scores follow the drawn texts (``negative_candidate_scores`` /
+``neg_scores``); a row whose pools lack them keeps its mined negatives.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+
+from hfemb.errors import DataError
+
+REDRAW_KEY = "redraw"  # a training row's {"slots": [[position, ...], ...], "pools": [[text, ...], ...],
+# "scores": [[float, ...], ...] | None}: group g fills the negatives at slots[g] from pools[g]
+
+
+def _numbers(values, n: int) -> bool:
+    return isinstance(values, list) and len(values) == n and \
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def mined_pools_spec(extra: dict, source: str | None, negatives: list[str], with_teacher: bool) -> dict | None:
+    """The redraw spec of a mined row (``extra``: its other fields) that keeps all of its ``negatives``, from
+    ``negative_candidates`` and ``mining.kinds``; None when it has no pools (or, ``with_teacher``, no teacher
+    scores of them). A pool must hold the row's negatives of its kind."""
+    pools = extra.get("negative_candidates")
+    if not pools:
+        return None
+    kinds = (extra.get("mining") or {}).get("kinds")
+    if not isinstance(pools, dict) or not all(isinstance(p, list) and all(isinstance(t, str) for t in p)
+                                              for p in pools.values()):
+        raise DataError("expected {kind: [text, ...]} (hfemb mine's hard and easy pools)", source,
+                        field="negative_candidates")
+    if not isinstance(kinds, list) or len(kinds) != len(negatives):
+        raise DataError(f"negative_candidates needs mining.kinds with one kind per negative ({len(negatives)}), "
+                        f"got {kinds!r}"[:200], source, field="mining.kinds")
+    scores = extra.get("negative_candidate_scores") if with_teacher else None
+    if with_teacher and scores is None:
+        return None  # teacher scores of the mined negatives only: keep them
+    spec = {"slots": [], "pools": [], "scores": [] if with_teacher else None}
+    for kind, pool in pools.items():
+        slots = [i for i, k in enumerate(kinds) if k == kind]
+        if not slots or not set(negatives[i] for i in slots) <= set(pool) or len(set(pool)) < len(slots):
+            raise DataError(f"the {kind!r} pool ({len(pool)} texts) does not hold the row's {len(slots)} {kind} "
+                            "negatives", source, field="negative_candidates")
+        if with_teacher:
+            kind_scores = scores.get(kind) if isinstance(scores, dict) else None
+            if not _numbers(kind_scores, len(pool)):
+                raise DataError(f"expected {len(pool)} numbers for the {kind!r} pool, got {kind_scores!r}"[:200],
+                                source, field="negative_candidate_scores")
+            spec["scores"].append([float(s) for s in kind_scores])
+        spec["slots"].append(slots)
+        spec["pools"].append(pool)
+    return spec
+
+
+def resample_spec(negatives: Sequence[str], num_negatives: int, neg_scores: list[float] | None) -> dict:
+    """The redraw spec of a row sampling ``num_negatives`` of a record's longer ``negatives`` list (all slots,
+    one pool: the whole list; ``neg_scores``: the teacher's, one per negative)."""
+    return {"slots": [list(range(num_negatives))], "pools": [list(negatives)],
+            "scores": None if neg_scores is None else [[float(s) for s in neg_scores]]}
+
+
+def redrawn(row: dict, seed: int, epoch: int, index: int) -> dict:
+    """``row`` with its negatives (and teacher scores) redrawn for ``epoch`` >= 1; the row itself at epoch 0
+    or without a spec. Each group draws len(slots) distinct texts of its pool, kept in pool order."""
+    spec = row.get(REDRAW_KEY)
+    if not epoch or spec is None:
+        return row
+    rng = random.Random(f"{seed}/{epoch}/{index}")
+    negatives = list(row["negatives"])
+    teacher = list(row["teacher_scores"]) if "teacher_scores" in row else None
+    for g, (slots, pool) in enumerate(zip(spec["slots"], spec["pools"])):
+        first: dict[str, int] = {}
+        for k, text in enumerate(pool):
+            first.setdefault(text, k)
+        choices = list(first.values()) if len(first) >= len(slots) else range(len(pool))  # distinct texts if possible
+        for slot, k in zip(slots, sorted(rng.sample(choices, len(slots)))):
+            negatives[slot] = pool[k]
+            if teacher is not None and spec["scores"] is not None:
+                teacher[1 + slot] = spec["scores"][g][k]
+    out = {**row, "negatives": negatives}
+    if teacher is not None:
+        out["teacher_scores"] = teacher
+    return out
+
+
+class RedrawnRows(torch.utils.data.Dataset):
+    """The training rows as the Trainer's dataset: ``rows[i]`` redrawn for the current epoch (``set_epoch``,
+    which accelerate's DataLoaderShard forwards from the Trainer). Iterating yields the rows as stored (their
+    query and dataset, which samplers read, are the same in every epoch)."""
+
+    def __init__(self, rows: list[dict], seed: int):
+        self.rows, self.seed, self.epoch = rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return redrawn(self.rows[index], self.seed, self.epoch, index)
+
+    def __iter__(self):
+        return iter(self.rows)

@@ -1,0 +1,164 @@
+"""Per-epoch redraw of negatives (``data.redraw_negatives``): epoch 0 trains on the mined negatives, later
+epochs on fresh draws from each row's pools (kinds, teacher scores and resume kept); errors name file and line."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from hfemb.data.formats import read_records
+from hfemb.errors import ConfigError, DataError
+from hfemb.training.redraw import REDRAW_KEY, RedrawnRows, redrawn
+from hfemb.training.runner import rows_from_records
+
+from tests.training.test_trainer import assert_resume_equals_uninterrupted, make_config
+
+
+def _row(i: int, answers: list[str], teacher: bool = False) -> dict:
+    """Row i of a mined file: 1 hard (pool of 4) + 1 easy (pool of 3) negative, answers of other rows."""
+    hard_pool = [answers[(i + k) % len(answers)] for k in (1, 2, 3, 4)]
+    easy_pool = [answers[(i + k) % len(answers)] for k in (9, 10, 11)]
+    row = {"query": f"q{i} {answers[i][:20]}", "positive": answers[i], "negative": [hard_pool[1], easy_pool[2]],
+           "mining": {"kinds": ["hard", "easy"]}, "negative_candidates": {"hard": hard_pool, "easy": easy_pool}}
+    if teacher:  # a made-up teacher: score = position-coded, so a text's score is easy to look up
+        score = {t: round(0.01 * (k + 1), 6) for k, t in enumerate(answers)}
+        row.update(pos_scores=[0.9], neg_scores=[score[t] for t in row["negative"]],
+                   negative_candidate_scores={kind: [score[t] for t in pool]
+                                              for kind, pool in row["negative_candidates"].items()})
+    return row
+
+
+@pytest.fixture(scope="module")
+def answers(zh_sample_csv):
+    return [r.positives[0] for r in read_records(str(zh_sample_csv)).records[:24]]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_epoch_zero_is_the_mined_row_later_epochs_redraw_within_each_kind(answers, tmp_path):
+    file_rows = [_row(i, answers, teacher=True) for i in range(24)]
+    rows, _ = rows_from_records(read_records(_write(tmp_path / "m.jsonl", file_rows)).records, 2, seed=0)
+    data = RedrawnRows(rows, seed=5)
+    score = {t: 0.01 * (k + 1) for k, t in enumerate(answers)}
+    assert [data[i] for i in range(24)] == rows  # epoch 0: exactly the mined negatives
+    seen = Counter()
+    for epoch in (1, 2, 3):
+        data.set_epoch(epoch)
+        for i, (row, mined) in enumerate(zip(data, file_rows)):  # iteration yields the stored rows
+            drawn = data[i]
+            assert drawn == redrawn(row, 5, epoch, i)  # deterministic in (seed, epoch, row)
+            hard, easy = drawn["negatives"]
+            assert hard in mined["negative_candidates"]["hard"] and easy in mined["negative_candidates"]["easy"]
+            assert drawn["teacher_scores"] == pytest.approx([0.9, score[hard], score[easy]])
+            assert drawn["query"] == row["query"] and drawn["positive"] == row["positive"]
+            seen[i] += drawn["negatives"] != row["negatives"]
+    assert sum(seen.values()) > 24  # most rows train on other negatives in later epochs
+    data.set_epoch(0)
+    assert data[3] == rows[3]
+
+
+def test_longer_negative_lists_are_resampled_each_epoch(answers, tmp_path):
+    """FlagEmbedding's neg lists (6 here, 2 used): a seeded sample in epoch 0, as before, fresh ones later."""
+    file_rows = [{"query": f"q{i}", "pos": [answers[i]], "neg": [answers[(i + k) % 24] for k in range(1, 7)],
+                  "pos_scores": [0.5], "neg_scores": [0.1 * k for k in range(1, 7)]} for i in range(24)]
+    rows, _ = rows_from_records(read_records(_write(tmp_path / "f.jsonl", file_rows)).records, 2, seed=0)
+    assert all(REDRAW_KEY in r for r in rows)
+    draws = {tuple(redrawn(rows[0], 0, e, 0)["negatives"]) for e in range(1, 12)}
+    assert len(draws) > 3
+    for e in range(1, 5):
+        row = redrawn(rows[7], 0, e, 7)
+        negs = file_rows[7]["neg"]
+        assert len(set(row["negatives"])) == 2 and set(row["negatives"]) <= set(negs)
+        assert row["teacher_scores"][1:] == pytest.approx([0.1 * (negs.index(t) + 1) for t in row["negatives"]])
+
+
+def test_rows_without_pools_or_with_unscored_pools_keep_their_negatives(answers, tmp_path):
+    plain = [{k: v for k, v in _row(i, answers).items() if k != "negative_candidates"} for i in range(24)]
+    rows, _ = rows_from_records(read_records(_write(tmp_path / "p.jsonl", plain)).records, 2, seed=0)
+    assert not any(REDRAW_KEY in r for r in rows)
+    teacher = [_row(i, answers, teacher=True) for i in range(24)]
+    for r in teacher:
+        del r["negative_candidate_scores"]  # teacher scores of the mined negatives only
+    rows, _ = rows_from_records(read_records(_write(tmp_path / "t.jsonl", teacher)).records, 2, seed=0)
+    assert not any(REDRAW_KEY in r for r in rows)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda r: r["negative_candidates"]["hard"].remove(r["negative"][0]), "negative_candidates"),
+    (lambda r: r["mining"].update(kinds=["hard"]), "mining.kinds"),
+    (lambda r: r.update(negative_candidates={"hard": "not a list"}), "negative_candidates"),
+])
+def test_inconsistent_pools_name_file_line_and_field(answers, tmp_path, change, field):
+    file_rows = [_row(i, answers) for i in range(5)]
+    change(file_rows[3])
+    path = _write(tmp_path / "bad.jsonl", file_rows)
+    with pytest.raises(DataError) as err:
+        rows_from_records(read_records(path).records, 2, seed=0)
+    assert f"{path}:4" in str(err.value) and field in str(err.value)
+
+
+def _train_negatives(tiny_qwen3, train_file, out, **data):
+    """(query, negatives) the collator received, per epoch, in a 2-epoch run (batch 8: 3 steps per epoch)."""
+    from hfemb.training import collator as collator_module
+    from hfemb.training.runner import run_training
+
+    seen: list[tuple[str, list[str]]] = []
+    original = collator_module.MultiNegCollator.__call__
+
+    def spy(self, features):
+        if self.num_negatives == 2 and features and "positive" in features[0]:
+            seen.extend((f["query"], f["negatives"]) for f in features)
+        return original(self, features)
+
+    collator_module.MultiNegCollator.__call__ = spy
+    try:
+        cfg = make_config(tiny_qwen3, train_file, out, data={"num_negatives": 2, **data},
+                          training={"num_train_epochs": 2, "per_device_train_batch_size": 8})
+        summary = run_training(cfg)
+    finally:
+        collator_module.MultiNegCollator.__call__ = original
+    return seen[:24], seen[24:48], summary
+
+
+def test_training_redraws_after_the_first_epoch_and_off_switch(tiny_qwen3, answers, tmp_path):
+    file_rows = [_row(i, answers) for i in range(24)]
+    train_file = _write(tmp_path / "mined.jsonl", file_rows)
+    first, second, _ = _train_negatives(tiny_qwen3, train_file, tmp_path / "on")
+    by_query = {r["query"]: r for r in file_rows}
+    assert sorted(q for q, _ in first) == sorted(by_query) == sorted(q for q, _ in second)  # every row once
+    assert all(n == by_query[q]["negative"] for q, n in first)  # epoch 0: the mined negatives
+    for q, (hard, easy) in second:  # epoch 1: a hard one from the row's hard pool, an easy one from its easy pool
+        assert hard in by_query[q]["negative_candidates"]["hard"] and easy in by_query[q]["negative_candidates"]["easy"]
+    assert sum(n != by_query[q]["negative"] for q, n in second) > 12
+    report = json.loads((tmp_path / "on" / "train_summary.json").read_text())["data"]["redraw_negatives"]
+    assert report == {"rows": 24, "of": 24}
+    card = (tmp_path / "on" / "merged" / "README.md").read_text()
+    assert "| negatives | redrawn every epoch after the first from the mined pools (24 of 24 rows) |" in card
+    first, second, _ = _train_negatives(tiny_qwen3, train_file, tmp_path / "off", redraw_negatives=False)
+    assert all(n == by_query[q]["negative"] for q, n in first + second)
+
+
+def test_resume_across_an_epoch_boundary_equals_uninterrupted(tiny_qwen3, answers, tmp_path):
+    train_file = _write(tmp_path / "mined.jsonl", [_row(i, answers) for i in range(16)])
+
+    def cfg(out, steps):  # 16 rows, batch 8: epoch 1 (redrawn) is steps 3-4
+        return make_config(tiny_qwen3, train_file, out, data={"num_negatives": 2}, training={
+            "max_steps": steps, "per_device_train_batch_size": 8, "save_strategy": "steps", "save_steps": 2,
+            "save_total_limit": 3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0})
+
+    assert_resume_equals_uninterrupted(cfg, tmp_path)
+
+
+def test_persistent_workers_are_refused_with_redraw(tiny_qwen3, answers, tmp_path):
+    from hfemb.training.runner import run_training
+
+    train_file = _write(tmp_path / "mined.jsonl", [_row(i, answers) for i in range(8)])
+    cfg = make_config(tiny_qwen3, train_file, tmp_path / "o", data={"num_negatives": 2}, training={
+        "dataloader_num_workers": 1, "dataloader_persistent_workers": True})
+    with pytest.raises(ConfigError, match="persistent"):
+        run_training(cfg)
