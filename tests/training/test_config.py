@@ -124,7 +124,7 @@ def test_qlora_on_cpu_stops_at_start(tmp_path):
 
 
 def test_eval_file_override_with_eval_ratio_null_or_zero(tmp_path):
-    """configs/lora.json sets eval_ratio; a held-out file on the command line needs it switched off."""
+    """A config with eval_ratio (e.g. configs/multi_dataset.json): a held-out file on the command line needs it switched off."""
     raw = {k: dict(v) for k, v in BASE.items()}
     raw["data"] = {**raw.get("data", {}), "eval_ratio": 0.1}
     path = write(tmp_path, raw)
