@@ -27,14 +27,18 @@ def _numbers(values, n: int) -> bool:
         all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def mined_pools_spec(extra: dict, source: str | None, negatives: list[str], with_teacher: bool) -> dict | None:
+def mined_pools_spec(extra: dict, source: str | None, negatives: list[str], with_teacher: bool,
+                     positives: Sequence[str] = (), texts: dict[str, str] | None = None) -> dict | None:
     """The redraw spec of a mined row (``extra``: its other fields) that keeps all of its ``negatives``, from
     ``negative_candidates`` and ``mining.kinds``; None when it has no pools (or, ``with_teacher``, no teacher
-    scores of them). A pool must hold the row's negatives of its kind."""
+    scores of them). A pool must hold the row's negatives of its kind. Known ``positives`` of the query are
+    left out of the pools (unless the mined row already has them as negatives); ``texts``: one shared string
+    object per distinct text (the pools repeat texts across rows)."""
     pools = extra.get("negative_candidates")
     if not pools:
         return None
-    kinds = (extra.get("mining") or {}).get("kinds")
+    mining = extra.get("mining")
+    kinds = mining.get("kinds") if isinstance(mining, dict) else None
     if not isinstance(pools, dict) or not all(isinstance(p, list) and all(isinstance(t, str) for t in p)
                                               for p in pools.values()):
         raise DataError("expected {kind: [text, ...]} (hfemb mine's hard and easy pools)", source,
@@ -46,6 +50,7 @@ def mined_pools_spec(extra: dict, source: str | None, negatives: list[str], with
     if with_teacher and scores is None:
         return None  # teacher scores of the mined negatives only: keep them
     spec = {"slots": [], "pools": [], "scores": [] if with_teacher else None}
+    known = set(positives)
     for kind, pool in pools.items():
         slots = [i for i, k in enumerate(kinds) if k == kind]
         if not slots or not set(negatives[i] for i in slots) <= set(pool) or len(set(pool)) < len(slots):
@@ -57,8 +62,11 @@ def mined_pools_spec(extra: dict, source: str | None, negatives: list[str], with
                 raise DataError(f"expected {len(pool)} numbers for the {kind!r} pool, got {kind_scores!r}"[:200],
                                 source, field="negative_candidate_scores")
             spec["scores"].append([float(s) for s in kind_scores])
+        keep = [k for k, t in enumerate(pool) if t not in known or t in negatives]
+        if with_teacher:
+            spec["scores"][-1] = [spec["scores"][-1][k] for k in keep]
         spec["slots"].append(slots)
-        spec["pools"].append(pool)
+        spec["pools"].append([pool[k] if texts is None else texts.setdefault(pool[k], pool[k]) for k in keep])
     return spec
 
 

@@ -52,14 +52,15 @@ log = logging.getLogger("hfemb.training.runner")
 
 
 # ---- data ------------------------------------------------------------------------------------
-def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> tuple[list[dict], dict]:
+def rows_from_records(records: list[Record], num_negatives: int, seed: int, redraw: bool = True
+                      ) -> tuple[list[dict], dict]:
     """Training rows ``{"query","positive","negatives","query_positives"}``, one per (query, positive)
     (``query_positives``: every positive of the query, shared by its rows; none counts as its negative).
     A record with exactly ``num_negatives`` negatives (a mined file) keeps them in order; one with more gets a
     seeded sample (as FlagEmbedding samples its ``neg`` lists); rows short of negatives are dropped and counted.
     A row that can draw other negatives in later epochs (mined pools, or a longer list) carries its
-    `hfemb.training.redraw` spec under ``REDRAW_KEY``."""
-    rows, short = [], 0
+    `hfemb.training.redraw` spec under ``REDRAW_KEY`` (``redraw=False``: none, pools unread)."""
+    rows, short, texts = [], 0, {}
     known: dict[str, list[str]] = {}  # query -> all its positives (records of one query may repeat it)
     for rec in records:
         known.setdefault(rec.query, [])
@@ -77,10 +78,12 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int) -> t
             teacher = row_teacher_scores(rec.extra, rec.source, j, picked, len(rec.positives), len(negs))
             if teacher is not None:
                 row["teacher_scores"] = teacher  # [1 + N] (hfemb mine --teacher, or FlagEmbedding's pos/neg_scores)
-            spec = mined_pools_spec(rec.extra, rec.source, negs, teacher is not None) if len(negs) == num_negatives \
-                else resample_spec(negs, num_negatives, rec.extra.get("neg_scores") if teacher is not None else None)
-            if spec is not None and num_negatives:
-                row[REDRAW_KEY] = spec
+            if redraw and num_negatives:
+                spec = mined_pools_spec(rec.extra, rec.source, negs, teacher is not None, known[rec.query], texts) \
+                    if len(negs) == num_negatives else \
+                    resample_spec(negs, num_negatives, rec.extra.get("neg_scores") if teacher is not None else None)
+                if spec is not None:
+                    row[REDRAW_KEY] = spec
             rows.append(row)
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
 
@@ -159,7 +162,8 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
     mine_it = d.mine if d.mine is not None else needs_mining(records, d.num_negatives, result.format)
     if mine_it:
         records, part["mining"] = mine_cached(records, path, cfg.mining or {}, d.num_negatives, cache_dir)
-    rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)))
+    rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
+                                     redraw=d.redraw_negatives and name != "eval")
     part.update(counts)
     report[name] = part
     if not rows:
@@ -452,6 +456,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
                            if cfg.data.eval_ratio else ([], rows))
         data_report["train"]["rows_after_eval_split"] = len(rows)
         data_report["eval"] = {"from": "eval_ratio", "ratio": cfg.data.eval_ratio, "rows": len(eval_rows)}
+    eval_rows = [{k: v for k, v in r.items() if k != REDRAW_KEY} for r in eval_rows]  # (a hold-out: fixed)
     evaluators = build_evaluators(cfg, eval_rows)  # read before loading the model: bad eval data stops at once
     data_report["evaluators"] = [ev.describe() for ev in evaluators]
     check_best_metric(cfg, evaluators, with_loss=bool(eval_rows))

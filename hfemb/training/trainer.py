@@ -270,6 +270,19 @@ class MultiNegEmbeddingTrainer(Trainer):
 
     # ---- sampling -----------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
+        self.epoch_sampler = self._build_train_sampler(train_dataset)
+        return self.epoch_sampler
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        """Give the epoch to the rows (`RedrawnRows`: negatives redrawn per epoch) and to hfemb's sampler before
+        the epoch's batches are drawn: accelerate's ``DataLoaderShard.set_epoch`` reaches neither the dataset
+        under DDP (``BatchSamplerShard``) nor anything after ``skip_first_batches`` (a resumed epoch)."""
+        for target in (self.train_dataset, getattr(self, "epoch_sampler", None)):
+            if hasattr(target, "set_epoch"):
+                target.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
+
+    def _build_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.dataset_weights is not None:  # several datasets: one dataset per step, on every process
             return SameDatasetSampler([row["dataset"] for row in dataset], weights=self.dataset_weights,

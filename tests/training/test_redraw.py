@@ -4,9 +4,16 @@ epochs on fresh draws from each row's pools (kinds, teacher scores and resume ke
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from hfemb.data.formats import read_records
 from hfemb.errors import ConfigError, DataError
@@ -92,6 +99,7 @@ def test_rows_without_pools_or_with_unscored_pools_keep_their_negatives(answers,
     (lambda r: r["negative_candidates"]["hard"].remove(r["negative"][0]), "negative_candidates"),
     (lambda r: r["mining"].update(kinds=["hard"]), "mining.kinds"),
     (lambda r: r.update(negative_candidates={"hard": "not a list"}), "negative_candidates"),
+    (lambda r: r.update(mining="not an object"), "mining.kinds"),
 ])
 def test_inconsistent_pools_name_file_line_and_field(answers, tmp_path, change, field):
     file_rows = [_row(i, answers) for i in range(5)]
@@ -100,6 +108,21 @@ def test_inconsistent_pools_name_file_line_and_field(answers, tmp_path, change, 
     with pytest.raises(DataError) as err:
         rows_from_records(read_records(path).records, 2, seed=0)
     assert f"{path}:4" in str(err.value) and field in str(err.value)
+
+
+def test_off_switch_reads_no_pools_and_known_positives_leave_the_pools(answers, tmp_path):
+    file_rows = [_row(i, answers) for i in range(5)]
+    file_rows[3]["negative_candidates"]["hard"] = ["not the mined negative"]
+    records = read_records(_write(tmp_path / "bad.jsonl", file_rows)).records
+    rows, _ = rows_from_records(records, 2, seed=0, redraw=False)
+    assert len(rows) == 5 and not any(REDRAW_KEY in r for r in rows)
+    # two rows of one query: each one's positive is in the other's hard pool, and must not be drawn as a negative
+    a, b = _row(0, answers), _row(0, answers)
+    b["positive"] = a["negative_candidates"]["hard"][3]
+    a["negative_candidates"]["hard"].append(b["positive"] + " ")  # (a different text: stays)
+    rows, _ = rows_from_records(read_records(_write(tmp_path / "two.jsonl", [a, b])).records, 2, seed=0)
+    pool = rows[0][REDRAW_KEY]["pools"][0]
+    assert b["positive"] not in pool and b["positive"] + " " in pool and len(pool) == 4
 
 
 def _train_negatives(tiny_qwen3, train_file, out, **data):
@@ -138,7 +161,8 @@ def test_training_redraws_after_the_first_epoch_and_off_switch(tiny_qwen3, answe
     report = json.loads((tmp_path / "on" / "train_summary.json").read_text())["data"]["redraw_negatives"]
     assert report == {"rows": 24, "of": 24}
     card = (tmp_path / "on" / "merged" / "README.md").read_text()
-    assert "| negatives | redrawn every epoch after the first from the mined pools (24 of 24 rows) |" in card
+    assert "| negatives | redrawn every epoch after the first, from each row's mined pools or longer negative list " \
+           "(24 of 24 rows) |" in card
     first, second, _ = _train_negatives(tiny_qwen3, train_file, tmp_path / "off", redraw_negatives=False)
     assert all(n == by_query[q]["negative"] for q, n in first + second)
 
@@ -152,6 +176,91 @@ def test_resume_across_an_epoch_boundary_equals_uninterrupted(tiny_qwen3, answer
             "save_total_limit": 3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0})
 
     assert_resume_equals_uninterrupted(cfg, tmp_path)
+
+
+def test_resume_inside_a_redrawn_epoch_equals_uninterrupted(tiny_qwen3, answers, tmp_path):
+    """24 rows, batch 8: 3 steps per epoch; checkpoint-4 is inside epoch 1, so the resumed run skips a batch of
+    a redrawn epoch (transformers' skip_first_batches, where accelerate's set_epoch reaches no dataset)."""
+    from hfemb.training.runner import run_training
+
+    train_file = _write(tmp_path / "mined.jsonl", [_row(i, answers) for i in range(24)])
+
+    def cfg(out, steps):
+        return make_config(tiny_qwen3, train_file, out, data={"num_negatives": 2}, training={
+            "max_steps": steps, "per_device_train_batch_size": 8, "save_strategy": "steps", "save_steps": 4,
+            "save_total_limit": 3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0})
+
+    run_training(cfg(tmp_path / "full", 6))
+    run_training(cfg(tmp_path / "cut", 4))
+    assert run_training(cfg(tmp_path / "cut", 6), resume=True)["resumed_from"].endswith("checkpoint-4")
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainer_gives_each_epoch_to_the_rows_and_its_sampler(tiny_qwen3, answers, tmp_path, monkeypatch):
+    """Whatever wraps the dataloader (DDP's BatchSamplerShard, a resume's skip), the rows and hfemb's sampler
+    learn the epoch from the Trainer itself before its batches are drawn."""
+    from transformers import Trainer
+
+    from tests.training.test_trainer import build_trainer
+
+    rows, _ = rows_from_records(read_records(_write(tmp_path / "m.jsonl", [_row(i, answers) for i in range(8)])
+                                             ).records, 2, seed=0)
+    trainer, _ = build_trainer(make_config(tiny_qwen3, str(tmp_path / "m.jsonl"), tmp_path / "o",
+                                           data={"num_negatives": 2}), RedrawnRows(rows, seed=0))
+    trainer.no_duplicate_queries = True
+    sampler = trainer._get_train_sampler()
+    seen = []
+    monkeypatch.setattr(Trainer, "_run_epoch", lambda self, model, epoch, *a, **k: seen.append(
+        (epoch, self.train_dataset.epoch, sampler.epoch)))
+    trainer._run_epoch(None, 2)
+    assert seen == [(2, 2, 2)]
+
+
+DDP_SCRIPT = """
+import json, sys
+from hfemb.training import collator as c
+from hfemb.training.distributed import rank
+from hfemb.training.runner import run_training
+from tests.training.test_trainer import make_config
+seen, original = [], c.MultiNegCollator.__call__
+def spy(self, features):
+    seen.extend((f["query"], f["negatives"]) for f in features)
+    return original(self, features)
+c.MultiNegCollator.__call__ = spy
+model, train_file, out = sys.argv[1:4]
+run_training(make_config(model, train_file, out, data={"num_negatives": 2},
+                         training={"num_train_epochs": 2, "per_device_train_batch_size": 4}))
+open(f"{out}/seen{rank()}.json", "w").write(json.dumps(seen))
+"""
+
+
+def test_two_processes_redraw_like_one(tiny_qwen3, answers, tmp_path):
+    """torchrun, 2 gloo processes, 16 rows, 4 per process per step: epoch 0 on the mined negatives, epoch 1 on
+    exactly the draws a single process makes for each row (`redrawn`), on both ranks."""
+    file_rows = [_row(i, answers) for i in range(16)]
+    train_file = _write(tmp_path / "mined.jsonl", file_rows)
+    (tmp_path / "ddp_main.py").write_text(DDP_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), str(tmp_path / "ddp_main.py"), tiny_qwen3,
+                           train_file, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows, _ = rows_from_records(read_records(train_file).records, 2, seed=0)
+    index = {r["query"]: i for i, r in enumerate(rows)}
+    for r in range(2):
+        seen = json.loads((tmp_path / "out" / f"seen{r}.json").read_text())
+        first, second = seen[:8], seen[8:16]
+        assert len(seen) == 16 and all(n == rows[index[q]]["negatives"] for q, n in first)
+        assert all(n == redrawn(rows[index[q]], 0, 1, index[q])["negatives"] for q, n in second)
+        assert sum(n != rows[index[q]]["negatives"] for q, n in second) >= 4
 
 
 def test_persistent_workers_are_refused_with_redraw(tiny_qwen3, answers, tmp_path):
