@@ -122,7 +122,8 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--n-bootstrap", type=int, default=1000)
-    parser.add_argument("--out", default=str(common.ROOT / "bench_output" / "config_vs_peer"))
+    parser.add_argument("--out", default=str(common.RESULTS / "config_vs_peer"),
+                        help="mined rows, training runs and evaluation reports (finished runs are reused)")
     args = parser.parse_args()
     started = time.time()
     out = Path(args.out)
