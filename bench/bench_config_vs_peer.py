@@ -174,13 +174,14 @@ def main() -> int:
             vs_mpnet = evaluate(ordered, test, dev, out / f"eval_test_s{seed}_vs_mpnet", args.n_bootstrap)
             report["test"][seed] = {"vs_peer": vs_peer, "vs_mpnet": vs_mpnet}
             for name, res in vs_peer["models"].items():
-                def ci(r):
+                def ci(r, first):
                     c = r.get("f1_diff_vs_first_ci")
-                    return f"{r['f1_diff_vs_first']:+.3f} [{c[0]:+.3f}, {c[1]:+.3f}]" if c else "(reference)"
+                    return "(reference)" if first or not c else f"{r['f1_diff_vs_first']:+.3f} [{c[0]:+.3f}, {c[1]:+.3f}]"
                 auc = "(reference)" if name == peer else "{:+.3f} [{:+.3f}, {:+.3f}]".format(
                     *paired_auc_diff(group[peer], group[name], test, args.n_bootstrap))
-                rows.append(f"| {name} | {res['f1_at_chosen']:.3f} | {ci(res)} | {auc} | {res['best_f1']:.3f} | "
-                            f"{res['roc_auc']:.3f} | {res['ranking']['mrr@10']:.3f} | {ci(vs_mpnet['models'][name])} |")
+                rows.append(f"| {name} | {res['f1_at_chosen']:.3f} | {ci(res, name == peer)} | {auc} | {res['best_f1']:.3f} "
+                            f"| {res['roc_auc']:.3f} | {res['ranking']['mrr@10']:.3f} | "
+                            f"{ci(vs_mpnet['models'][name], 'mpnet' in name)} |")
         md += "\n\n" + "\n".join(rows)
     md += f"\n\nCommand: `python bench/bench_config_vs_peer.py {' '.join(sys.argv[1:])}` ({time.time() - started:.0f} s)."
     print(md)
