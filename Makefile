@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench bench-mining bench-train bench-eval bench-quality bench-scale clean
+.PHONY: install test demo bench bench-mining bench-train bench-eval bench-quality bench-config bench-scale clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ bench-eval: install
 
 bench-quality: install
 	$(BIN)/python bench/bench_quality.py
+
+bench-config: install   # slow (~1 h): the held-out check's commands vs the ST peer, 2 seeds; MPNET=$$(../shared/tools/get_mpnet.sh)
+	$(BIN)/python bench/bench_config_vs_peer.py --mpnet "$(MPNET)" --seeds 42 7 --parallel 2 --ablate no-redraw=data.redraw_negatives=false
 
 bench-scale: install   # slow: 1M-document mining (~20 min), GradCache memory vs batch
 	$(BIN)/python bench/bench_mining_scale.py
