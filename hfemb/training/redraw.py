@@ -17,14 +17,10 @@ from typing import Sequence
 import torch
 
 from hfemb.errors import DataError
+from hfemb.training.teacher_scores import is_number_list
 
 REDRAW_KEY = "redraw"  # a training row's {"slots": [[position, ...], ...], "pools": [[text, ...], ...],
 # "scores": [[float, ...], ...] | None}: group g fills the negatives at slots[g] from pools[g]
-
-
-def _numbers(values, n: int) -> bool:
-    return isinstance(values, list) and len(values) == n and \
-        all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
 def mined_pools_spec(extra: dict, source: str | None, negatives: list[str], with_teacher: bool,
@@ -58,7 +54,7 @@ def mined_pools_spec(extra: dict, source: str | None, negatives: list[str], with
                             "negatives", source, field="negative_candidates")
         if with_teacher:
             kind_scores = scores.get(kind) if isinstance(scores, dict) else None
-            if not _numbers(kind_scores, len(pool)):
+            if not is_number_list(kind_scores, len(pool)):
                 raise DataError(f"expected {len(pool)} numbers for the {kind!r} pool, got {kind_scores!r}"[:200],
                                 source, field="negative_candidate_scores")
             spec["scores"].append([float(s) for s in kind_scores])

@@ -491,13 +491,14 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     k_average = averaging_k(cfg.training)
     averaging = CheckpointAveragingCallback(k_average, out, resume_from) if k_average else None
     lengths = [len(r["query"]) + len(r["positive"]) + sum(map(len, r["negatives"])) for r in rows]
-    redraw = sum(REDRAW_KEY in r for r in rows) if cfg.data.redraw_negatives else 0
+    redraw = sum(REDRAW_KEY in r for r in rows)  # (none with data.redraw_negatives false: load_rows built no spec)
     data_report["redraw_negatives"] = {"rows": redraw, "of": len(rows)}
     if redraw and args.dataloader_num_workers and args.dataloader_persistent_workers:
         raise ConfigError("data.redraw_negatives: persistent dataloader workers keep the first epoch's copy of the "
                           "rows; set training.dataloader_persistent_workers=false or data.redraw_negatives=false")
     trainer = MultiNegEmbeddingTrainer(
-        model=model, args=args, train_dataset=RedrawnRows(rows, args.data_seed or args.seed) if redraw else rows, eval_dataset=eval_rows or ([] if evaluators else None),
+        model=model, args=args, train_dataset=RedrawnRows(rows, args.data_seed or args.seed) if redraw else rows,
+        eval_dataset=eval_rows or ([] if evaluators else None),
         data_collator=collator, loss_config=cfg.loss, train_lengths=lengths,
         callbacks=[JsonlLogCallback(str(log_file), fresh=not resume_from), loss_callback,
                    *([averaging] if averaging else [])],

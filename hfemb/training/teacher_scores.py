@@ -8,6 +8,12 @@ from typing import Sequence
 from hfemb.errors import DataError
 
 
+def is_number_list(values, n: int) -> bool:
+    """``values`` is a list of ``n`` numbers (int or float, not bool)."""
+    return isinstance(values, list) and len(values) == n and \
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def row_teacher_scores(extra: dict, source: str | None, positive_index: int, negative_indices: Sequence[int],
                        num_positives: int, num_negatives: int) -> list[float] | None:
     """A training row's teacher scores [1 + N] (its positive's, then its chosen negatives'), from a record's
@@ -16,8 +22,7 @@ def row_teacher_scores(extra: dict, source: str | None, positive_index: int, neg
     if pos is None and neg is None:
         return None
     for name, values, n in (("pos_scores", pos, num_positives), ("neg_scores", neg, num_negatives)):
-        if not isinstance(values, list) or len(values) != n or \
-                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if not is_number_list(values, n):
             what = "positive" if name == "pos_scores" else "negative"
             raise DataError(f"expected a list of {n} numbers (one per {what}), got {values!r}"[:200], source,
                             field=name)

@@ -5,14 +5,13 @@ parameter gradients, false negatives masked across processes, GradCache under DD
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from hfemb.testing.torchrun import run_torchrun
 from hfemb.training.loss import MASKED_LOGIT, info_nce_loss
 
 
@@ -178,12 +177,6 @@ def _torchrun_main(model_path: str, rows_file: str, out: str) -> None:
         assert main(["train", f"{out}/{run}.json"]) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deepspeed_importable() -> bool:
     try:
         import deepspeed  # noqa: F401
@@ -198,9 +191,6 @@ HAS_DEEPSPEED = _deepspeed_importable()
 
 @pytest.fixture(scope="module")
 def torchrun_results(tiny_qwen3, zh_sample_csv, tmp_path_factory):
-    import subprocess
-    import sys
-
     out = tmp_path_factory.mktemp("ddp")
     rows = ddp_rows(zh_sample_csv)
     (out / "rows.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
@@ -228,13 +218,7 @@ def torchrun_results(tiny_qwen3, zh_sample_csv, tmp_path_factory):
                      "passage_max_len": passage_max_len},
             "lora": {"r": 4, "alpha": 8}, "training": training}), encoding="utf-8")
     (out / "runs.json").write_text(json.dumps(runs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, tiny_qwen3,
-           str(out / "rows.json"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_torchrun(__file__, tiny_qwen3, out / "rows.json", out)
     return out, rows, [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 

@@ -6,16 +6,12 @@ step -- for a retrieval set (uneven shards: 13 queries) and a named pool set."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_distributed import _free_port  # noqa: E402
+from hfemb.testing.torchrun import run_torchrun
 
 
 def _config(model: str, root: Path, out: Path) -> dict:
@@ -50,12 +46,7 @@ def test_sharded_eval_in_training_equals_single_process_eval(tiny_qwen3, zh_samp
                          for i, r in enumerate(recs[16:25])])
     out = tmp_path / "run"
     (tmp_path / "run.json").write_text(json.dumps(_config(tiny_qwen3, tmp_path, out)), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, str(tmp_path / "run.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_torchrun(__file__, tmp_path / "run.json")
 
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_ndcg@10" in r]

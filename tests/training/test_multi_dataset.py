@@ -398,21 +398,9 @@ def _torchrun_dataloader_main(model_path: str, out: str) -> None:
 
 
 def test_two_ddp_processes_draw_the_same_dataset_at_every_step(tiny_qwen3, tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
+    from hfemb.testing.torchrun import run_torchrun
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, tiny_qwen3, str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_torchrun(__file__, tiny_qwen3, tmp_path, timeout=600)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     rows = _ddp_rows()

@@ -6,15 +6,16 @@ backbone call per query batch and one per document batch (what keeps ZeRO-3's pa
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
+from hfemb.testing.torchrun import run_torchrun
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_distributed import HAS_DEEPSPEED, _assert_same_weights, _free_port  # noqa: E402
+from test_distributed import HAS_DEEPSPEED, _assert_same_weights  # noqa: E402
 
 B, N = 2, 2  # per process and step: 2 queries, 1 positive + 2 negatives each
 
@@ -61,8 +62,6 @@ def _torchrun_main(out: str) -> None:
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 def test_zero3_packed_run_equals_padded_ddp_run(tiny_qwen3, zh_sample_csv, tmp_path):
-    import subprocess
-
     rows = _rows(zh_sample_csv)
     assert len(rows) == 8
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
@@ -79,12 +78,7 @@ def test_zero3_packed_run_equals_padded_ddp_run(tiny_qwen3, zh_sample_csv, tmp_p
             "data": {"train_file": str(tmp_path / "train.jsonl"), "num_negatives": N, "query_max_len": 32,
                      "passage_max_len": 64},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "training": training}), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_torchrun(__file__, tmp_path)
 
     calls = [json.loads((tmp_path / f"calls{r}.json").read_text()) for r in range(2)]
     packed = [c["zero3_packed"] for c in calls]

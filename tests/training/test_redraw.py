@@ -4,12 +4,7 @@ epochs on fresh draws from each row's pools (kinds, teacher scores and resume ke
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +12,7 @@ from safetensors.torch import load_file
 
 from hfemb.data.formats import read_records
 from hfemb.errors import ConfigError, DataError
+from hfemb.testing.torchrun import run_torchrun
 from hfemb.training.redraw import REDRAW_KEY, RedrawnRows, redrawn
 from hfemb.training.runner import rows_from_records
 
@@ -243,16 +239,7 @@ def test_two_processes_redraw_like_one(tiny_qwen3, answers, tmp_path):
     file_rows = [_row(i, answers) for i in range(16)]
     train_file = _write(tmp_path / "mined.jsonl", file_rows)
     (tmp_path / "ddp_main.py").write_text(DDP_SCRIPT)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(tmp_path / "ddp_main.py"), tiny_qwen3,
-                           train_file, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_torchrun(tmp_path / "ddp_main.py", tiny_qwen3, train_file, tmp_path / "out", timeout=600)
     rows, _ = rows_from_records(read_records(train_file).records, 2, seed=0)
     index = {r["query"]: i for i, r in enumerate(rows)}
     for r in range(2):
