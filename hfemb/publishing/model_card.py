@@ -251,7 +251,9 @@ def _hyperparameters(summary: dict) -> list[tuple[str, Any]]:
     if redraw.get("rows") and float((summary.get("train") or {}).get("epoch") or 0) > 1:
         rows.insert(rows.index(next(r for r in rows if r[0] == "loss")) + 1,
                     ("negatives", f"redrawn every epoch after the first, from each row's mined pools or longer "
-                                  f"negative list ({redraw['rows']:,} of {redraw['of']:,} rows)"))
+                                  f"negative list ({redraw['rows']:,} of {redraw['of']:,} rows)"
+                                  + (", the ones the teacher scores near the positive more often (SimANS)"
+                                     if redraw.get("sampling") == "simans" else "")))
     if m.get("finetune_type") in ("lora", "qlora"):
         targets = lora.get("target_modules") or "q,k,v,o,gate,up,down projections"
         rows.insert(0, ("LoRA", f"r {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "

@@ -7,10 +7,16 @@ counts in the same positions (seeded by ``(seed, epoch, row)``, so a run and its
 more negatives than ``num_negatives`` (FlagEmbedding's ``neg`` lists) is resampled from all of them each epoch,
 as FlagEmbedding resamples its lists. Teacher scores follow the drawn texts (``negative_candidate_scores`` /
 ``neg_scores``); a row whose pools lack them keeps its mined negatives.
+
+Draws are uniform, or (``data.redraw_sampling: simans``, rows with teacher scores) weighted towards the
+*ambiguous* candidates, those the teacher scores close to the row's positive: weight
+exp(-((s_neg - s_pos) / width)^2) (SimANS, Zhou et al. 2022, with cosine scores and ``width`` in cosine units),
+drawn without replacement by Efraimidis-Spirakis keys.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Sequence
 
@@ -73,21 +79,44 @@ def resample_spec(negatives: Sequence[str], num_negatives: int, neg_scores: list
             "scores": None if neg_scores is None else [[float(s) for s in neg_scores]]}
 
 
-def redrawn(row: dict, seed: int, epoch: int, index: int) -> dict:
+def simans_weights(scores: Sequence[float], positive: float, width: float) -> list[float]:
+    """SimANS sampling weight of each candidate: exp(-((score - positive) / width)^2), largest for the candidates
+    the teacher scores like the positive (ambiguous ones), vanishing for the far easier and the far harder."""
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return [math.exp(-((s - positive) / width) ** 2) for s in scores]
+
+
+def weighted_sample(rng: random.Random, choices: Sequence[int], weights: Sequence[float], k: int) -> list[int]:
+    """``k`` of ``choices`` without replacement, each draw with probability proportional to its weight among
+    those left (Efraimidis-Spirakis: the ``k`` largest log(u) / w; a weight that underflowed to 0 comes last)."""
+    keys = [(math.log(1.0 - rng.random()) / w if w > 0 else -math.inf, -j) for j, w in enumerate(weights)]
+    best = sorted(range(len(choices)), key=lambda j: keys[j], reverse=True)[:k]
+    return [choices[j] for j in best]
+
+
+def redrawn(row: dict, seed: int, epoch: int, index: int, simans_width: float | None = None) -> dict:
     """``row`` with its negatives (and teacher scores) redrawn for ``epoch`` >= 1; the row itself at epoch 0
-    or without a spec. Each group draws len(slots) distinct texts of its pool, kept in pool order."""
+    or without a spec. Each group draws len(slots) distinct texts of its pool, kept in pool order: uniformly,
+    or with ``simans_width`` and teacher scores (the row's and its pools') by `simans_weights`."""
     spec = row.get(REDRAW_KEY)
     if not epoch or spec is None:
         return row
     rng = random.Random(f"{seed}/{epoch}/{index}")
     negatives = list(row["negatives"])
     teacher = list(row["teacher_scores"]) if "teacher_scores" in row else None
+    weighted = simans_width is not None and teacher is not None and spec["scores"] is not None
     for g, (slots, pool) in enumerate(zip(spec["slots"], spec["pools"])):
         first: dict[str, int] = {}
         for k, text in enumerate(pool):
             first.setdefault(text, k)
         choices = list(first.values()) if len(first) >= len(slots) else range(len(pool))  # distinct texts if possible
-        for slot, k in zip(slots, sorted(rng.sample(choices, len(slots)))):
+        if weighted:
+            weights = simans_weights([spec["scores"][g][k] for k in choices], teacher[0], simans_width)
+            picked = weighted_sample(rng, list(choices), weights, len(slots))
+        else:
+            picked = rng.sample(choices, len(slots))
+        for slot, k in zip(slots, sorted(picked)):
             negatives[slot] = pool[k]
             if teacher is not None and spec["scores"] is not None:
                 teacher[1 + slot] = spec["scores"][g][k]
@@ -99,11 +128,11 @@ def redrawn(row: dict, seed: int, epoch: int, index: int) -> dict:
 
 class RedrawnRows(torch.utils.data.Dataset):
     """The training rows as the Trainer's dataset: ``rows[i]`` redrawn for the current epoch (``set_epoch``,
-    which accelerate's DataLoaderShard forwards from the Trainer). Iterating yields the rows as stored (their
-    query and dataset, which samplers read, are the same in every epoch)."""
+    which accelerate's DataLoaderShard forwards from the Trainer; ``simans_width``: see `redrawn`). Iterating
+    yields the rows as stored (their query and dataset, which samplers read, are the same in every epoch)."""
 
-    def __init__(self, rows: list[dict], seed: int):
-        self.rows, self.seed, self.epoch = rows, seed, 0
+    def __init__(self, rows: list[dict], seed: int, simans_width: float | None = None):
+        self.rows, self.seed, self.epoch, self.simans_width = rows, seed, 0, simans_width
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -112,7 +141,7 @@ class RedrawnRows(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        return redrawn(self.rows[index], self.seed, self.epoch, index)
+        return redrawn(self.rows[index], self.seed, self.epoch, index, self.simans_width)
 
     def __iter__(self):
         return iter(self.rows)

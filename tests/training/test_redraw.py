@@ -3,7 +3,10 @@ epochs on fresh draws from each row's pools (kinds, teacher scores and resume ke
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import random
 from collections import Counter
 
 import pytest
@@ -13,7 +16,7 @@ from safetensors.torch import load_file
 from hfemb.data.formats import read_records
 from hfemb.errors import ConfigError, DataError
 from hfemb.testing.torchrun import run_torchrun
-from hfemb.training.redraw import REDRAW_KEY, RedrawnRows, redrawn
+from hfemb.training.redraw import REDRAW_KEY, RedrawnRows, redrawn, simans_weights, weighted_sample
 from hfemb.training.runner import rows_from_records
 
 from tests.training.test_trainer import assert_resume_equals_uninterrupted, make_config
@@ -155,7 +158,7 @@ def test_training_redraws_after_the_first_epoch_and_off_switch(tiny_qwen3, answe
         assert hard in by_query[q]["negative_candidates"]["hard"] and easy in by_query[q]["negative_candidates"]["easy"]
     assert sum(n != by_query[q]["negative"] for q, n in second) > 12
     report = json.loads((tmp_path / "on" / "train_summary.json").read_text())["data"]["redraw_negatives"]
-    assert report == {"rows": 24, "of": 24}
+    assert report == {"rows": 24, "of": 24, "sampling": "uniform"}
     card = (tmp_path / "on" / "merged" / "README.md").read_text()
     assert "| negatives | redrawn every epoch after the first, from each row's mined pools or longer negative list " \
            "(24 of 24 rows) |" in card
@@ -258,3 +261,81 @@ def test_persistent_workers_are_refused_with_redraw(tiny_qwen3, answers, tmp_pat
         "dataloader_num_workers": 1, "dataloader_persistent_workers": True})
     with pytest.raises(ConfigError, match="persistent"):
         run_training(cfg)
+
+
+def test_simans_weights_by_hand():
+    w = simans_weights([0.5, 0.6, 0.75, 0.2], positive=0.6, width=0.1)
+    assert w == pytest.approx([math.exp(-1.0), 1.0, math.exp(-2.25), math.exp(-16.0)], rel=1e-12)
+    with pytest.raises(ValueError):
+        simans_weights([0.5], 0.6, 0.0)
+
+
+def test_weighted_sample_matches_successive_sampling_probabilities():
+    """Oracle: drawing k without replacement, each draw proportional to the weights left, gives the set
+    {a, b} with probability w_a/W * w_b/(W - w_a) + w_b/W * w_a/(W - w_b)."""
+    weights = [0.05, 1.0, 0.4, 2.0, 0.0]
+    total = sum(weights)
+    exact = {frozenset((a, b)): weights[a] / total * weights[b] / (total - weights[a])
+             + weights[b] / total * weights[a] / (total - weights[b]) for a, b in itertools.combinations(range(5), 2)}
+    rng, n = random.Random(0), 40000
+    seen = Counter(frozenset(weighted_sample(rng, [10, 11, 12, 13, 14], weights, 2)) for _ in range(n))
+    for pair, p in exact.items():
+        got = seen[frozenset(10 + j for j in pair)] / n
+        assert abs(got - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9, (pair, got, p)
+    assert all(14 not in s for s in seen)  # weight 0: never while others are left
+    assert weighted_sample(random.Random(1), [7, 8], [0.0, 0.0], 2) == [7, 8]  # all underflowed: still k
+
+
+def test_simans_redraw_prefers_candidates_the_teacher_scores_near_the_positive(answers, tmp_path):
+    row = _row(0, answers, teacher=True)
+    pool = row["negative_candidates"]["hard"]
+    row["negative_candidate_scores"]["hard"] = [0.2, 0.85, 0.6, 0.3]  # positive: 0.9
+    row["neg_scores"][0] = 0.85
+    rows, _ = rows_from_records(read_records(_write(tmp_path / "t.jsonl", [row])).records, 2, seed=0)
+    hard = Counter()
+    for epoch in range(1, 401):
+        drawn = redrawn(rows[0], 3, epoch, 0, simans_width=0.1)
+        hard[drawn["negatives"][0]] += 1
+        k = pool.index(drawn["negatives"][0])  # the teacher score follows the drawn text
+        assert drawn["teacher_scores"][1] == [0.2, 0.85, 0.6, 0.3][k]
+        assert drawn["negatives"][1] in row["negative_candidates"]["easy"]
+    w = simans_weights([0.2, 0.85, 0.6, 0.3], 0.9, 0.1)  # exp(-0.25) : exp(-9) : ...
+    assert hard[pool[1]] / 400 > 0.95 and w[1] / sum(w) > 0.99
+    assert hard[pool[0]] == 0 and hard[pool[3]] == 0
+    uniform = Counter(redrawn(rows[0], 3, e, 0)["negatives"][0] for e in range(1, 401))
+    assert max(uniform.values()) < 150  # uniform over the 4: about 100 each
+    assert redrawn(rows[0], 3, 0, 0, simans_width=0.1) is rows[0]  # epoch 0: the mined row
+
+
+def test_simans_needs_teacher_scores(tiny_qwen3, answers, tmp_path):
+    from hfemb.training.config import validate
+    from hfemb.training.runner import run_training
+
+    train_file = _write(tmp_path / "mined.jsonl", [_row(i, answers) for i in range(8)])
+    with pytest.raises(ConfigError, match="teacher scores"):
+        run_training(make_config(tiny_qwen3, train_file, tmp_path / "o", data={"num_negatives": 2,
+                                                                               "redraw_sampling": "simans"}))
+    with pytest.raises(ConfigError, match="'data.redraw_simans_width' must be a number > 0"):
+        validate(make_config(tiny_qwen3, train_file, tmp_path / "o", data={"redraw_simans_width": 0}))
+
+
+def test_training_with_simans_draws_by_the_teacher(tiny_qwen3, answers, tmp_path):
+    file_rows = [_row(i, answers, teacher=True) for i in range(24)]
+    train_file = _write(tmp_path / "mined.jsonl", file_rows)
+    first, second, _ = _train_negatives(tiny_qwen3, train_file, tmp_path / "on", redraw_sampling="simans",
+                                        redraw_simans_width=0.05)
+    by_query = {r["query"]: r for r in file_rows}
+    rows, _ = rows_from_records(read_records(train_file).records, 2, seed=0)
+    index = {r["query"]: i for i, r in enumerate(rows)}
+    top = 0
+    for q, negatives in second:  # make_config's seed is 0
+        assert negatives == redrawn(rows[index[q]], 0, 1, index[q], simans_width=0.05)["negatives"]
+        scores = by_query[q]["negative_candidate_scores"]["hard"]
+        top += negatives[0] == by_query[q]["negative_candidates"]["hard"][scores.index(max(scores))]
+    # the made-up teacher's pool scores are >= 0.01 apart, all far below the positive's 0.9: at width 0.05 the
+    # highest-scored candidate outweighs the next by e^5 or more
+    assert top >= 22
+    summary = json.loads((tmp_path / "on" / "train_summary.json").read_text())
+    assert summary["data"]["redraw_negatives"] == {"rows": 24, "of": 24, "sampling": "simans"}
+    card = (tmp_path / "on" / "merged" / "README.md").read_text()
+    assert "(24 of 24 rows), the ones the teacher scores near the positive more often (SimANS) |" in card
