@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hfemb.data.formats import read_records  # noqa: E402
 from hfemb.evaluation.evaluate import evaluate, pairs_from_records  # noqa: E402
-from hfemb.modeling.model import load_embedding_model  # noqa: E402
+from hfemb.modeling.loading import load_embedding_model  # noqa: E402
 
 BATCH = 32
 MAX_LENGTH = 512

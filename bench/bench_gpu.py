@@ -129,7 +129,8 @@ def build(shape: str, case: dict, device, dtype, attn: str):
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
-    from hfemb.modeling.model import EmbeddingModel, format_instruction
+    from hfemb.modeling.loading import format_instruction
+    from hfemb.modeling.model import EmbeddingModel
     from hfemb.testing.tiny import ENDOFTEXT_ID, build_qwen_tokenizer
     from hfemb.training.config import QWEN3_LORA_TARGETS
 
@@ -161,7 +162,7 @@ def build(shape: str, case: dict, device, dtype, attn: str):
 
 
 def set_mode(model, mode: str) -> None:
-    from hfemb.modeling.model import CHUNK_OVERHEAD_TOKENS
+    from hfemb.modeling.pooling import CHUNK_OVERHEAD_TOKENS
 
     model.padding_free = mode == "packed"
     model.chunk_overhead_tokens = CHUNK_OVERHEAD_TOKENS if mode == "chunked" else 0

@@ -154,7 +154,7 @@ def main() -> int:
     from hfemb.evaluation.encoders import encode_texts
     from hfemb.evaluation.settings import EvalSettings
     from hfemb.evaluation.retrieval import evaluate_retrieval, exact_search
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     model_path = args.model or common.minilm_path()
     load = common.load_averages()

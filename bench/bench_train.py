@@ -135,7 +135,7 @@ def run_naive(model_path, mined, batch, warmup, steps) -> dict:
     import torch
 
     from hfemb.training.loss import info_nce_loss
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     rows = common.training_rows(mined, NUM_NEG)
     torch.manual_seed(0)

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     # lazy (numpy, torch): not loaded for `hfemb serve --help`
     from hfemb.evaluation.encoders import resolve_model_path
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
     from hfemb.publishing.serve import EmbeddingService, check_port, make_server
 
     if args.max_batch < 1 or args.max_request_bytes < 1 or args.max_length < 2:

@@ -118,7 +118,7 @@ def load_encoder(spec: str, settings: EvalSettings):
         return openai_encoder(spec, instruction=settings.instruction, symmetric=settings.symmetric,
                               api_key_env=settings.api_key_env, batch_size=settings.request_batch_size,
                               dimensions=settings.truncate_dim)
-    from hfemb.modeling.model import load_embedding_model  # lazy: torch; OpenAI-compatible endpoints need none
+    from hfemb.modeling.loading import load_embedding_model  # lazy: torch; OpenAI-compatible endpoints need none
 
     _, dtype = _resolved_device_dtype(settings)
     model = load_embedding_model(

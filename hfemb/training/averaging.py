@@ -34,7 +34,7 @@ from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import save_atomically
 from hfemb.modeling.dtypes import DTYPES
 from hfemb.modeling.merge_weights import AVERAGING_FILE, load_state_dict, write_model_folder
-from hfemb.modeling.model import load_embedding_model
+from hfemb.modeling.loading import load_embedding_model
 from hfemb.training.resume import checkpoint_problem, checkpoint_step
 
 log = logging.getLogger("hfemb.training.averaging")

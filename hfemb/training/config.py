@@ -100,7 +100,7 @@ class TrainFileSpec:
     file: str = ""
     name: str | None = None  # default: the file's stem; the prompt name in the exported model
     # None: the model's default query prompt; "" or false: no prompt; else the task of Qwen3's
-    # "Instruct: {task}\nQuery:" (hfemb.modeling.model.format_instruction)
+    # "Instruct: {task}\nQuery:" (hfemb.modeling.loading.format_instruction)
     instruction: str | Literal[False] | None = None
     format: str | None = None  # None: data.format
     weight: float = 1.0  # batches per epoch = max(1, round(weight * rows / rows per step)); see sampling.py

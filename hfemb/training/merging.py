@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from hfemb.errors import HfembError
-from hfemb.modeling.model import load_embedding_model
+from hfemb.modeling.loading import load_embedding_model
 from hfemb.io_utils import save_atomically
 from hfemb.modeling.dtypes import DTYPES
 from hfemb.training.outputs import base_quantization

@@ -29,7 +29,7 @@ from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import check_output, save_atomically, write_json, write_jsonl
 from hfemb.mining.mine import MiningConfig, mine
-from hfemb.modeling.model import format_instruction, load_embedding_model
+from hfemb.modeling.loading import format_instruction, load_embedding_model
 from hfemb.publishing.hub import PUSH_KEYS, check_can_push, push_settings, push_training_output
 from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.arguments import EmbeddingTrainingArguments

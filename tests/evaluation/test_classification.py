@@ -116,7 +116,7 @@ def test_classify_checks_shapes_and_set_reports_duplicates(tmp_path):
 
 
 def test_tiny_qwen3_on_the_real_tcm_sd_sample(shared_data, tiny_qwen3, tmp_path, monkeypatch):
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     loads, real_load = [], eval_models.load_encoder
     monkeypatch.setattr(eval_models, "load_encoder", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))

@@ -10,7 +10,8 @@ import pytest
 import hfemb.evaluation.encoders as eval_models
 from hfemb.evaluation.encoders import encode_texts
 from hfemb.evaluation.settings import EvalSettings
-from hfemb.modeling.model import EmbeddingModel, load_embedding_model
+from hfemb.modeling.loading import load_embedding_model
+from hfemb.modeling.model import EmbeddingModel
 
 WORDS = ["rain", "snow", "cat", "dog", "tea", "river", "stone", "lamp", "bread", "wind", "高血压", "头痛。"]
 

@@ -63,7 +63,7 @@ def cache_dir(tmp_path):
 
 def _reference_scores(model_path: str, rows: list[dict]):
     """The reference blog's way: encode each query with its whole document list, per query."""
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     model = load_embedding_model(model_path)
     labels, scores = [], []

@@ -16,7 +16,7 @@ import pytest
 
 from hfemb.errors import HfembError
 from hfemb.evaluation.evaluate import evaluate
-from hfemb.modeling.model import load_embedding_model
+from hfemb.modeling.loading import load_embedding_model
 from hfemb.evaluation.openai_client import (OpenAIEmbeddingClient, default_query_prompt, embeddings_url, openai_encoder,
                                  parse_openai_spec)
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from hfemb.cli import main
-from hfemb.modeling.model import format_instruction, load_embedding_model
+from hfemb.modeling.loading import format_instruction, load_embedding_model
 
 TASK = "Given a question about a capital city, retrieve the passage"
 

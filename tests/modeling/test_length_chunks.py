@@ -8,7 +8,8 @@ import itertools
 import pytest
 import torch
 
-from hfemb.modeling.model import length_chunks, load_embedding_model
+from hfemb.modeling.loading import load_embedding_model
+from hfemb.modeling.pooling import length_chunks
 
 TEXTS = ["short", "a somewhat longer sentence about glaciers and caves", "x",
          "一个中文句子，关于高血压的治疗和饮食建议，还有一些额外的文字使它更长一些。",
@@ -119,7 +120,7 @@ def test_absolute_positions_with_left_padding_run_unchunked():
     batch equals one padded forward."""
     from transformers import GPT2Config, Qwen3Config
 
-    from hfemb.modeling.model import length_chunking_is_exact
+    from hfemb.modeling.pooling import length_chunking_is_exact
 
     assert not length_chunking_is_exact(GPT2Config(), "left") and length_chunking_is_exact(GPT2Config(), "right")
     assert length_chunking_is_exact(Qwen3Config(), "left")

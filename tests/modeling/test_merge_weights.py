@@ -42,7 +42,7 @@ def test_linear_merge_equals_numpy_per_tensor(base_and_tuned, tmp_path, capsys):
         assert m[name].dtype == t[name].dtype
     assert json.loads((out / "hfemb_merge.json").read_text())["alpha"] == 0.3
     assert (out / "tokenizer.json").exists() and (out / "modules.json").exists() == (Path(tuned) / "modules.json").exists()
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     vec = load_embedding_model(str(out), torch_dtype="float32").encode(["a short test"], is_query=False)
     assert np.isfinite(np.asarray(vec)).all()

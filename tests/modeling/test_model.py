@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from hfemb.errors import ConfigError, HfembError
-from hfemb.modeling.model import (
-    QWEN3_WEB_SEARCH_TASK, EmbeddingModel, _length_batches, format_instruction, load_embedding_model, pool,
-)
+from hfemb.modeling.loading import QWEN3_WEB_SEARCH_TASK, format_instruction, load_embedding_model
+from hfemb.modeling.model import EmbeddingModel, _length_batches
+from hfemb.modeling.pooling import pool
 
 ENDOFTEXT_ID = 151643
 QUERIES = ["什么是高血压？", "how do I treat a common cold at home", "糖尿病患者能吃水果吗，有哪些需要注意的地方？孕妇呢？", "fever"]
@@ -201,18 +201,18 @@ def test_prompt_options(tiny_qwen3):
 
 
 def test_prompts_from_sentence_transformers_config(tmp_path):
-    from hfemb.modeling.model import _resolve_prompts
+    from hfemb.modeling.loading import resolve_prompts
 
     (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(
         {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": None}))
-    assert _resolve_prompts([str(tmp_path)], None, False) == ("query: ", "passage: ")
-    assert _resolve_prompts([str(tmp_path)], "Find it", False) == ("Instruct: Find it\nQuery:", "passage: ")
-    assert _resolve_prompts([str(tmp_path)], None, True) == ("query: ", "query: ")
+    assert resolve_prompts([str(tmp_path)], None, False) == ("query: ", "passage: ")
+    assert resolve_prompts([str(tmp_path)], "Find it", False) == ("Instruct: Find it\nQuery:", "passage: ")
+    assert resolve_prompts([str(tmp_path)], None, True) == ("query: ", "query: ")
     # default_prompt_name: sentence-transformers applies that prompt whenever none is named
     (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(
         {"prompts": {"classification": "Classify: "}, "default_prompt_name": "classification"}))
-    assert _resolve_prompts([str(tmp_path)], None, False) == ("Classify: ", "Classify: ")
-    assert _resolve_prompts([str(tmp_path)], False, False) == ("", "Classify: ")
+    assert resolve_prompts([str(tmp_path)], None, False) == ("Classify: ", "Classify: ")
+    assert resolve_prompts([str(tmp_path)], False, False) == ("", "Classify: ")
 
 
 def test_qwen_tokenizer_end_token_survives_truncation(tiny):

@@ -10,8 +10,9 @@ import torch
 
 from hfemb.errors import ConfigError
 from hfemb.modeling import packing
-from hfemb.modeling.model import load_embedding_model, pool
+from hfemb.modeling.loading import load_embedding_model
 from hfemb.modeling.packing import pack_batch, pack_rows, packing_support, resolve_padding_free
+from hfemb.modeling.pooling import pool
 
 TEXTS = ["高血压能吃党参吗？", "肝病患者的饮食要注意什么，能不能喝酒，平时应该怎么调理身体？" * 3, "a",
          "头痛怎么办 " * 20, "糖尿病", "What is the normal blood pressure of an adult?"]

@@ -146,7 +146,7 @@ def test_threshold_file_and_training_curves_png(trained, tmp_path):
 
 @pytest.mark.parametrize("sub", ["merged", "adapter"])
 def test_usage_snippets_reproduce_hfemb(trained, sub):
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     folder = trained["out"] / sub
     model = load_embedding_model(str(folder))
@@ -163,7 +163,7 @@ def test_usage_snippets_reproduce_hfemb(trained, sub):
 
 
 def test_snippet_for_mean_pooling_model(minilm, tmp_path):
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     model = load_embedding_model(minilm)
     model.save_pretrained(tmp_path / "m")

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from hfemb.modeling.model import load_embedding_model
+from hfemb.modeling.loading import load_embedding_model
 from hfemb.publishing.serve import EmbeddingService, make_server
 
 TEXTS = ["What helps with a dry cough?", "多喝温水，注意休息。", "a"]

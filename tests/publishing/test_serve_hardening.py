@@ -15,7 +15,7 @@ import pytest
 
 from hfemb.cli import main
 from hfemb.errors import ConfigError
-from hfemb.modeling.model import load_embedding_model
+from hfemb.modeling.loading import load_embedding_model
 from hfemb.publishing.serve import EmbeddingService, check_port, make_server
 
 

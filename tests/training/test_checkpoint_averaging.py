@@ -57,7 +57,7 @@ def test_k_1_is_the_last_checkpoint(tiny_qwen3, mined_file, tmp_path):  # noqa: 
     _run(tiny_qwen3, mined_file, out, "full", max_steps=2, average_checkpoints=1)
     last, merged = _weights(out / "checkpoint-2"), _weights(out / "merged")
     assert all(np.array_equal(merged[k], last[k]) for k in last)
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     vec = load_embedding_model(str(out / "merged")).encode(["高血压"], is_query=True)
     assert np.isfinite(vec).all()

@@ -9,7 +9,7 @@ import torch
 from hfemb.training.collator import MultiNegCollator, length_of
 from hfemb.errors import DataError
 from hfemb.training.loss import info_nce_loss
-from hfemb.modeling.model import load_embedding_model
+from hfemb.modeling.loading import load_embedding_model
 
 ENDOFTEXT_ID = 151643
 ROWS = [

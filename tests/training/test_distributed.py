@@ -76,7 +76,7 @@ def test_doc_text_ids_identify_texts_across_batches(tiny_qwen3):
     import hashlib
 
     from hfemb.training.collator import MultiNegCollator, text_id
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     collate = MultiNegCollator(load_embedding_model(tiny_qwen3), num_negatives=1)
     a = collate([{"query": "q1", "positive": "高血压", "negatives": ["糖尿病"]}])["doc_text_ids"]
@@ -335,7 +335,7 @@ def test_deepspeed_runs_save_the_same_model_as_ddp(torchrun_results, engine):
 def test_zero3_merged_model_encodes_like_its_adapter(torchrun_results, tiny_qwen3):
     import numpy as np
 
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     out, _, _ = torchrun_results
     texts = ["高血压能吃党参吗？", "肝病患者的饮食"]

@@ -29,7 +29,7 @@ def _config(model: str, root: Path, out: Path) -> dict:
 
 def test_sharded_eval_in_training_equals_single_process_eval(tiny_qwen3, zh_sample_csv, tmp_path):
     from hfemb.data.formats import read_records
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.config import config_from_dict
     from hfemb.training.evaluator import build_evaluators
 

@@ -25,7 +25,7 @@ def _cfg(model, tmp_path, **data):
 
 def test_faiss_eval_search_equals_exact(tiny_qwen3, tmp_path):
     pytest.importorskip("faiss")
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.evaluator import build_evaluators
 
     model = load_embedding_model(tiny_qwen3)

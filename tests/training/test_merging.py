@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hfemb.modeling.model import load_embedding_model
+from hfemb.modeling.loading import load_embedding_model
 from hfemb.training.merging import delta_lost_in, merge_adapter, merge_error
 
 TEXTS = ["高血压患者日常饮食需要注意什么？", "头痛怎么办", "What should I eat with high blood pressure?",

@@ -17,7 +17,7 @@ import torch
 
 from hfemb.data.formats import read_records
 from hfemb.errors import ConfigError
-from hfemb.modeling.model import format_instruction
+from hfemb.modeling.loading import format_instruction
 from hfemb.training.config import config_from_dict, train_file_specs
 from hfemb.training.sampling import SameDatasetSampler, dataset_block_counts
 
@@ -116,7 +116,7 @@ def _tagged_rows(records, dataset: int, prompt: str | None, negatives: list[str]
 def test_trainer_dataloader_batches_hold_one_dataset(tiny_qwen3, zh_sample_csv, tmp_path):
     from hfemb.training.trainer import MultiNegEmbeddingTrainer
     from hfemb.training.arguments import EmbeddingTrainingArguments
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     recs = read_records(str(zh_sample_csv)).records[:30]
     rows = _tagged_rows(recs[:18], 0, "", ["x"]) + _tagged_rows(recs[18:], 1, None, ["y"])
@@ -130,7 +130,7 @@ def test_trainer_dataloader_batches_hold_one_dataset(tiny_qwen3, zh_sample_csv, 
 
 
 def test_collator_applies_each_rows_own_instruction(tiny_qwen3, zh_sample_csv):
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.collator import MultiNegCollator
 
     model = load_embedding_model(tiny_qwen3)  # its own query prompt: Qwen3's web-search instruction
@@ -287,7 +287,7 @@ def test_resumed_multi_dataset_run_equals_the_uninterrupted_one(tiny_qwen3, zh_s
 def test_run_with_two_datasets_exports_each_instruction_as_a_named_prompt(tiny_qwen3, zh_sample_csv, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.runner import run_training
 
     recs = read_records(str(zh_sample_csv)).records[:48]
@@ -343,7 +343,7 @@ def test_model_card_config_keeps_only_the_file_names_of_train_files():
 def test_hold_out_evaluator_encodes_each_query_with_its_datasets_prompt(tiny_qwen3, zh_sample_csv):
     """The eval_ratio hold-out of several datasets: metrics equal the scoring of queries encoded by hand with
     their own prompt written in front (the tiny model's document prompt is empty)."""
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.evaluator import build_evaluators
 
     model = load_embedding_model(tiny_qwen3)
@@ -377,7 +377,7 @@ def _ddp_rows() -> list[dict]:
 def _torchrun_dataloader_main(model_path: str, out: str) -> None:
     """Each process: the Trainer's own (accelerate-sharded) train dataloader over two epochs; the row indices
     of every batch go to ``out/rank<r>.json``."""
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.arguments import EmbeddingTrainingArguments
     from hfemb.training.distributed import rank, world_size
     from hfemb.training.trainer import MultiNegEmbeddingTrainer

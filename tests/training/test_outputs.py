@@ -27,7 +27,7 @@ def adapter_dir(tmp_path_factory, tiny_qwen3):
     """A bare LoRA adapter folder on the tiny Qwen3 with random (non-zero) LoRA B weights."""
     from peft import LoraConfig, get_peft_model
 
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     model = load_embedding_model(tiny_qwen3)
     model.backbone = get_peft_model(model.backbone, LoraConfig(
@@ -43,7 +43,7 @@ def adapter_dir(tmp_path_factory, tiny_qwen3):
 
 
 def _encode(path: str | Path):
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     model = load_embedding_model(str(path))
     return model.encode(QUERIES, is_query=True), model.encode(DOCS, is_query=False)

@@ -94,7 +94,7 @@ def test_sibling_on_another_process_is_masked_by_gathered_query_ids():
 
 def test_rows_and_collator_carry_every_positive_of_the_query(tiny_qwen3):
     from hfemb.data.formats import Record
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.collator import MultiNegCollator, text_id
     from hfemb.training.runner import rows_from_records
 

@@ -122,7 +122,7 @@ def test_gradient_checkpointing_with_lora_trains(tiny_qwen3, mined_file, tmp_pat
 
 
 def test_run_training_outputs_and_eval_metrics(tiny_qwen3, mined_file, tmp_path):
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.runner import run_training
 
     cfg = make_config(tiny_qwen3, mined_file, tmp_path / "run", data={"eval_ratio": 0.25},

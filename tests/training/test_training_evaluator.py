@@ -63,7 +63,7 @@ def test_evaluator_equals_run_eval_code(tiny_qwen3, data, tmp_path):
     from hfemb.evaluation.evaluate import evaluate
     from hfemb.evaluation.settings import EvalSettings
     from hfemb.evaluation.retrieval import evaluate_retrieval
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.evaluator import evaluator_from_file
 
     cfg = config(tiny_qwen3, data, tmp_path / "o", data={"query_max_len": 64, "passage_max_len": 64})
@@ -156,7 +156,7 @@ def _sharded_worker(rank, world, init_file, model_path, texts, out_dir):
     import numpy as np
     import torch.distributed as dist
 
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.evaluator import encode_sharded
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -174,7 +174,7 @@ def test_encode_sharded_two_processes_equal_one(tiny_qwen3, tmp_path):
     import numpy as np
     import torch.multiprocessing as mp
 
-    from hfemb.modeling.model import load_embedding_model
+    from hfemb.modeling.loading import load_embedding_model
 
     texts = [q for q, _ in QA] + [a for _, a in QA] + ["一个额外的文本"]  # 13: uneven shards
     mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), tiny_qwen3, texts, str(tmp_path)), nprocs=2)
