@@ -63,7 +63,7 @@ def measure(model: str, batch: int, mini_batch: int | None, threads: int) -> dic
     from hfemb.training.collator import MultiNegCollator
     from hfemb.training.config import config_from_dict
     from hfemb.data.formats import read_records
-    from hfemb.training.runner import build_model, training_arguments
+    from hfemb.training.run_setup import build_model, training_arguments
     from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ Trainers, each for ``warmup + steps`` optimizer steps of ``--batch`` rows (query
 all AdamW lr 2e-5, query/passage max length 128/512 (capped by the model's own maximum):
 
 * ``hfemb``: ``MultiNegEmbeddingTrainer`` + ``MultiNegCollator`` (queries in one forward, all documents in
-  another, padded to the longest text), built by ``hfemb.training.runner`` exactly as ``run_train.py`` does;
+  another, padded to the longest text), built by ``hfemb.training.run_setup`` exactly as ``run_train.py`` does;
 * ``naive``: a plain PyTorch loop that pads every text to the maximum length and runs one forward per
   column (queries, positives, then one per negative; hfemb's length chunks off), same InfoNCE loss,
   AdamW, clipping;
@@ -91,7 +91,7 @@ def run_hfemb(model_path, mined, batch, warmup, steps, finetune="full") -> dict:
     import torch
 
     from hfemb.training.collator import MultiNegCollator
-    from hfemb.training.runner import build_model, training_arguments
+    from hfemb.training.run_setup import build_model, training_arguments
     from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     rows = common.training_rows(mined, NUM_NEG)

@@ -76,9 +76,9 @@ def mine_wikiqa_train(out_dir: Path, data_dir: Path = WIKIQA, **overrides) -> tu
 
 
 def training_rows(path: Path, num_negatives: int = 3) -> list[dict]:
-    """Mined JSONL -> ``{"query","positive","negatives"}`` rows, as `hfemb.training.runner.load_rows` builds them."""
+    """Mined JSONL -> ``{"query","positive","negatives"}`` rows, as `hfemb.training.data_rows.load_rows` builds them."""
     from hfemb.data.formats import read_records
-    from hfemb.training.runner import rows_from_records
+    from hfemb.training.data_rows import rows_from_records
 
     rows, _ = rows_from_records(read_records(str(path)).records, num_negatives, seed=0)
     return rows

@@ -52,7 +52,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from hfemb.training.collator import MultiNegCollator
-    from hfemb.training.runner import build_model, training_arguments
+    from hfemb.training.run_setup import build_model, training_arguments
     from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     torch.set_num_threads(args.threads)

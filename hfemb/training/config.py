@@ -47,7 +47,7 @@ class ModelConfig:
     pooling: str | None = None  # None: from the model's sentence-transformers config, else last/mean by architecture
     query_instruction: str | None = None  # None: the model's own prompt; "": no instruction; else the task text
     symmetric: bool = False  # instruction on documents too (pair classification, STS)
-    torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: see hfemb.training.runner.resolve_dtype)
+    torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: see hfemb.training.run_setup.resolve_dtype)
     attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2
     trust_remote_code: bool = False
     append_eos: bool | None = None  # None: append the end-of-text token only if the tokenizer does not
@@ -240,7 +240,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "dataloader_drop_last": False,
 }
 # Keys hfemb accepts in `training` although this transformers version spells them differently (translated by
-# hfemb.training.runner.training_arguments), with their types.
+# hfemb.training.run_setup.training_arguments), with their types.
 TRAINING_ALIASES: dict[str, Any] = {"warmup_ratio": float, "gradient_checkpointing_kwargs": dict | None,
                                     "group_by_length": bool}
 

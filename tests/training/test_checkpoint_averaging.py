@@ -125,7 +125,7 @@ def test_defaults_make_room_for_k():
     """hfemb's default save_total_limit (2) is raised to k; an explicit one is kept; the plan of saves counts
     the last step (5 steps, every 2: steps 2, 4, 5)."""
     from hfemb.training.averaging import planned_save_steps
-    from hfemb.training.runner import training_arguments
+    from hfemb.training.run_setup import training_arguments
 
     cfg = config_from_dict({**BASE, "training": {"output_dir": "o", "average_checkpoints": 3, "max_steps": 5,
                                                  "save_strategy": "steps", "save_steps": 2}})

@@ -97,7 +97,7 @@ def test_bad_override(tmp_path):
 
 
 def test_training_arguments_translation(tmp_path):
-    from hfemb.training.runner import training_arguments
+    from hfemb.training.run_setup import training_arguments
 
     cfg = load_config(write(tmp_path, {**BASE, "training": {"output_dir": str(tmp_path / "o"), "warmup_ratio": 0.1,
                                                              "gradient_checkpointing": True, "group_by_length": True,
@@ -114,7 +114,7 @@ def test_qlora_on_cpu_stops_at_start(tmp_path):
     import torch
 
     from hfemb.errors import HfembError
-    from hfemb.training.runner import check_hardware
+    from hfemb.training.run_setup import check_hardware
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

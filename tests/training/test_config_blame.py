@@ -54,7 +54,7 @@ def test_an_error_in_the_file_still_names_the_file(tmp_path):
     ({"eval_strategy": "steps", "eval_steps": 3, "save_steps": 6}, ("steps", "steps", 3, 6, True)),
 ])
 def test_save_eval_and_best_model_defaults_agree(tmp_path, training, expected):
-    from hfemb.training.runner import training_arguments
+    from hfemb.training.run_setup import training_arguments
 
     cfg = load_config(write(tmp_path, {**BASE, "training": {**BASE["training"], "output_dir": str(tmp_path / "o"),
                                                             **training}}))
@@ -69,7 +69,7 @@ def test_save_eval_and_best_model_defaults_agree(tmp_path, training, expected):
 
 
 def test_an_explicit_load_best_model_at_end_is_still_checked(tmp_path):
-    from hfemb.training.runner import training_arguments
+    from hfemb.training.run_setup import training_arguments
 
     cfg = load_config(write(tmp_path, {**BASE, "training": {**BASE["training"], "eval_strategy": "steps",
                                                             "save_strategy": "epoch", "load_best_model_at_end": True}}))

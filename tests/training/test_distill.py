@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from hfemb.data.formats import Record, read_records
 from hfemb.errors import ConfigError, DataError
 from hfemb.training.config import DEFAULT_DISTILL_WEIGHT, config_from_dict
+from hfemb.training.data_rows import check_teacher_scores, rows_from_records
 from hfemb.training.distill import distill_kl_loss, distill_mse_loss, matryoshka_loss, pair_rank_loss, truncate_normalize
 from hfemb.training.loss import info_nce_loss, own_negative_mask
-from hfemb.training.runner import check_teacher_scores, rows_from_records
 
 B, N = 4, 2
 
@@ -190,7 +190,7 @@ def rows(zh_sample_csv):
 
 def _trainer(model_path, tmp_path, loss):
     from hfemb.training.collator import MultiNegCollator
-    from hfemb.training.runner import build_model, training_arguments
+    from hfemb.training.run_setup import build_model, training_arguments
     from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     cfg = config_from_dict({

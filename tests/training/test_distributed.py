@@ -117,7 +117,7 @@ def one_step(model_path: str, rows: list[dict], out: str, batch_size: int, loss:
 
     from hfemb.training.collator import MultiNegCollator
     from hfemb.training.config import config_from_dict
-    from hfemb.training.runner import build_model, training_arguments
+    from hfemb.training.run_setup import build_model, training_arguments
     from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     cfg = config_from_dict({
@@ -350,7 +350,7 @@ def test_zero3_merged_model_encodes_like_its_adapter(torchrun_results, tiny_qwen
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_configs_load_into_training_arguments(stage, tmp_path):
     from hfemb.training.config import config_from_dict
-    from hfemb.training.runner import training_arguments
+    from hfemb.training.run_setup import training_arguments
 
     cfg = config_from_dict({"model": {"name_or_path": "m"}, "data": {"train_file": "t.jsonl"},
                             "training": {"output_dir": str(tmp_path), "report_to": "none",

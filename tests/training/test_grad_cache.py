@@ -27,7 +27,7 @@ def rows(zh_sample_csv):
 
 def make_trainer(model_path, tmp_path, rows, finetune="full", dropout=0.0, loss=None, training=None):
     from hfemb.training.collator import MultiNegCollator
-    from hfemb.training.runner import build_model, training_arguments
+    from hfemb.training.run_setup import build_model, training_arguments
     from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     cfg = config_from_dict({
@@ -200,7 +200,7 @@ def test_config_rejects_bad_mini_batch(value, tmp_path):
 
 
 def test_config_accepts_mini_batch_and_passes_it_in_the_training_arguments(tmp_path):
-    from hfemb.training.runner import training_arguments
+    from hfemb.training.run_setup import training_arguments
 
     raw = {"model": {"name_or_path": "m"}, "data": {"train_file": "t.jsonl"},
            "training": {"output_dir": str(tmp_path), "grad_cache_mini_batch": 8, "report_to": "none"}}

@@ -12,7 +12,7 @@ from test_trainer import make_config  # noqa: E402
 
 
 def test_label_threshold_change_is_not_served_from_the_cache(tmp_path):
-    from hfemb.training.runner import load_rows
+    from hfemb.training.data_rows import load_rows
 
     pools = []
     for i in range(6):

@@ -247,7 +247,7 @@ def test_symmetric_with_different_instructions_is_refused():
 
 def test_teacher_scores_in_some_datasets_only_are_refused(zh_sample_csv, tmp_path):
     """Held-out batches mix datasets: teacher scores must be in every dataset or in none (one error, both files)."""
-    from hfemb.training.runner import load_train_datasets
+    from hfemb.training.data_rows import load_train_datasets
 
     recs = read_records(str(zh_sample_csv)).records
     files = _mined_files(recs, tmp_path, 10)

@@ -186,7 +186,7 @@ def online(monkeypatch, tmp_path_factory):
 def test_training_arguments_never_let_the_trainer_push(tiny_qwen3, train_file, tmp_path, online, monkeypatch):
     import huggingface_hub.constants as constants
 
-    from hfemb.training.runner import training_arguments
+    from hfemb.training.run_setup import training_arguments
 
     cfg = _make_config(tiny_qwen3, train_file, tmp_path, push_to_hub=True, hub_model_id="alice/tiny",
                        hub_private_repo=True, hub_strategy="every_save")

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from hfemb.data.formats import read_records
 from hfemb.errors import ConfigError, DataError
 from hfemb.testing.torchrun import run_torchrun
+from hfemb.training.data_rows import rows_from_records
 from hfemb.training.redraw import REDRAW_KEY, RedrawnRows, redrawn, simans_weights, weighted_sample
-from hfemb.training.runner import rows_from_records
 
 from tests.training.test_trainer import assert_resume_equals_uninterrupted, make_config
 

@@ -96,7 +96,7 @@ def test_rows_and_collator_carry_every_positive_of_the_query(tiny_qwen3):
     from hfemb.data.formats import Record
     from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.collator import MultiNegCollator, text_id
-    from hfemb.training.runner import rows_from_records
+    from hfemb.training.data_rows import rows_from_records
 
     rows, _ = rows_from_records([Record(query="q", positives=["a", "b"], negatives=["n"]),
                                  Record(query="r", positives=["c"], negatives=["b"])], 1, 0)

@@ -44,7 +44,8 @@ def make_config(model_path, train_file, out, finetune="lora", training=None, **s
 
 def build_trainer(cfg, rows=None):
     from hfemb.training.collator import MultiNegCollator
-    from hfemb.training.runner import build_model, load_rows, training_arguments
+    from hfemb.training.data_rows import load_rows
+    from hfemb.training.run_setup import build_model, training_arguments
     from hfemb.training.trainer import MultiNegEmbeddingTrainer
 
     if rows is None:
@@ -190,7 +191,7 @@ def test_per_query_stats_by_hand():
 
 
 def test_raw_data_is_mined_on_the_fly_and_cached(tiny_qwen3, zh_sample_csv, tmp_path):
-    from hfemb.training.runner import load_rows
+    from hfemb.training.data_rows import load_rows
 
     recs = read_records(str(zh_sample_csv)).records[:30]
     raw = tmp_path / "raw.jsonl"

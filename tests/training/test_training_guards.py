@@ -42,7 +42,7 @@ def test_mixed_precision_lora_biases_train_in_fp32(tiny_qwen3, tmp_path):
     """A bf16 base with biases, lora.bias=all and training.bf16: every trainable weight is fp32 (peft left the
     base's biases in bf16; with fp16 GradScaler then raises "Attempting to unscale FP16 gradients"), and a
     forward/backward under autocast gives fp32 gradients."""
-    from hfemb.training.runner import build_model
+    from hfemb.training.run_setup import build_model
 
     path = _qwen3_with_biases(tiny_qwen3, tmp_path)
     model = build_model(_cfg(path, tmp_path, dtype="bfloat16", lora={"bias": "all"}, bf16=True, use_cpu=True))
@@ -84,7 +84,7 @@ def test_grad_cache_refuses_data_parallel():
 def test_unused_parameters_are_found_by_a_probe(tiny_qwen3, minilm, tmp_path):
     """Qwen3 with LoRA or fully trained uses every trainable weight (DDP needs no search); full BERT leaves
     its pooler (not used by mean pooling) without gradient. Oracle: the parameter names autograd reaches."""
-    from hfemb.training.runner import build_model, has_unused_trainable_parameters
+    from hfemb.training.run_setup import build_model, has_unused_trainable_parameters
 
     assert not has_unused_trainable_parameters(build_model(_cfg(tiny_qwen3, tmp_path)))
     assert not has_unused_trainable_parameters(build_model(_cfg(tiny_qwen3, tmp_path, finetune="full")))
@@ -97,16 +97,16 @@ def test_unused_parameters_are_found_by_a_probe(tiny_qwen3, minilm, tmp_path):
 
 
 def test_ddp_defaults_and_grad_cache_checkpointing_warning(tmp_path, caplog):
-    from hfemb.training.runner import training_arguments
+    from hfemb.training.run_setup import training_arguments
 
     args = training_arguments(_cfg("m", tmp_path), has_eval=False)
     assert args.ddp_broadcast_buffers is False and args.ddp_find_unused_parameters is None  # decided in run_training
     assert training_arguments(_cfg("m", tmp_path, ddp_broadcast_buffers=True), has_eval=False).ddp_broadcast_buffers
-    with caplog.at_level(logging.WARNING, logger="hfemb.training.runner"):
+    with caplog.at_level(logging.WARNING, logger="hfemb.training.run_setup"):
         training_arguments(_cfg("m", tmp_path, grad_cache_mini_batch=4, gradient_checkpointing=True), has_eval=False)
     assert "three forward passes" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hfemb.training.runner"):
+    with caplog.at_level(logging.WARNING, logger="hfemb.training.run_setup"):
         training_arguments(_cfg("m", tmp_path, grad_cache_mini_batch=4), has_eval=False)
         training_arguments(_cfg("m", tmp_path, gradient_checkpointing=True), has_eval=False)
     assert "three forward passes" not in caplog.text

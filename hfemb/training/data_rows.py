@@ -1,0 +1,181 @@
+"""Training rows of a run: records read (and mined, cached) per file, turned into query/positive/negatives rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
+
+from hfemb.data.formats import read_records
+from hfemb.data.records import ColumnMap, Record
+from hfemb.data.splits import split_by_query
+from hfemb.errors import ConfigError, HfembError
+from hfemb.io_utils import write_json, write_jsonl
+from hfemb.mining.mine import MiningConfig, mine
+from hfemb.modeling.loading import format_instruction
+from hfemb.training.config import TrainConfig, TrainFileSpec, train_file_specs
+from hfemb.training.redraw import REDRAW_KEY, mined_pools_spec, resample_spec
+from hfemb.training.teacher_scores import row_teacher_scores
+
+
+def rows_from_records(records: list[Record], num_negatives: int, seed: int, redraw: bool = True
+                      ) -> tuple[list[dict], dict]:
+    """Training rows ``{"query","positive","negatives","query_positives"}``, one per (query, positive)
+    (``query_positives``: every positive of the query, shared by its rows; none counts as its negative).
+    A record with exactly ``num_negatives`` negatives (a mined file) keeps them in order; one with more gets a
+    seeded sample (as FlagEmbedding samples its ``neg`` lists); rows short of negatives are dropped and counted.
+    A row that can draw other negatives in later epochs (mined pools, or a longer list) carries its
+    `hfemb.training.redraw` spec under ``REDRAW_KEY`` (``redraw=False``: none, pools unread)."""
+    rows, short, texts = [], 0, {}
+    known: dict[str, list[str]] = {}  # query -> all its positives (records of one query may repeat it)
+    for rec in records:
+        known.setdefault(rec.query, [])
+        known[rec.query].extend(p for p in rec.positives if p not in known[rec.query])
+    for i, rec in enumerate(records):
+        negs = rec.negatives
+        if len(negs) < num_negatives:
+            short += len(rec.positives)
+            continue
+        for j, pos in enumerate(rec.positives):
+            picked = range(len(negs)) if len(negs) == num_negatives else \
+                random.Random(f"{seed}/{i}/{j}").sample(range(len(negs)), num_negatives)  # = sample(negs, n)
+            row = {"query": rec.query, "positive": pos, "negatives": [negs[k] for k in picked],
+                   "query_positives": known[rec.query]}
+            teacher = row_teacher_scores(rec.extra, rec.source, j, picked, len(rec.positives), len(negs))
+            if teacher is not None:
+                row["teacher_scores"] = teacher  # [1 + N] (hfemb mine --teacher, or FlagEmbedding's pos/neg_scores)
+            if redraw and num_negatives:
+                spec = mined_pools_spec(rec.extra, rec.source, negs, teacher is not None, known[rec.query], texts) \
+                    if len(negs) == num_negatives else \
+                    resample_spec(negs, num_negatives, rec.extra.get("neg_scores") if teacher is not None else None)
+                if spec is not None:
+                    row[REDRAW_KEY] = spec
+            rows.append(row)
+    return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
+
+
+def check_teacher_scores(rows: list[dict], cfg: TrainConfig, train_file: str | None = None) -> None:
+    """Teacher scores on every training row or on none; an explicit ``loss.distill_weight`` needs them.
+    ``train_file``: the file the rows come from (default ``data.train_file``)."""
+    train_file = train_file or cfg.data.train_file
+    with_scores = sum("teacher_scores" in r for r in rows)
+    if 0 < with_scores < len(rows):
+        raise ConfigError(f"{train_file}: {with_scores} of {len(rows)} training rows carry teacher scores "
+                          "(pos_scores/neg_scores); give them for every row or for none")
+    if cfg.loss.distill_loss == "mse" and with_scores:  # cosine targets: reranker logits would be silently wrong
+        for line, row in enumerate(rows, 1):
+            bad = next((x for x in row["teacher_scores"] if not -1.0 <= float(x) <= 1.0), None)
+            if bad is not None:
+                raise ConfigError(f"{train_file}: training row {line}: 'teacher_scores' (pos_scores/neg_scores) has "
+                                  f"{bad}, outside [-1, 1]: loss.distill_loss=mse needs cosine similarities (e.g. "
+                                  "`hfemb mine --teacher`); use distill_loss=kl for reranker scores")
+    if cfg.loss.distill_weight and not with_scores:
+        raise ConfigError(f"{cfg.source or 'config'}: 'loss.distill_weight' is {cfg.loss.distill_weight} but the "
+                          f"rows of {train_file} carry no teacher scores (mine with `hfemb mine --teacher "
+                          "MODEL`, or give FlagEmbedding's pos_scores/neg_scores)")
+
+
+UNRANKED_FORMATS = ("pool", "pairs", "wikiqa", "case_candidates")  # labelled pools: their negatives are not selected yet
+
+
+def needs_mining(records: list[Record], num_negatives: int, fmt: str = "") -> bool:
+    """Mine when some record lacks negatives, or when they are a labelled pool's unranked negatives."""
+    return num_negatives > 0 and (fmt in UNRANKED_FORMATS or any(len(r.negatives) < num_negatives for r in records))
+
+
+def records_digest(records: list[Record]) -> str:
+    """sha1 of the records as the miner receives them (every field, in order): whatever changed them --
+    the file, ``data.format``, column settings, ``label_threshold``, skipped rows -- changes the digest."""
+    h = hashlib.sha1()
+    for rec in records:
+        h.update(json.dumps(dataclasses.asdict(rec), sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def mine_cached(records: list[Record], source_file: str, mining: dict, num_negatives: int, cache_dir: Path) -> tuple[list[Record], dict]:
+    """Mine ``records`` with `hfemb.mining.mine.mine`, cached on disk by (the records read from ``source_file``,
+    mining settings): another ``data.format``, column mapping or ``label_threshold`` mines again."""
+    settings = {**(mining or {}), "num_negatives": num_negatives}
+    settings.setdefault("mode", "pool" if any(r.candidates for r in records) else "corpus")
+    try:
+        config = MiningConfig(**settings)
+    except TypeError as exc:
+        raise ConfigError(f"mining section: {exc}") from None
+    key = hashlib.sha1(json.dumps([records_digest(records), dataclasses.asdict(config)], sort_keys=True).encode()).hexdigest()[:16]
+    cached = cache_dir / f"mined-{key}.jsonl"
+    report_file = cache_dir / f"mined-{key}.report.json"
+    if cached.exists() and report_file.exists():
+        report = json.loads(report_file.read_text())
+        report["cache"] = str(cached)
+        return read_records(str(cached)).records, report
+    result = mine(records, config)
+    write_jsonl(cached, result.rows)
+    write_json(report_file, result.report)
+    return read_records(str(cached)).records, {**result.report, "cache": str(cached)}
+
+
+def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str,
+              fmt: str | None = None) -> list[dict]:
+    """The training rows of one file (``fmt``: its format, default ``data.format``), mined when needed; its
+    report goes to ``report[name]``."""
+    d = cfg.data
+    columns = ColumnMap(query=list(d.query_columns), positive=d.positive_column) if d.query_columns else None
+    result = read_records(path, fmt=fmt or d.format, columns=columns, on_error="skip" if d.skip_bad_rows else "raise",
+                          label_threshold=d.label_threshold)
+    records = result.records
+    part: dict[str, Any] = {"file": path, "format": result.format, "records": len(records), "skipped_bad_rows": len(result.skipped)}
+    mine_it = d.mine if d.mine is not None else needs_mining(records, d.num_negatives, result.format)
+    if mine_it:
+        records, part["mining"] = mine_cached(records, path, cfg.mining or {}, d.num_negatives, cache_dir)
+    rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
+                                     redraw=d.redraw_negatives and name != "eval")
+    part.update(counts)
+    report[name] = part
+    if not rows:
+        raise HfembError(f"{path}: no usable {name} rows (each needs a query, a positive and {d.num_negatives} negatives)")
+    return rows
+
+
+def dataset_query_prompt(spec: TrainFileSpec) -> str | None:
+    """The query prompt of one dataset of ``data.train_files``: None = the model's own, "" = none (``""`` or
+    false), else Qwen3-Embedding's ``Instruct: {task}\\nQuery:``."""
+    if spec.instruction is None:
+        return None
+    return format_instruction(spec.instruction, "") if spec.instruction else ""
+
+
+def load_train_datasets(cfg: TrainConfig, cache_dir: Path, report: dict, seed: int) -> tuple[list[dict], list[dict]]:
+    """``data.train_files``: each file read (and mined) on its own, its rows tagged with the dataset's index
+    (``"dataset"``) and query prompt (``"query_prompt"``, `dataset_query_prompt`); with ``data.eval_ratio`` (and no
+    ``data.eval_file``) a share of each dataset's queries is held out. Returns (train rows, held-out rows);
+    ``report["train <name>"]`` describes each dataset."""
+    rows: list[dict] = []
+    held: list[dict] = []
+    scored: dict[str, bool] = {}  # file -> its rows carry teacher scores (all or none: check_teacher_scores)
+    for index, spec in enumerate(train_file_specs(cfg.data)):
+        part = f"train {spec.name}"
+        own = load_rows(cfg, spec.file, cache_dir, report, part, fmt=spec.format)
+        check_teacher_scores(own, cfg, spec.file)
+        scored[spec.file] = any("teacher_scores" in r for r in own)
+        if len(set(scored.values())) > 1:  # batches of held-out rows mix datasets: all or none, before more mining
+            raise ConfigError(f"data.train_files: teacher scores (pos_scores/neg_scores) in "
+                              f"{', '.join(f for f, s in scored.items() if s)} but not in "
+                              f"{', '.join(f for f, s in scored.items() if not s)}; give them for every dataset "
+                              "or none")
+        prompt = dataset_query_prompt(spec)
+        own = [{**row, "dataset": index, "query_prompt": prompt} for row in own]
+        if cfg.data.eval_ratio and not cfg.data.eval_file:
+            try:
+                out, own = split_by_query(own, cfg.data.eval_ratio, seed, query=itemgetter("query"))
+            except HfembError as exc:
+                raise HfembError(f"{spec.file} (data.train_files[{index}]): data.eval_ratio: {exc}") from None
+            held.extend(out)
+            report[part]["rows_after_eval_split"] = len(own)
+        report[part].update({"name": spec.name, "weight": spec.weight, "query_prompt": prompt})
+        rows.extend(own)
+    return rows, held
