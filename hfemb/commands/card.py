@@ -23,7 +23,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """(Re)write ``merged/README.md`` and ``adapter/README.md``; raises `HfembError` on bad input."""
     # lazy (numpy, scipy): not loaded for `hfemb card --help`
-    from hfemb.publishing.model_card import PROVENANCE_FILE, THRESHOLD_FILE, check_training_output, write_model_card
+    from hfemb.publishing.card_sections import THRESHOLD_FILE
+    from hfemb.publishing.model_card import PROVENANCE_FILE, check_training_output, write_model_card
 
     if Path(args.output_dir, PROVENANCE_FILE).is_file():  # a `hfemb merge-weights` output: a model folder
         check_output(args.output_dir, inputs=[args.eval_results], option="card", folder=True,

@@ -25,7 +25,9 @@ from typing import Callable
 
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json
-from hfemb.publishing.model_card import clean_config, is_hub_id, write_model_card
+from hfemb.publishing.card_inputs import is_hub_id
+from hfemb.publishing.card_sections import clean_config
+from hfemb.publishing.model_card import write_model_card
 
 log = logging.getLogger("hfemb.publishing.hub")
 

@@ -16,8 +16,9 @@ import pytest
 from huggingface_hub import ModelCard
 
 from hfemb.errors import HfembError
-from hfemb.publishing.model_card import (THRESHOLD_FILE, _fmt, build_model_card, read_threshold, training_curve_summary,
-                              write_model_card)
+from hfemb.publishing.card_inputs import training_curve_summary
+from hfemb.publishing.card_sections import THRESHOLD_FILE, format_value
+from hfemb.publishing.model_card import build_model_card, read_threshold, write_model_card
 
 QUERIES = ["高血压患者日常饮食需要注意什么？", "头痛", "How long should a cough last before I see a doctor about it at all?"]
 DOCUMENTS = ["低盐饮食。", "高血压患者应低盐饮食，每日食盐摄入不超过5克，多吃蔬菜水果，戒烟限酒，保持规律作息和适量运动。",
@@ -106,8 +107,8 @@ def test_card_values_come_from_the_run(trained):
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     best = min(losses, key=lambda sv: sv[1])
-    assert (f"| loss ↓ | {_fmt(losses[0][1])} ({losses[0][0]}) | {_fmt(losses[-1][1])} ({losses[-1][0]}) | "
-            f"{_fmt(best[1])} ({best[0]}) |") in result.text
+    assert (f"| loss ↓ | {format_value(losses[0][1])} ({losses[0][0]}) | "
+            f"{format_value(losses[-1][1])} ({losses[-1][0]}) | {format_value(best[1])} ({best[0]}) |") in result.text
     summary_curves = {c["metric"]: c for c in training_curve_summary(out / "train_log.jsonl")}
     assert summary_curves["loss"]["first"] == losses[0] and summary_curves["loss"]["best"] == best
     eval_losses = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}

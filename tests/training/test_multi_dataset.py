@@ -334,7 +334,7 @@ def test_run_with_two_datasets_exports_each_instruction_as_a_named_prompt(tiny_q
 
 
 def test_model_card_config_keeps_only_the_file_names_of_train_files():
-    from hfemb.publishing.model_card import clean_config
+    from hfemb.publishing.card_sections import clean_config
 
     config = {"data": {"train_files": [{"file": "/home/alice/private/med.csv", "name": "med", "weight": 2.0}]}}
     assert clean_config(config) == {"data": {"train_files": [{"file": "med.csv", "name": "med", "weight": 2.0}]}}
