@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cache-dir", help="embedding cache (default $HFEMB_CACHE/embeddings or ~/.cache/hfemb/embeddings)")
     a("--no-cache", dest="use_cache", action="store_const", const=False, help="neither read nor write the cache")
     a("--bootstrap", dest="n_bootstrap", type=int, metavar="N", help="bootstrap resamples of queries (default 1000; 0 = off)")
+    a("--threshold-rule", choices=("bagged", "best"), help="the threshold to deploy, chosen on --dev (else on "
+      "--data): bagged (default) = median of the best-F1 thresholds of 200 query resamples, steadier on new "
+      "queries; best = the argmax of the F1 curve itself")
     a("--seed", type=int, help="seed of the bootstrap and of --split-dev (default 0)")
     a("--api-key-env", metavar="VAR", help="environment variable holding the key for openai: models "
       "(default OPENAI_API_KEY); the key is never printed or written")

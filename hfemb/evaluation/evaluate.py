@@ -5,8 +5,8 @@ reads the pairs (any eval format ``hfemb.data.formats.read_records`` knows), enc
 model (queries and documents apart, since their prompts differ; an on-disk cache makes re-runs free),
 scores pairs by cosine similarity, and reports per model: precision/recall/F1/accuracy at each threshold
 (``score >= threshold`` is positive), best F1 over all thresholds (sklearn's PR curve), ROC-AUC, AP,
-MRR@10/nDCG@10/Recall@k per query, the threshold to deploy (best F1 on ``dev`` when given, else on the
-eval set itself: optimistic) with bootstrap intervals. Models are loaded and encoded by
+MRR@10/nDCG@10/Recall@k per query, the threshold to deploy (chosen on ``dev`` when given, else on the
+eval set itself: optimistic; by default the bagged median of resampled best-F1 thresholds) with bootstrap intervals. Models are loaded and encoded by
 ``hfemb.evaluation.encoders`` (cache: ``hfemb.evaluation.cache``); files are written by ``hfemb.evaluation.report``.
 """
 
@@ -128,7 +128,8 @@ def summary_metrics(pairs: EvalPairs, scores: np.ndarray, settings: EvalSettings
 
 def choose_thresholds(results: dict, eval_pairs: EvalPairs, eval_scores: dict, dev_pairs: EvalPairs | None,
                       dev_scores: dict, settings: EvalSettings) -> None:
-    """Per model: the threshold to deploy (best F1 on dev, else on eval), eval F1 there, bootstrap intervals."""
+    """Per model: the threshold to deploy (on dev, else on eval; by ``settings.threshold_rule``: the bagged
+    median of resampled best-F1 thresholds, or the best-F1 threshold itself), eval F1 there, bootstrap intervals."""
     lt, names = settings.label_threshold, list(eval_scores)
     confusions = []
     for name in names:
@@ -138,8 +139,12 @@ def choose_thresholds(results: dict, eval_pairs: EvalPairs, eval_scores: dict, d
             chosen, source_pairs, source_scores = res["dev"]["best_threshold"], dev_pairs, dev_scores[name]
         else:
             chosen, source_pairs, source_scores = res["best_threshold"], eval_pairs, eval_scores[name]
+        if settings.threshold_rule == "bagged" and chosen == chosen:  # (NaN: no relevant pair to choose by)
+            chosen = metrics.bagged_threshold(source_pairs.query_index, source_pairs.labels, source_scores,
+                                              label_threshold=lt, n_boot=settings.threshold_bags, seed=settings.seed)
         (row,) = metrics.threshold_sweep(eval_pairs.labels, eval_scores[name], [chosen], label_threshold=lt)
         res.update({"chosen_threshold": chosen, "chosen_on": "dev" if dev_pairs is not None else "eval",
+                    "threshold_rule": settings.threshold_rule,
                     "f1_at_chosen": row["f1"], "precision_at_chosen": row["precision"],
                     "recall_at_chosen": row["recall"], "accuracy_at_chosen": row["accuracy"]})
         if settings.n_bootstrap:

@@ -253,9 +253,9 @@ def bootstrap_f1(confusions: list[np.ndarray], *, n_boot: int = 1000, seed: int 
     return {"f1": f1_ci, "diff": diff_ci}
 
 
-def bootstrap_best_threshold(group_ids, labels, scores, *, label_threshold: float = 1, n_boot: int = 1000,
-                             seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile interval of the best-F1 threshold when queries are resampled: how stable the choice is."""
+def bootstrap_best_thresholds(group_ids, labels, scores, *, label_threshold: float = 1, n_boot: int = 1000,
+                              seed: int = 0) -> np.ndarray:
+    """[n_boot] best-F1 threshold of each resample of the queries (``resample_weights``: seeded counts)."""
     g = np.asarray(group_ids, dtype=np.int64)
     y = _as_binary(labels, label_threshold).astype(np.float64)
     s = np.asarray(scores, dtype=np.float64)
@@ -272,6 +272,25 @@ def bootstrap_best_threshold(group_ids, labels, scores, *, label_threshold: floa
         with np.errstate(invalid="ignore", divide="ignore"):
             f1 = np.where(tp + fp + n_pos > 0, 2 * tp / (tp + fp + n_pos), 0.0)
         best.append(s[block_end][np.argmax(f1, axis=1)])
-    values = np.concatenate(best)
+    return np.concatenate(best)
+
+
+def bootstrap_best_threshold(group_ids, labels, scores, *, label_threshold: float = 1, n_boot: int = 1000,
+                             seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile interval of the best-F1 threshold when queries are resampled: how stable the choice is."""
+    values = bootstrap_best_thresholds(group_ids, labels, scores, label_threshold=label_threshold, n_boot=n_boot,
+                                       seed=seed)
     lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
+
+
+def bagged_threshold(group_ids, labels, scores, *, label_threshold: float = 1, n_boot: int = 200,
+                     seed: int = 0) -> float:
+    """The threshold to deploy by bagging: the median of the best-F1 thresholds of ``n_boot`` resamples of the
+    queries. The plain argmax of one F1 curve often sits at the edge of a flat, noisy plateau; the median of
+    its resamples sits inside it and transfers better to new queries (hfemb's default rule, README)."""
+    y = _as_binary(labels, label_threshold)
+    if not y.any():
+        return float("nan")
+    return float(np.median(bootstrap_best_thresholds(group_ids, labels, scores, label_threshold=label_threshold,
+                                                     n_boot=n_boot, seed=seed)))

@@ -50,7 +50,7 @@ def summary_table(report: dict) -> str:
     models, first = report["models"], report["reference_model"]
     ranking = any(m.get("ranking") for m in models.values())
     on = next(iter(models.values()))["chosen_on"]
-    head = ["model", f"threshold (best F1 on {on}) [95% CI]", "F1 at threshold [95% CI]", "precision / recall",
+    head = ["model", f"threshold ({rule_words(next(iter(models.values())))} on {on}) [95% CI]", "F1 at threshold [95% CI]", "precision / recall",
             f"ΔF1 vs {first} [95% CI]", "best F1 on eval (at)", "ROC-AUC", "AP"]
     if ranking:
         head += ["MRR@10", "nDCG@10", "R@1", "R@5", "R@10"]
@@ -66,6 +66,11 @@ def summary_table(report: dict) -> str:
             cells += [_f(r.get(k)) for k in ("mrr@10", "ndcg@10", "recall@1", "recall@5", "recall@10")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def rule_words(model: dict) -> str:
+    """How a model's threshold was chosen, in a few words (``threshold_rule``; reports before it: the argmax)."""
+    return "bagged best F1" if model.get("threshold_rule") == "bagged" else "best F1"
 
 
 def deploy_choice(models: dict) -> tuple[str, str]:
@@ -87,7 +92,7 @@ def verdict(report: dict) -> str:
     picked = (f"Chosen by its F1 on the dev set ({_f(m['dev']['best_f1'])}), as its threshold was; the eval F1 "
               "below is then an unbiased estimate." if chosen_on == "dev" else
               "Chosen by its F1 on the eval set itself (no --dev): an optimistic choice.")
-    text = [f"**Deploy {best_name} at threshold {_f(m['chosen_threshold'], 3)}** (best F1 on {on}"
+    text = [f"**Deploy {best_name} at threshold {_f(m['chosen_threshold'], 3)}** ({rule_words(m)} on {on}"
             + (f"; 95% of query resamples choose {_f(m['chosen_threshold_ci'][0], 3)}–"
                f"{_f(m['chosen_threshold_ci'][1], 3)}" if m.get("chosen_threshold_ci") else "")
             + f"): eval F1 {_f(m['f1_at_chosen'])}"
@@ -112,6 +117,9 @@ def markdown_report(report: dict) -> str:
         dev = report["data"]["dev"]
         out += [f"Thresholds were chosen on the dev set {dev['path']} ({dev['pairs']} pairs, {dev['queries']} queries); "
                 "F1 is measured on the eval set at that threshold.", ""]
+    if next(iter(report["models"].values()), {}).get("threshold_rule") == "bagged":
+        out += [f"Bagged best F1: the median of the best-F1 thresholds of {settings.get('threshold_bags')} resamples "
+                "of the queries (steadier on new queries than the argmax of one noisy F1 curve).", ""]
     out += ["## Per threshold", "", "| model | threshold | precision | recall | F1 | accuracy | predicted positive |",
             "|---|---|---|---|---|---|---|"]
     for name, m in report["models"].items():

@@ -218,8 +218,13 @@ def choose_retrieval_thresholds(results: dict, runs: dict, settings) -> None:
         res, run = results[name], runs[name]
         source = "dev" if "dev" in run else "eval"
         chosen = res["dev"]["best_threshold"] if source == "dev" else res["threshold"]["best_threshold"]
+        if settings.threshold_rule == "bagged" and chosen == chosen:  # (NaN: nothing relevant to choose by)
+            src = run[source]
+            chosen = rm.topk_bagged_threshold(src["sweep_scores"], src["sweep_hit"], src["n_rel"],
+                                              n_boot=settings.threshold_bags, seed=settings.seed)
         (row,) = rm.topk_sweep(run["eval"]["sweep_scores"], run["eval"]["sweep_hit"], run["eval"]["n_rel"], [chosen])
-        res["threshold"].update({"chosen_threshold": chosen, "chosen_on": source, "f1_at_chosen": row["f1"],
+        res["threshold"].update({"chosen_threshold": chosen, "chosen_on": source, "threshold_rule": settings.threshold_rule,
+                                 "f1_at_chosen": row["f1"],
                                  "precision_at_chosen": row["precision"], "recall_at_chosen": row["recall"]})
         confusions.append(rm.topk_confusion(run["eval"]["sweep_scores"], run["eval"]["sweep_hit"],
                                             run["eval"]["n_rel"], chosen))

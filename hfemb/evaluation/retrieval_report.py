@@ -44,7 +44,9 @@ def threshold_table(report: dict) -> str:
     sweep_k = report["settings"]["sweep_k"]
     first = report["reference_model"]
     on = next(iter(report["models"].values()))["threshold"]["chosen_on"]
-    head = ["model", f"threshold (best F1 on {on})", "F1 at threshold [95% CI]", "precision / recall",
+    rule = "bagged best F1" if next(iter(report["models"].values()))["threshold"].get("threshold_rule") == "bagged" \
+        else "best F1"
+    head = ["model", f"threshold ({rule} on {on})", "F1 at threshold [95% CI]", "precision / recall",
             f"ΔF1 vs {first} [95% CI]", "best F1 on eval (at)"]
     lines = [f"Threshold sweep over each query's top {sweep_k}: a retrieved document with score >= threshold is "
              "predicted relevant; relevant documents not retrieved count as misses.", "",

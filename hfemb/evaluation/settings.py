@@ -38,6 +38,10 @@ class EvalSettings:
     cache_dir: str | None = None
     use_cache: bool = True
     n_bootstrap: int = 1000
+    # the threshold to deploy, chosen on dev (else on eval): bagged = median of the best-F1 thresholds of
+    # threshold_bags query resamples (metrics.bagged_threshold); best = the argmax of the F1 curve itself
+    threshold_rule: Literal["bagged", "best"] = "bagged"
+    threshold_bags: int = 200
     seed: int = 0
     api_key_env: str = "OPENAI_API_KEY"
     request_batch_size: int = 64  # texts per request to an OpenAI-compatible endpoint
@@ -54,7 +58,9 @@ class EvalSettings:
         self.thresholds = sorted(float(t) for t in self.thresholds)
         if not self.thresholds:
             raise ConfigError("thresholds: none given")
-        for name in ("batch_size", "max_length", "n_bootstrap", "request_batch_size"):
+        if self.threshold_rule not in ("bagged", "best"):
+            raise ConfigError(f"threshold_rule must be bagged or best, got {self.threshold_rule!r}")
+        for name in ("batch_size", "max_length", "n_bootstrap", "request_batch_size", "threshold_bags"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name == "n_bootstrap" else 1):
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_tokens_per_batch is not None and (not isinstance(self.max_tokens_per_batch, int)

@@ -15,6 +15,7 @@ import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from hfemb.evaluation import encoders as eval_models
+from hfemb.evaluation.metrics import bagged_threshold
 from hfemb.cli import main as cli_main
 from hfemb.data.records import Record
 from hfemb.errors import ConfigError, DataError, HfembError
@@ -127,7 +128,10 @@ def test_evaluate_matches_reference_per_query_encoding(minilm, tiny_qwen3, eval_
         y_dev, s_dev = _reference_scores(path, _pools(0))
         assert res["chosen_on"] == "dev"
         assert res["dev"]["best_f1"] == pytest.approx(max(f1_score(y_dev, s_dev >= t) for t in s_dev), abs=1e-9)
-        assert res["chosen_threshold"] == pytest.approx(res["dev"]["best_threshold"])
+        # the default rule: the bagged median of resampled best-F1 thresholds of the dev pairs (queries in order)
+        dev_groups = np.repeat(np.arange(len(_pools(0))), len(_pools(0)[0]["documents"]))
+        assert res["threshold_rule"] == "bagged" and res["chosen_threshold"] == pytest.approx(
+            bagged_threshold(dev_groups, y_dev, s_dev, n_boot=200, seed=0), abs=1e-6)
         assert res["f1_at_chosen"] == pytest.approx(f1_score(y, s >= res["chosen_threshold"] - 1e-6), abs=1e-9)
         assert res["f1_at_chosen_ci"][0] <= res["f1_at_chosen"] <= res["f1_at_chosen_ci"][1]
         # each distinct text encoded once: 4 test + 4 dev queries, 12 documents
@@ -258,6 +262,10 @@ def test_without_dev_threshold_is_best_on_eval_and_split_dev_option(tiny_qwen3, 
     test, _ = eval_files
     report = evaluate({"tiny": tiny_qwen3}, test, output_dir=tmp_path / "a", cache_dir=cache_dir, n_bootstrap=50,
                       print_table=False, show_progress=False, plots=False)
+    res = report["models"]["tiny"]
+    assert res["chosen_on"] == "eval" and res["threshold_rule"] == "bagged"
+    report = evaluate({"tiny": tiny_qwen3}, test, output_dir=tmp_path / "a", cache_dir=cache_dir, n_bootstrap=50,
+                      print_table=False, show_progress=False, plots=False, threshold_rule="best")
     res = report["models"]["tiny"]
     assert res["chosen_on"] == "eval" and res["chosen_threshold"] == res["best_threshold"]
     assert res["f1_at_chosen"] == pytest.approx(res["best_f1"])

@@ -10,8 +10,8 @@ from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, 
                              recall_score, roc_auc_score)
 
 from hfemb.errors import ConfigError
-from hfemb.evaluation.metrics import (best_f1, bootstrap_best_threshold, bootstrap_f1, grouped_metrics, parse_thresholds,
-                           query_confusion, roc_auc, threshold_sweep, average_precision)
+from hfemb.evaluation.metrics import (bagged_threshold, best_f1, bootstrap_best_threshold, bootstrap_f1, grouped_metrics, parse_thresholds,
+                           query_confusion, resample_weights, roc_auc, threshold_sweep, average_precision)
 
 
 def _random_case(seed: int, n: int = 400, tied: bool = False):
@@ -199,3 +199,27 @@ def test_bootstrap_best_threshold_brackets_the_point_estimate():
     # with all rows drawn exactly once (weights = 1) the vectorised choice equals sklearn's best F1
     only = bootstrap_best_threshold(np.zeros(600, int), y, s, n_boot=3, seed=0)
     assert best_f1(y, s)["f1"] == pytest.approx(f1_score(y, (s >= only[0]).astype(int)), abs=1e-12)
+
+
+def _resampled_best_threshold_oracle(groups, y, s, counts):
+    """One resample the slow way: each query's pairs repeated as often as it was drawn, then the best F1 over
+    every candidate threshold by sklearn (the highest threshold on equal F1, as the vectorised code)."""
+    take = np.concatenate([np.flatnonzero(groups == q).repeat(int(c)) for q, c in enumerate(counts)])
+    yy, ss = y[take], s[take]
+    scored = [(f1_score(yy, (ss >= t).astype(int), zero_division=0), t) for t in np.unique(ss)]
+    best = max(f for f, _ in scored)
+    return max(t for f, t in scored if f >= best - 1e-12)
+
+
+def test_bagged_threshold_is_the_median_of_resampled_best_thresholds():
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(25), 8)
+    y = (rng.random(200) < 0.3).astype(int)
+    s = np.round(rng.normal(0.45 + 0.2 * y, 0.12), 3)
+    counts = np.concatenate(list(resample_weights(25, 31, seed=4)))  # the same resamples the function draws
+    oracle = float(np.median([_resampled_best_threshold_oracle(groups, y, s, c) for c in counts]))
+    assert bagged_threshold(groups, y, s, n_boot=31, seed=4) == pytest.approx(oracle, abs=1e-12)
+    # the bagged choice is an interior point of the resampled choices, within the bootstrap interval
+    lo, hi = bootstrap_best_threshold(groups, y, s, n_boot=31, seed=4)
+    assert lo <= oracle <= hi
+    assert np.isnan(bagged_threshold(groups, np.zeros(200, int), s))  # nothing relevant: nothing to choose

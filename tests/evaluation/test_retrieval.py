@@ -127,6 +127,21 @@ def test_topk_sweep_and_best_f1_brute_force():
     assert row["fn"] == total - row["tp"]
 
 
+
+def test_topk_bagged_threshold_is_the_median_of_resampled_brute_force_choices():
+    from hfemb.evaluation.metrics import resample_weights
+
+    rng = np.random.default_rng(8)
+    scores = np.round(np.sort(rng.random((20, 6)), axis=1)[:, ::-1], 2)  # ties within and across queries
+    hit = rng.random((20, 6)) < 0.35
+    n_rel = hit.sum(axis=1) + rng.integers(0, 2, size=20)
+    chosen = []
+    for counts in np.concatenate(list(resample_weights(20, 25, seed=6))):
+        take = np.arange(20).repeat(counts.astype(int))  # each query as often as the resample drew it
+        chosen.append(rm.topk_best_f1(scores[take], hit[take], n_rel[take])["threshold"])
+    assert rm.topk_bagged_threshold(scores, hit, n_rel, n_boot=25, seed=6) == pytest.approx(np.median(chosen))
+    assert math.isnan(rm.topk_bagged_threshold(scores, hit, np.zeros(20, int)))
+
 def test_bootstrap_means_identical_models_and_constants():
     rng = np.random.default_rng(4)
     v = rng.random(50)
