@@ -4,7 +4,8 @@ at the same epochs, batch, accumulation and learning rate, over several seeds.
 
 Rows: the peer (ST MNRL on the `hfemb mine` default rows); hfemb on the same rows; hfemb on rows mined with
 ``--scorer hybrid --model MPNET --teacher MPNET``; any ``--ablate NAME=OVERRIDE`` (e.g.
-``no-redraw=data.redraw_negatives=false``); base all-MiniLM-L6-v2 and base all-mpnet-base-v2 (the big model).
+``no-redraw=data.redraw_negatives=false``) on the default rows and ``--hybrid-ablate NAME=OVERRIDE`` on the
+hybrid ones; base all-MiniLM-L6-v2 and base all-mpnet-base-v2 (the big model).
 Dev decides (best F1, ROC-AUC, MRR@10, mean over seeds); ``--test`` adds test numbers at the dev threshold with
 paired query-bootstrap 95 % intervals of ΔF1 and ΔAUC against the peer of the same seed and against base mpnet.
 
@@ -117,6 +118,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
     parser.add_argument("--ablate", nargs="*", default=[], metavar="NAME=KEY=VALUE",
                         help="extra hfemb rows on the default rows, one override each")
+    parser.add_argument("--hybrid-ablate", nargs="*", default=[], metavar="NAME=KEY=VALUE",
+                        help="extra hfemb rows on the hybrid + teacher rows, one override each")
     parser.add_argument("--no-hybrid", action="store_true", help="skip the hybrid + teacher rows")
     parser.add_argument("--test", action="store_true", help="also test numbers (only once dev has decided)")
     parser.add_argument("--parallel", type=int, default=2)
@@ -145,6 +148,10 @@ def main() -> int:
             name, override = spec.split("=", 1)
             jobs[f"hfemb {name} s{seed}"] = (train_hfemb, default_rows, out / "runs" / f"{name}-s{seed}", seed,
                                              [override], args.threads)
+        for spec in args.hybrid_ablate if hybrid_rows else []:
+            name, override = spec.split("=", 1)
+            jobs[f"hfemb hybrid+teacher {name} s{seed}"] = (train_hfemb, hybrid_rows, out / "runs" / f"hybrid-{name}-s{seed}",
+                                                            seed, [override], args.threads)
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = {label: pool.submit(fn, *rest) for label, (fn, *rest) in jobs.items()}
         models = {label: f.result() for label, f in futures.items()}

@@ -80,7 +80,8 @@ class DataConfig:
     redraw_negatives: bool = True
     # how later epochs draw: uniform | simans (rows with teacher scores: candidates the teacher scores near the
     # positive are drawn more often, weight exp(-((s_neg - s_pos) / redraw_simans_width)^2); hfemb.training.redraw)
-    redraw_sampling: Literal["uniform", "simans"] = "uniform"
+    # | auto: simans when the rows carry teacher scores (hfemb mine --teacher), else uniform (README, Results)
+    redraw_sampling: Literal["auto", "uniform", "simans"] = "auto"
     redraw_simans_width: float = 0.1
     # no_duplicate_queries: no two rows of one query in a step's batch, across processes too
     # (hfemb.training.sampling); random: the Trainer's shuffling. training.group_by_length takes precedence.
@@ -330,8 +331,8 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         if bad:
             raise ConfigError(f"{where}: 'data.eval_files' name {bad[0]!r}: use letters, digits, - and _ "
                               "(metrics are logged as eval_<name>_<metric>)")
-    if d.redraw_sampling not in ("uniform", "simans"):
-        raise ConfigError(f"{where}: 'data.redraw_sampling' must be uniform or simans, got {d.redraw_sampling!r}")
+    if d.redraw_sampling not in ("auto", "uniform", "simans"):
+        raise ConfigError(f"{where}: 'data.redraw_sampling' must be auto, uniform or simans, got {d.redraw_sampling!r}")
     if not (isinstance(d.redraw_simans_width, (int, float)) and d.redraw_simans_width > 0):
         raise ConfigError(f"{where}: 'data.redraw_simans_width' must be a number > 0, got {d.redraw_simans_width!r}")
     for key in ("query_max_len", "passage_max_len"):

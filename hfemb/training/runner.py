@@ -118,11 +118,12 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     if redraw and args.dataloader_num_workers and args.dataloader_persistent_workers:
         raise ConfigError("data.redraw_negatives: persistent dataloader workers keep the first epoch's copy of the "
                           "rows; set training.dataloader_persistent_workers=false or data.redraw_negatives=false")
-    simans = cfg.data.redraw_sampling == "simans"
-    if simans and not (redraw and any("teacher_scores" in r for r in rows)):
+    with_teacher = bool(redraw) and any("teacher_scores" in r for r in rows)
+    if cfg.data.redraw_sampling == "simans" and not with_teacher:
         raise ConfigError("data.redraw_sampling=simans weighs each row's pool by its teacher scores: the training "
                           "rows need them (hfemb mine --teacher) and data.redraw_negatives on, with mined pools")
-    data_report["redraw_negatives"]["sampling"] = cfg.data.redraw_sampling
+    simans = cfg.data.redraw_sampling == "simans" or (cfg.data.redraw_sampling == "auto" and with_teacher)
+    data_report["redraw_negatives"]["sampling"] = "simans" if simans else "uniform"
     trainer = MultiNegEmbeddingTrainer(
         model=model, args=args, train_dataset=RedrawnRows(rows, args.data_seed or args.seed,
                                                           cfg.data.redraw_simans_width if simans else None)
