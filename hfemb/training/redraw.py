@@ -11,7 +11,7 @@ as FlagEmbedding resamples its lists. Teacher scores follow the drawn texts (``n
 Draws are uniform, or (``data.redraw_sampling: simans``, rows with teacher scores) weighted towards the
 *ambiguous* candidates, those the teacher scores close to the row's positive: weight
 exp(-((s_neg - s_pos) / width)^2) (SimANS, Zhou et al. 2022, with cosine scores and ``width`` in cosine units),
-drawn without replacement by Efraimidis-Spirakis keys.
+drawn without replacement by Gumbel (Efraimidis-Spirakis) keys.
 """
 
 from __future__ import annotations
@@ -79,18 +79,23 @@ def resample_spec(negatives: Sequence[str], num_negatives: int, neg_scores: list
             "scores": None if neg_scores is None else [[float(s) for s in neg_scores]]}
 
 
-def simans_weights(scores: Sequence[float], positive: float, width: float) -> list[float]:
-    """SimANS sampling weight of each candidate: exp(-((score - positive) / width)^2), largest for the candidates
-    the teacher scores like the positive (ambiguous ones), vanishing for the far easier and the far harder."""
+def simans_log_weights(scores: Sequence[float], positive: float, width: float) -> list[float]:
+    """log SimANS sampling weight of each candidate, -((score - positive) / width)^2: largest for the candidates
+    the teacher scores like the positive (ambiguous ones), far below for the far easier and the far harder
+    (logs: a narrow width never underflows to all-zero weights)."""
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
-    return [math.exp(-((s - positive) / width) ** 2) for s in scores]
+    return [-(((s - positive) / width) ** 2) for s in scores]
 
 
-def weighted_sample(rng: random.Random, choices: Sequence[int], weights: Sequence[float], k: int) -> list[int]:
+def weighted_sample(rng: random.Random, choices: Sequence[int], log_weights: Sequence[float], k: int) -> list[int]:
     """``k`` of ``choices`` without replacement, each draw with probability proportional to its weight among
-    those left (Efraimidis-Spirakis: the ``k`` largest log(u) / w; a weight that underflowed to 0 comes last)."""
-    keys = [(math.log(1.0 - rng.random()) / w if w > 0 else -math.inf, -j) for j, w in enumerate(weights)]
+    those left: the ``k`` largest Gumbel keys log w - log(E), E ~ Exp(1) (Efraimidis-Spirakis in logs; a weight
+    of 0, log -inf, comes last)."""
+    keys = []
+    for j, lw in enumerate(log_weights):
+        e = -math.log(1.0 - rng.random())  # Exp(1)
+        keys.append((lw - math.log(e) if e > 0 else math.inf, -j))
     best = sorted(range(len(choices)), key=lambda j: keys[j], reverse=True)[:k]
     return [choices[j] for j in best]
 
@@ -98,7 +103,7 @@ def weighted_sample(rng: random.Random, choices: Sequence[int], weights: Sequenc
 def redrawn(row: dict, seed: int, epoch: int, index: int, simans_width: float | None = None) -> dict:
     """``row`` with its negatives (and teacher scores) redrawn for ``epoch`` >= 1; the row itself at epoch 0
     or without a spec. Each group draws len(slots) distinct texts of its pool, kept in pool order: uniformly,
-    or with ``simans_width`` and teacher scores (the row's and its pools') by `simans_weights`."""
+    or with ``simans_width`` and teacher scores (the row's and its pools') by `simans_log_weights`."""
     spec = row.get(REDRAW_KEY)
     if not epoch or spec is None:
         return row
@@ -112,8 +117,8 @@ def redrawn(row: dict, seed: int, epoch: int, index: int, simans_width: float | 
             first.setdefault(text, k)
         choices = list(first.values()) if len(first) >= len(slots) else range(len(pool))  # distinct texts if possible
         if weighted:
-            weights = simans_weights([spec["scores"][g][k] for k in choices], teacher[0], simans_width)
-            picked = weighted_sample(rng, list(choices), weights, len(slots))
+            log_weights = simans_log_weights([spec["scores"][g][k] for k in choices], teacher[0], simans_width)
+            picked = weighted_sample(rng, list(choices), log_weights, len(slots))
         else:
             picked = rng.sample(choices, len(slots))
         for slot, k in zip(slots, sorted(picked)):

@@ -17,7 +17,7 @@ from hfemb.data.formats import read_records
 from hfemb.errors import ConfigError, DataError
 from hfemb.testing.torchrun import run_torchrun
 from hfemb.training.data_rows import rows_from_records
-from hfemb.training.redraw import REDRAW_KEY, RedrawnRows, redrawn, simans_weights, weighted_sample
+from hfemb.training.redraw import REDRAW_KEY, RedrawnRows, redrawn, simans_log_weights, weighted_sample
 
 from tests.training.test_trainer import assert_resume_equals_uninterrupted, make_config
 
@@ -264,10 +264,10 @@ def test_persistent_workers_are_refused_with_redraw(tiny_qwen3, answers, tmp_pat
 
 
 def test_simans_weights_by_hand():
-    w = simans_weights([0.5, 0.6, 0.75, 0.2], positive=0.6, width=0.1)
-    assert w == pytest.approx([math.exp(-1.0), 1.0, math.exp(-2.25), math.exp(-16.0)], rel=1e-12)
+    w = simans_log_weights([0.5, 0.6, 0.75, 0.2], positive=0.6, width=0.1)
+    assert w == pytest.approx([-1.0, 0.0, -2.25, -16.0], rel=1e-12)
     with pytest.raises(ValueError):
-        simans_weights([0.5], 0.6, 0.0)
+        simans_log_weights([0.5], 0.6, 0.0)
 
 
 def test_weighted_sample_matches_successive_sampling_probabilities():
@@ -278,12 +278,16 @@ def test_weighted_sample_matches_successive_sampling_probabilities():
     exact = {frozenset((a, b)): weights[a] / total * weights[b] / (total - weights[a])
              + weights[b] / total * weights[a] / (total - weights[b]) for a, b in itertools.combinations(range(5), 2)}
     rng, n = random.Random(0), 40000
-    seen = Counter(frozenset(weighted_sample(rng, [10, 11, 12, 13, 14], weights, 2)) for _ in range(n))
+    logs = [math.log(w) if w > 0 else -math.inf for w in weights]
+    seen = Counter(frozenset(weighted_sample(rng, [10, 11, 12, 13, 14], logs, 2)) for _ in range(n))
     for pair, p in exact.items():
         got = seen[frozenset(10 + j for j in pair)] / n
         assert abs(got - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9, (pair, got, p)
     assert all(14 not in s for s in seen)  # weight 0: never while others are left
-    assert weighted_sample(random.Random(1), [7, 8], [0.0, 0.0], 2) == [7, 8]  # all underflowed: still k
+    assert weighted_sample(random.Random(1), [7, 8], [-math.inf, -math.inf], 2) == [7, 8]  # all zero: still k
+    # far-apart log weights (weights that would underflow as plain floats) still draw by their ratio
+    far = Counter(weighted_sample(rng, [0, 1], [-2000.0, -2000.0 - math.log(3)], 1)[0] for _ in range(4000))
+    assert abs(far[0] / 4000 - 0.75) < 0.03
 
 
 def test_simans_redraw_prefers_candidates_the_teacher_scores_near_the_positive(answers, tmp_path):
@@ -299,7 +303,7 @@ def test_simans_redraw_prefers_candidates_the_teacher_scores_near_the_positive(a
         k = pool.index(drawn["negatives"][0])  # the teacher score follows the drawn text
         assert drawn["teacher_scores"][1] == [0.2, 0.85, 0.6, 0.3][k]
         assert drawn["negatives"][1] in row["negative_candidates"]["easy"]
-    w = simans_weights([0.2, 0.85, 0.6, 0.3], 0.9, 0.1)  # exp(-0.25) : exp(-9) : ...
+    w = [math.exp(v) for v in simans_log_weights([0.2, 0.85, 0.6, 0.3], 0.9, 0.1)]  # exp(-0.25) : exp(-9) : ...
     assert hard[pool[1]] / 400 > 0.95 and w[1] / sum(w) > 0.99
     assert hard[pool[0]] == 0 and hard[pool[3]] == 0
     uniform = Counter(redrawn(rows[0], 3, e, 0)["negatives"][0] for e in range(1, 401))
