@@ -82,7 +82,7 @@ class DataConfig:
     # positive are drawn more often, weight exp(-((s_neg - s_pos) / redraw_simans_width)^2); hfemb.training.redraw)
     # | auto: simans when the rows carry teacher scores (hfemb mine --teacher), else uniform (README, Results)
     redraw_sampling: Literal["auto", "uniform", "simans"] = "auto"
-    redraw_simans_width: float = 0.1
+    redraw_simans_width: float = 0.025
     # no_duplicate_queries: no two rows of one query in a step's batch, across processes too
     # (hfemb.training.sampling); random: the Trainer's shuffling. training.group_by_length takes precedence.
     batch_sampler: BatchSampler = "no_duplicate_queries"
