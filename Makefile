@@ -38,7 +38,8 @@ bench-quality: install
 	$(BIN)/python bench/bench_quality.py
 
 bench-config: install   # slow (~1 h): the held-out check's commands vs the ST peer, 2 seeds; MPNET=$$(../shared/tools/get_mpnet.sh)
-	$(BIN)/python bench/bench_config_vs_peer.py --mpnet "$(MPNET)" --seeds 42 7 --parallel 2 --ablate no-redraw=data.redraw_negatives=false
+	$(BIN)/python bench/bench_config_vs_peer.py --mpnet "$(MPNET)" --seeds 42 7 --parallel 2 --ablate no-redraw=data.redraw_negatives=false \
+	    --hybrid-ablate uniform=data.redraw_sampling=uniform
 
 bench-scale: install   # slow: 1M-document mining (~20 min), GradCache memory vs batch
 	$(BIN)/python bench/bench_mining_scale.py

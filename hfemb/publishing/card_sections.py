@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from hfemb.errors import HfembError
-from hfemb.evaluation.report import summary_table
+from hfemb.evaluation.report import rule_words, summary_table
 
 THRESHOLD_FILE = "hfemb_threshold.json"
 CURVES_FILE = "training_curves.png"
@@ -153,7 +153,7 @@ def eval_section(report: dict, name: str, results_file: Path) -> tuple[list[str]
     threshold = {
         "threshold": m["chosen_threshold"], "similarity": "cosine",
         "rule": "relevant when cosine(query embedding with the query prompt, document embedding) >= threshold",
-        "chosen_on": m.get("chosen_on"), "f1": m.get("f1_at_chosen"), "precision": m.get("precision_at_chosen"),
+        "chosen_on": m.get("chosen_on"), "chosen_by": m.get("threshold_rule", "best"), "f1": m.get("f1_at_chosen"), "precision": m.get("precision_at_chosen"),
         "recall": m.get("recall_at_chosen"), "threshold_ci95": m.get("chosen_threshold_ci"),
         "eval_data": Path(str(data.get("path", ""))).name or None, "model_name_in_results": name,
     }
@@ -162,7 +162,7 @@ def eval_section(report: dict, name: str, results_file: Path) -> tuple[list[str]
            f"query–document pairs, {data.get('positive_pairs')} relevant, {data.get('queries')} queries); a pair is "
            "predicted relevant when the cosine similarity is at least the threshold. This model is "
            f"**{name}**.", "", table, "",
-           f"**Recommended threshold: {format_value(m['chosen_threshold'])}** (best F1 on {on}; F1 "
+           f"**Recommended threshold: {format_value(m['chosen_threshold'])}** ({rule_words(m)} on {on}; F1 "
            f"{format_value(m.get('f1_at_chosen'))}, precision {format_value(m.get('precision_at_chosen'))}, recall "
            f"{format_value(m.get('recall_at_chosen'))} on the evaluation set). It is also saved in `{THRESHOLD_FILE}`."]
     return out, threshold

@@ -121,6 +121,8 @@ def test_card_values_come_from_the_run(trained):
     assert "This model is **tuned**" in result.text
     assert result.threshold["threshold"] == tuned["chosen_threshold"]
     assert result.threshold["chosen_on"] == "dev" and result.threshold["f1"] == tuned["f1_at_chosen"]
+    assert result.threshold["chosen_by"] == tuned["threshold_rule"] == "bagged"  # run_eval's default rule
+    assert "(bagged best F1 on the dev set; F1 " in result.text
     metrics = {r.metric_type: r for r in data.eval_results}
     assert metrics["f1"].metric_value == pytest.approx(tuned["f1_at_chosen"])
     assert metrics["f1"].metric_args == {"threshold": tuned["chosen_threshold"], "similarity": "cosine"}
