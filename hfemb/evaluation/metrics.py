@@ -255,7 +255,8 @@ def bootstrap_f1(confusions: list[np.ndarray], *, n_boot: int = 1000, seed: int 
 
 def bootstrap_best_thresholds(group_ids, labels, scores, *, label_threshold: float = 1, n_boot: int = 1000,
                               seed: int = 0) -> np.ndarray:
-    """[n_boot] best-F1 threshold of each resample of the queries (``resample_weights``: seeded counts)."""
+    """[n_boot] best-F1 threshold of each resample of the queries (``resample_weights``: seeded counts); NaN for
+    a resample without a relevant pair (no F1 to maximise)."""
     g = np.asarray(group_ids, dtype=np.int64)
     y = _as_binary(labels, label_threshold).astype(np.float64)
     s = np.asarray(scores, dtype=np.float64)
@@ -271,7 +272,7 @@ def bootstrap_best_thresholds(group_ids, labels, scores, *, label_threshold: flo
         n_pos = tp[:, -1:]
         with np.errstate(invalid="ignore", divide="ignore"):
             f1 = np.where(tp + fp + n_pos > 0, 2 * tp / (tp + fp + n_pos), 0.0)
-        best.append(s[block_end][np.argmax(f1, axis=1)])
+        best.append(np.where(n_pos[:, 0] > 0, s[block_end][np.argmax(f1, axis=1)], np.nan))
     return np.concatenate(best)
 
 
@@ -280,6 +281,9 @@ def bootstrap_best_threshold(group_ids, labels, scores, *, label_threshold: floa
     """Percentile interval of the best-F1 threshold when queries are resampled: how stable the choice is."""
     values = bootstrap_best_thresholds(group_ids, labels, scores, label_threshold=label_threshold, n_boot=n_boot,
                                        seed=seed)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return float("nan"), float("nan")
     lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
 
@@ -292,5 +296,7 @@ def bagged_threshold(group_ids, labels, scores, *, label_threshold: float = 1, n
     y = _as_binary(labels, label_threshold)
     if not y.any():
         return float("nan")
-    return float(np.median(bootstrap_best_thresholds(group_ids, labels, scores, label_threshold=label_threshold,
-                                                     n_boot=n_boot, seed=seed)))
+    values = bootstrap_best_thresholds(group_ids, labels, scores, label_threshold=label_threshold, n_boot=n_boot,
+                                       seed=seed)
+    values = values[~np.isnan(values)]  # resamples that drew no relevant pair choose nothing
+    return float(np.median(values)) if len(values) else best_f1(y, scores)["threshold"]

@@ -61,7 +61,8 @@ class EvalSettings:
         if self.threshold_rule not in ("bagged", "best"):
             raise ConfigError(f"threshold_rule must be bagged or best, got {self.threshold_rule!r}")
         for name in ("batch_size", "max_length", "n_bootstrap", "request_batch_size", "threshold_bags"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name == "n_bootstrap" else 1):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "n_bootstrap" else 1):
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_tokens_per_batch is not None and (not isinstance(self.max_tokens_per_batch, int)
                                                       or self.max_tokens_per_batch < 1):

@@ -333,7 +333,8 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
                               "(metrics are logged as eval_<name>_<metric>)")
     if d.redraw_sampling not in ("auto", "uniform", "simans"):
         raise ConfigError(f"{where}: 'data.redraw_sampling' must be auto, uniform or simans, got {d.redraw_sampling!r}")
-    if not (isinstance(d.redraw_simans_width, (int, float)) and d.redraw_simans_width > 0):
+    if isinstance(d.redraw_simans_width, bool) or not (isinstance(d.redraw_simans_width, (int, float))
+                                                        and d.redraw_simans_width > 0):
         raise ConfigError(f"{where}: 'data.redraw_simans_width' must be a number > 0, got {d.redraw_simans_width!r}")
     for key in ("query_max_len", "passage_max_len"):
         if getattr(d, key) < 4:

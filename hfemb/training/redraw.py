@@ -95,9 +95,25 @@ def weighted_sample(rng: random.Random, choices: Sequence[int], log_weights: Seq
     keys = []
     for j, lw in enumerate(log_weights):
         e = -math.log(1.0 - rng.random())  # Exp(1)
-        keys.append((lw - math.log(e) if e > 0 else math.inf, -j))
+        keys.append((lw if lw == -math.inf else lw - math.log(e) if e > 0 else math.inf, -j))
     best = sorted(range(len(choices)), key=lambda j: keys[j], reverse=True)[:k]
     return [choices[j] for j in best]
+
+
+def teacher_scores_are_cosines(rows: Sequence[dict]) -> bool:
+    """Whether every teacher score the redraw would weigh by (each row's and its pools') is a finite number in
+    [-1, 1], as `hfemb mine --teacher` writes them; reranker logits (FlagEmbedding's pos/neg_scores often are)
+    are not, and a SimANS width in cosine units would turn their draws into one fixed pick."""
+    def ok(values) -> bool:
+        return all(math.isfinite(v) and -1.0 <= v <= 1.0 for v in values)
+
+    for row in rows:
+        spec = row.get(REDRAW_KEY)
+        if "teacher_scores" in row and not ok(row["teacher_scores"]):
+            return False
+        if spec is not None and spec.get("scores") is not None and not all(ok(g) for g in spec["scores"]):
+            return False
+    return True
 
 
 def redrawn(row: dict, seed: int, epoch: int, index: int, simans_width: float | None = None) -> dict:

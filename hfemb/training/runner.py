@@ -33,7 +33,7 @@ from hfemb.training.merging import merge_adapter
 from hfemb.training.outputs import write_model_cards
 from hfemb.training.resume import (RunLossCallback, checkpoint_step, previous_loss_sum, remove_save_leftovers,
                                    resolve_resume, truncate_train_log, whole_run_loss)
-from hfemb.training.redraw import REDRAW_KEY, RedrawnRows
+from hfemb.training.redraw import REDRAW_KEY, RedrawnRows, teacher_scores_are_cosines
 from hfemb.training.run_setup import (build_model, check_hardware, has_unused_trainable_parameters, resolve_dtype,
                                       training_arguments)
 from hfemb.training.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
@@ -122,7 +122,12 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     if cfg.data.redraw_sampling == "simans" and not with_teacher:
         raise ConfigError("data.redraw_sampling=simans weighs each row's pool by its teacher scores: the training "
                           "rows need them (hfemb mine --teacher) and data.redraw_negatives on, with mined pools")
-    simans = cfg.data.redraw_sampling == "simans" or (cfg.data.redraw_sampling == "auto" and with_teacher)
+    cosines = with_teacher and teacher_scores_are_cosines(rows)
+    if with_teacher and not cosines:
+        log.warning("data.redraw_sampling=%s: some teacher scores are not cosines in [-1, 1] (reranker logits?); %s",
+                    cfg.data.redraw_sampling, "drawing uniformly" if cfg.data.redraw_sampling == "auto" else
+                    "data.redraw_simans_width is in the scores' own units")
+    simans = cfg.data.redraw_sampling == "simans" or (cfg.data.redraw_sampling == "auto" and cosines)
     data_report["redraw_negatives"]["sampling"] = "simans" if simans else "uniform"
     trainer = MultiNegEmbeddingTrainer(
         model=model, args=args, train_dataset=RedrawnRows(rows, args.data_seed or args.seed,

@@ -223,3 +223,20 @@ def test_bagged_threshold_is_the_median_of_resampled_best_thresholds():
     lo, hi = bootstrap_best_threshold(groups, y, s, n_boot=31, seed=4)
     assert lo <= oracle <= hi
     assert np.isnan(bagged_threshold(groups, np.zeros(200, int), s))  # nothing relevant: nothing to choose
+
+
+def test_bagged_threshold_skips_resamples_without_a_relevant_pair():
+    """Only query 0 of 6 has relevant pairs: a resample that misses it has no F1 to maximise and must not vote
+    (its argmax would be the highest score, a negative)."""
+    groups = np.repeat(np.arange(6), 4)
+    y = np.zeros(24, int)
+    y[[0, 1]] = 1
+    s = np.round(np.random.default_rng(1).uniform(0.1, 0.9, 24), 3)
+    s[[0, 1]] = [0.58, 0.7]
+    s[5] = 0.95  # a negative above both positives
+    counts = np.concatenate(list(resample_weights(6, 41, seed=2)))
+    votes = [_resampled_best_threshold_oracle(groups, y, s, c) for c in counts if c[0] > 0]
+    assert 0 < len(votes) < 41  # some resamples miss query 0
+    assert bagged_threshold(groups, y, s, n_boot=41, seed=2) == pytest.approx(float(np.median(votes)), abs=1e-12)
+    lo, hi = bootstrap_best_threshold(groups, y, s, n_boot=41, seed=2)
+    assert hi <= 0.7 < 0.95  # no resample's "choice" is the top negative

@@ -343,3 +343,26 @@ def test_training_on_teacher_rows_draws_by_the_teacher_by_default(tiny_qwen3, an
     assert summary["data"]["redraw_negatives"] == {"rows": 24, "of": 24, "sampling": "simans"}
     card = (tmp_path / "on" / "merged" / "README.md").read_text()
     assert "(24 of 24 rows), the ones the teacher scores near the positive more often (SimANS) |" in card
+
+
+def test_auto_draws_uniformly_when_teacher_scores_are_not_cosines(tiny_qwen3, answers, tmp_path, caplog):
+    """FlagEmbedding rows whose pos/neg_scores are reranker logits: a SimANS width in cosine units would make
+    every epoch pick the same negatives, so auto stays uniform (and says why); cosine rows pass the check."""
+    from hfemb.training.redraw import teacher_scores_are_cosines
+
+    file_rows = [{"query": f"q{i} {answers[i][:20]}", "pos": [answers[i]],
+                  "neg": [answers[(i + k) % 24] for k in (1, 2, 3, 4, 5)],
+                  "pos_scores": [7.5], "neg_scores": [3.0, -1.5, 6.9, 0.2, 2.4]} for i in range(24)]
+    train_file = _write(tmp_path / "fe.jsonl", file_rows)
+    rows, _ = rows_from_records(read_records(train_file).records, 2, seed=0)
+    assert not teacher_scores_are_cosines(rows)
+    cosine_rows, _ = rows_from_records(read_records(_write(tmp_path / "m.jsonl", [_row(i, answers, teacher=True)
+                                                                                 for i in range(4)])).records, 2, 0)
+    assert teacher_scores_are_cosines(cosine_rows)
+    with caplog.at_level("WARNING", logger="hfemb.training.runner"):
+        first, second, _ = _train_negatives(tiny_qwen3, train_file, tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["data"]["redraw_negatives"]["sampling"] == "uniform"
+    assert "not cosines in [-1, 1]" in caplog.text and "drawing uniformly" in caplog.text
+    index = {r["query"]: i for i, r in enumerate(rows)}
+    assert all(n == redrawn(rows[index[q]], 0, 1, index[q])["negatives"] for q, n in second)  # the uniform draws
