@@ -254,9 +254,11 @@ def bootstrap_f1(confusions: list[np.ndarray], *, n_boot: int = 1000, seed: int 
 
 
 def bootstrap_best_thresholds(group_ids, labels, scores, *, label_threshold: float = 1, n_boot: int = 1000,
-                              seed: int = 0) -> np.ndarray:
+                              seed: int = 0, missed_positives=None) -> np.ndarray:
     """[n_boot] best-F1 threshold of each resample of the queries (``resample_weights``: seeded counts); NaN for
-    a resample without a relevant pair (no F1 to maximise)."""
+    a resample without a relevant pair (no F1 to maximise). ``missed_positives`` [n_groups]: relevant items of
+    each query that are not among the rows (a retrieval run's unretrieved ones), false negatives at every
+    threshold."""
     g = np.asarray(group_ids, dtype=np.int64)
     y = _as_binary(labels, label_threshold).astype(np.float64)
     s = np.asarray(scores, dtype=np.float64)
@@ -264,12 +266,13 @@ def bootstrap_best_thresholds(group_ids, labels, scores, *, label_threshold: flo
     g, y, s = g[order], y[order], s[order]
     block_end = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # last index of each distinct score
     n_groups = int(g.max()) + 1
+    missed = np.zeros(n_groups) if missed_positives is None else np.asarray(missed_positives, dtype=np.float64)
     best = []
     for weights in resample_weights(n_groups, n_boot, seed, chunk=max(1, min(200, 2_000_000 // max(len(s), 1)))):
         w = weights[:, g]  # [b, n] row weights
         tp = np.cumsum(w * y, axis=1)[:, block_end]  # predicted positive = score >= s[block_end]
         fp = np.cumsum(w * (1 - y), axis=1)[:, block_end]
-        n_pos = tp[:, -1:]
+        n_pos = tp[:, -1:] + (weights @ missed)[:, None]  # [b, 1] relevant items of the resample
         with np.errstate(invalid="ignore", divide="ignore"):
             f1 = np.where(tp + fp + n_pos > 0, 2 * tp / (tp + fp + n_pos), 0.0)
         best.append(np.where(n_pos[:, 0] > 0, s[block_end][np.argmax(f1, axis=1)], np.nan))
@@ -289,14 +292,15 @@ def bootstrap_best_threshold(group_ids, labels, scores, *, label_threshold: floa
 
 
 def bagged_threshold(group_ids, labels, scores, *, label_threshold: float = 1, n_boot: int = 200,
-                     seed: int = 0) -> float:
+                     seed: int = 0, missed_positives=None) -> float:
     """The threshold to deploy by bagging: the median of the best-F1 thresholds of ``n_boot`` resamples of the
     queries. The plain argmax of one F1 curve often sits at the edge of a flat, noisy plateau; the median of
-    its resamples sits inside it and transfers better to new queries (hfemb's default rule, README)."""
+    its resamples sits inside it and transfers better to new queries (hfemb's default rule, README).
+    ``missed_positives``: see `bootstrap_best_thresholds`."""
     y = _as_binary(labels, label_threshold)
-    if not y.any():
+    if not y.any() and (missed_positives is None or not np.any(missed_positives)):
         return float("nan")
     values = bootstrap_best_thresholds(group_ids, labels, scores, label_threshold=label_threshold, n_boot=n_boot,
-                                       seed=seed)
+                                       seed=seed, missed_positives=missed_positives)
     values = values[~np.isnan(values)]  # resamples that drew no relevant pair choose nothing
     return float(np.median(values)) if len(values) else best_f1(y, scores)["threshold"]

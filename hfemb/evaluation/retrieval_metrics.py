@@ -143,27 +143,14 @@ def topk_best_f1(scores: np.ndarray, hit: np.ndarray, n_rel: np.ndarray) -> dict
 
 def topk_bagged_threshold(scores: np.ndarray, hit: np.ndarray, n_rel: np.ndarray, *, n_boot: int = 200,
                           seed: int = 0) -> float:
-    """`topk_best_f1`'s threshold bagged as the pair evaluation's (``metrics.bagged_threshold``): the median of
-    the best-F1 thresholds of ``n_boot`` resamples of the queries (the same seeded resamples)."""
-    from hfemb.evaluation.metrics import resample_weights
+    """`topk_best_f1`'s threshold bagged as the pair evaluation's (``metrics.bagged_threshold``, the same seeded
+    query resamples): each retrieved document a pair of its query, the unretrieved relevant ones missed."""
+    from hfemb.evaluation.metrics import bagged_threshold
 
     s = np.asarray(scores, dtype=np.float64)
-    q, k = s.shape
+    hit = np.asarray(hit, dtype=bool)
     if float(np.sum(n_rel)) == 0 or s.size == 0:
         return float("nan")
-    rows = np.repeat(np.arange(q), k)
-    s, h = s.ravel(), np.asarray(hit, dtype=np.float64).ravel()
-    order = np.argsort(-s, kind="stable")
-    s, h, rows = s[order], h[order], rows[order]
-    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # last index of each distinct score
-    rel = np.asarray(n_rel, dtype=np.float64)
-    best = []
-    for weights in resample_weights(q, n_boot, seed, chunk=max(1, min(200, 2_000_000 // max(len(s), 1)))):
-        w = weights[:, rows]  # [b, Q*K]
-        tp = np.cumsum(w * h, axis=1)[:, last]
-        fp = np.cumsum(w * (1 - h), axis=1)[:, last]
-        total = (weights @ rel)[:, None]  # [b, 1] relevant documents of the resample, retrieved or not
-        with np.errstate(invalid="ignore", divide="ignore"):
-            f1 = np.where(tp + fp + total > 0, 2 * tp / (tp + fp + total), 0.0)
-        best.append(s[last][np.argmax(f1, axis=1)])
-    return float(np.median(np.concatenate(best)))
+    q, k = s.shape
+    return bagged_threshold(np.repeat(np.arange(q), k), hit.ravel().astype(int), s.ravel(), n_boot=n_boot, seed=seed,
+                            missed_positives=np.asarray(n_rel, dtype=np.float64) - hit.sum(axis=1))

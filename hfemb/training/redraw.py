@@ -16,14 +16,17 @@ drawn without replacement by Gumbel (Efraimidis-Spirakis) keys.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from typing import Sequence
 
 import torch
 
-from hfemb.errors import DataError
+from hfemb.errors import ConfigError, DataError
 from hfemb.training.teacher_scores import is_number_list
+
+log = logging.getLogger("hfemb.training.redraw")
 
 REDRAW_KEY = "redraw"  # a training row's {"slots": [[position, ...], ...], "pools": [[text, ...], ...],
 # "scores": [[float, ...], ...] | None}: group g fills the negatives at slots[g] from pools[g]
@@ -114,6 +117,22 @@ def teacher_scores_are_cosines(rows: Sequence[dict]) -> bool:
         if spec is not None and spec.get("scores") is not None and not all(ok(g) for g in spec["scores"]):
             return False
     return True
+
+
+def simans_width_for(rows: Sequence[dict], sampling: str, width: float) -> float | None:
+    """The SimANS width the rows are redrawn with (``data.redraw_sampling`` / ``data.redraw_simans_width``), None for
+    uniform draws: ``simans`` needs rows with teacher scores and a redraw spec; ``auto`` uses it only when every
+    teacher score is a cosine (`teacher_scores_are_cosines`), with a warning when some is not."""
+    with_teacher = any("teacher_scores" in r and REDRAW_KEY in r for r in rows)
+    if sampling == "simans" and not with_teacher:
+        raise ConfigError("data.redraw_sampling=simans weighs each row's pool by its teacher scores: the training "
+                          "rows need them (hfemb mine --teacher) and data.redraw_negatives on, with mined pools")
+    cosines = with_teacher and teacher_scores_are_cosines(rows)
+    if with_teacher and not cosines:
+        log.warning("data.redraw_sampling=%s: some teacher scores are not cosines in [-1, 1] (reranker logits?); %s",
+                    sampling, "drawing uniformly" if sampling == "auto" else
+                    "data.redraw_simans_width is in the scores' own units")
+    return width if sampling == "simans" or (sampling == "auto" and cosines) else None
 
 
 def redrawn(row: dict, seed: int, epoch: int, index: int, simans_width: float | None = None) -> dict:

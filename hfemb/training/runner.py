@@ -33,7 +33,7 @@ from hfemb.training.merging import merge_adapter
 from hfemb.training.outputs import write_model_cards
 from hfemb.training.resume import (RunLossCallback, checkpoint_step, previous_loss_sum, remove_save_leftovers,
                                    resolve_resume, truncate_train_log, whole_run_loss)
-from hfemb.training.redraw import REDRAW_KEY, RedrawnRows, teacher_scores_are_cosines
+from hfemb.training.redraw import REDRAW_KEY, RedrawnRows, simans_width_for
 from hfemb.training.run_setup import (build_model, check_hardware, has_unused_trainable_parameters, resolve_dtype,
                                       training_arguments)
 from hfemb.training.trainer import JsonlLogCallback, MultiNegEmbeddingTrainer
@@ -118,20 +118,10 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     if redraw and args.dataloader_num_workers and args.dataloader_persistent_workers:
         raise ConfigError("data.redraw_negatives: persistent dataloader workers keep the first epoch's copy of the "
                           "rows; set training.dataloader_persistent_workers=false or data.redraw_negatives=false")
-    with_teacher = bool(redraw) and any("teacher_scores" in r for r in rows)
-    if cfg.data.redraw_sampling == "simans" and not with_teacher:
-        raise ConfigError("data.redraw_sampling=simans weighs each row's pool by its teacher scores: the training "
-                          "rows need them (hfemb mine --teacher) and data.redraw_negatives on, with mined pools")
-    cosines = with_teacher and teacher_scores_are_cosines(rows)
-    if with_teacher and not cosines:
-        log.warning("data.redraw_sampling=%s: some teacher scores are not cosines in [-1, 1] (reranker logits?); %s",
-                    cfg.data.redraw_sampling, "drawing uniformly" if cfg.data.redraw_sampling == "auto" else
-                    "data.redraw_simans_width is in the scores' own units")
-    simans = cfg.data.redraw_sampling == "simans" or (cfg.data.redraw_sampling == "auto" and cosines)
-    data_report["redraw_negatives"]["sampling"] = "simans" if simans else "uniform"
+    simans_width = simans_width_for(rows, cfg.data.redraw_sampling, cfg.data.redraw_simans_width)
+    data_report["redraw_negatives"]["sampling"] = "uniform" if simans_width is None else "simans"
     trainer = MultiNegEmbeddingTrainer(
-        model=model, args=args, train_dataset=RedrawnRows(rows, args.data_seed or args.seed,
-                                                          cfg.data.redraw_simans_width if simans else None)
+        model=model, args=args, train_dataset=RedrawnRows(rows, args.data_seed or args.seed, simans_width)
         if redraw else rows,
         eval_dataset=eval_rows or ([] if evaluators else None),
         data_collator=collator, loss_config=cfg.loss, train_lengths=lengths,

@@ -359,7 +359,7 @@ def test_auto_draws_uniformly_when_teacher_scores_are_not_cosines(tiny_qwen3, an
     cosine_rows, _ = rows_from_records(read_records(_write(tmp_path / "m.jsonl", [_row(i, answers, teacher=True)
                                                                                  for i in range(4)])).records, 2, 0)
     assert teacher_scores_are_cosines(cosine_rows)
-    with caplog.at_level("WARNING", logger="hfemb.training.runner"):
+    with caplog.at_level("WARNING", logger="hfemb.training.redraw"):
         first, second, _ = _train_negatives(tiny_qwen3, train_file, tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["data"]["redraw_negatives"]["sampling"] == "uniform"
