@@ -29,7 +29,7 @@ class LossOutput:
 MASKED_LOGIT = torch.finfo(torch.float32).min  # finite: exp() is 0 and logsumexp stays finite (logits are fp32)
 
 
-def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperature: float = 0.05,
+def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperature: float = 0.1,
                   in_batch_negatives: bool = True, mask_duplicates: bool = True, mask_false_negatives: bool = False,
                   false_negative_margin: float = 0.1, doc_text_ids: torch.Tensor | None = None,
                   doc_offset: int | None = None, query_negatives: bool = False, document_negatives: bool = False,

@@ -3,7 +3,8 @@
 A mined row keeps ``num_negatives`` negatives, but `hfemb mine` also writes the pools they were drawn from
 (``negative_candidates``: the hard pool and the easy pool). Epoch 0 trains on the mined negatives, exactly as
 written; every later epoch draws each row's hard and easy negatives afresh from those pools, with the same
-counts in the same positions (seeded by ``(seed, epoch, row)``, so a run and its resume repeat). A row with
+counts in the same positions (seeded by ``(seed, epoch, row)``, so a run and its resume repeat). SimANS draws
+(below) start at epoch 0: the mined negatives were not chosen by the teacher. A row with
 more negatives than ``num_negatives`` (FlagEmbedding's ``neg`` lists) is resampled from all of them each epoch,
 as FlagEmbedding resamples its lists. Teacher scores follow the drawn texts (``negative_candidate_scores`` /
 ``neg_scores``); a row whose pools lack them keeps its mined negatives.
@@ -136,11 +137,12 @@ def simans_width_for(rows: Sequence[dict], sampling: str, width: float) -> float
 
 
 def redrawn(row: dict, seed: int, epoch: int, index: int, simans_width: float | None = None) -> dict:
-    """``row`` with its negatives (and teacher scores) redrawn for ``epoch`` >= 1; the row itself at epoch 0
-    or without a spec. Each group draws len(slots) distinct texts of its pool, kept in pool order: uniformly,
+    """``row`` with its negatives (and teacher scores) redrawn for ``epoch``; the row itself without a spec and,
+    for uniform draws, at epoch 0 (the mined negatives are already a uniform draw of the pools). SimANS draws
+    every epoch, the first too: the mined negatives were not chosen by the teacher. Each group draws len(slots) distinct texts of its pool, kept in pool order: uniformly,
     or with ``simans_width`` and teacher scores (the row's and its pools') by `simans_log_weights`."""
     spec = row.get(REDRAW_KEY)
-    if not epoch or spec is None:
+    if spec is None or (not epoch and simans_width is None):
         return row
     rng = random.Random(f"{seed}/{epoch}/{index}")
     negatives = list(row["negatives"])

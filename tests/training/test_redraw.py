@@ -308,7 +308,12 @@ def test_simans_redraw_prefers_candidates_the_teacher_scores_near_the_positive(a
     assert hard[pool[0]] == 0 and hard[pool[3]] == 0
     uniform = Counter(redrawn(rows[0], 3, e, 0)["negatives"][0] for e in range(1, 401))
     assert max(uniform.values()) < 150  # uniform over the 4: about 100 each
-    assert redrawn(rows[0], 3, 0, 0, simans_width=0.1) is rows[0]  # epoch 0: the mined row
+    assert redrawn(rows[0], 3, 0, 0) is rows[0]  # uniform, epoch 0: the mined row
+    row["negative"][0], row["neg_scores"][0] = pool[0], 0.2  # mined: the candidate SimANS almost never draws
+    mined, _ = rows_from_records(read_records(_write(tmp_path / "m.jsonl", [row])).records, 2, seed=0)
+    assert redrawn(mined[0], 3, 0, 0)["negatives"][0] == pool[0]  # uniform keeps it in epoch 0
+    first = Counter(redrawn(mined[0], s, 0, 0, simans_width=0.1)["negatives"][0] for s in range(200))
+    assert first[pool[1]] / 200 > 0.95 and first[pool[0]] == 0  # SimANS draws in epoch 0 too
 
 
 def test_simans_needs_teacher_scores(tiny_qwen3, answers, tmp_path):

@@ -48,7 +48,7 @@ def test_sibling_positives_are_not_each_others_negatives():
     assert out.mask.tolist() == [[False, False, True, False, False, False],
                                  [True, False, False, False, False, False],
                                  [False] * 6]
-    logits = q @ d.T / 0.05
+    logits = q @ d.T / 0.1
     by_hand = torch.stack([F.cross_entropy(logits[0, [0, 1, 3, 4, 5]][None], torch.tensor([0])),
                            F.cross_entropy(logits[1, [1, 2, 3, 4, 5]][None], torch.tensor([1])),
                            F.cross_entropy(logits[2][None], torch.tensor([4]))]).mean()
@@ -57,7 +57,7 @@ def test_sibling_positives_are_not_each_others_negatives():
     # also in the document-document block of the improved contrastive loss
     improved = info_nce_loss(q, d, group_size=2, query_text_ids=ids, document_negatives=True)
     p = d[[0, 2, 4]]
-    dd = p @ d.T / 0.05
+    dd = p @ d.T / 0.1
     dd_mask = torch.zeros(3, 6, dtype=torch.bool)
     dd_mask[0, [0, 2]] = dd_mask[1, [0, 2]] = dd_mask[2, 4] = True
     full = torch.cat([logits.masked_fill(out.mask, MASKED_LOGIT), dd.masked_fill(dd_mask, MASKED_LOGIT)], dim=1)
@@ -77,9 +77,9 @@ def test_known_positive_texts_are_masked_wherever_they_appear():
     own = info_nce_loss(q, d2, group_size=2, in_batch_negatives=False, doc_text_ids=torch.tensor([10, 50, 20, 21]),
                         query_positive_ids=known)
     assert own.mask.tolist() == [[False, True], [False, False]]
-    torch.testing.assert_close(own.loss, F.cross_entropy(torch.tensor([[float(q[0] @ d[0]) / 0.05, MASKED_LOGIT],
-                                                                       [float(q[1] @ d[2]) / 0.05,
-                                                                        float(q[1] @ d[3]) / 0.05]]),
+    torch.testing.assert_close(own.loss, F.cross_entropy(torch.tensor([[float(q[0] @ d[0]) / 0.1, MASKED_LOGIT],
+                                                                       [float(q[1] @ d[2]) / 0.1,
+                                                                        float(q[1] @ d[3]) / 0.1]]),
                                                          torch.tensor([0, 0])))
 
 
