@@ -68,12 +68,14 @@ def hyperparameter_rows(summary: dict) -> list[tuple[str, Any]]:
             ("max length (query / passage)", f"{data.get('query_max_len')} / {data.get('passage_max_len')}"),
             ("seed", t.get("seed"))]
     redraw = (summary.get("data") or {}).get("redraw_negatives") or {}
-    if redraw.get("rows") and float((summary.get("train") or {}).get("epoch") or 0) > 1:
+    simans = redraw.get("sampling") == "simans"  # SimANS draws from epoch 0 on, uniform draws from epoch 1
+    if redraw.get("rows") and (simans or float((summary.get("train") or {}).get("epoch") or 0) > 1):
         rows.insert(rows.index(next(r for r in rows if r[0] == "loss")) + 1,
-                    ("negatives", f"redrawn every epoch after the first, from each row's mined pools or longer "
+                    ("negatives", f"redrawn every epoch{', the first too' if simans else ' after the first'}, "
+                                  f"from each row's mined pools or longer "
                                   f"negative list ({redraw['rows']:,} of {redraw['of']:,} rows)"
                                   + (", the ones the teacher scores near the positive more often (SimANS)"
-                                     if redraw.get("sampling") == "simans" else "")))
+                                     if simans else "")))
     if m.get("finetune_type") in ("lora", "qlora"):
         targets = lora.get("target_modules") or "q,k,v,o,gate,up,down projections"
         rows.insert(0, ("LoRA", f"r {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "

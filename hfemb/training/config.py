@@ -75,11 +75,12 @@ class DataConfig:
     passage_max_len: int = 512
     num_negatives: int = 3
     mine: bool | None = None  # None: mine when rows lack num_negatives negatives; needs no `mining` section
-    # every epoch after the first draws each row's negatives afresh from its mined pools (negative_candidates)
+    # every epoch after the first (SimANS: every epoch) draws each row's negatives afresh from its mined pools
     # or, for a longer negative list, from all of it (hfemb.training.redraw); false: the same negatives each epoch
     redraw_negatives: bool = True
-    # how later epochs draw: uniform | simans (rows with teacher scores: candidates the teacher scores near the
-    # positive are drawn more often, weight exp(-((s_neg - s_pos) / redraw_simans_width)^2); hfemb.training.redraw)
+    # how epochs draw: uniform (from epoch 1) | simans (from epoch 0; rows with teacher scores: candidates the teacher
+    # scores near the positive are drawn more often, weight exp(-((s_neg - s_pos) / redraw_simans_width)^2);
+    # hfemb.training.redraw)
     # | auto: simans when the rows carry teacher scores (hfemb mine --teacher), else uniform (README, Results)
     redraw_sampling: Literal["auto", "uniform", "simans"] = "auto"
     redraw_simans_width: float = 0.025

@@ -337,6 +337,8 @@ def test_training_on_teacher_rows_draws_by_the_teacher_by_default(tiny_qwen3, an
     rows, _ = rows_from_records(read_records(train_file).records, 2, seed=0)
     index = {r["query"]: i for i, r in enumerate(rows)}
     top = 0
+    for q, negatives in first:  # SimANS draws in epoch 0 too
+        assert negatives == redrawn(rows[index[q]], 0, 0, index[q], simans_width=0.05)["negatives"]
     for q, negatives in second:  # make_config's seed is 0
         assert negatives == redrawn(rows[index[q]], 0, 1, index[q], simans_width=0.05)["negatives"]
         scores = by_query[q]["negative_candidate_scores"]["hard"]
