@@ -139,15 +139,18 @@ def simans_width_for(rows: Sequence[dict], sampling: str, width: float) -> float
 def redrawn(row: dict, seed: int, epoch: int, index: int, simans_width: float | None = None) -> dict:
     """``row`` with its negatives (and teacher scores) redrawn for ``epoch``; the row itself without a spec and,
     for uniform draws, at epoch 0 (the mined negatives are already a uniform draw of the pools). SimANS draws
-    every epoch, the first too: the mined negatives were not chosen by the teacher. Each group draws len(slots) distinct texts of its pool, kept in pool order: uniformly,
-    or with ``simans_width`` and teacher scores (the row's and its pools') by `simans_log_weights`."""
+    (``simans_width`` and teacher scores, the row's and its pools', weighed by `simans_log_weights`) start at
+    epoch 0: the mined negatives were not chosen by the teacher. Each group draws len(slots) distinct texts of
+    its pool, kept in pool order."""
     spec = row.get(REDRAW_KEY)
-    if spec is None or (not epoch and simans_width is None):
+    if spec is None:
+        return row
+    weighted = simans_width is not None and "teacher_scores" in row and spec["scores"] is not None
+    if not epoch and not weighted:
         return row
     rng = random.Random(f"{seed}/{epoch}/{index}")
     negatives = list(row["negatives"])
     teacher = list(row["teacher_scores"]) if "teacher_scores" in row else None
-    weighted = simans_width is not None and teacher is not None and spec["scores"] is not None
     for g, (slots, pool) in enumerate(zip(spec["slots"], spec["pools"])):
         first: dict[str, int] = {}
         for k, text in enumerate(pool):

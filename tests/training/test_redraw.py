@@ -314,6 +314,9 @@ def test_simans_redraw_prefers_candidates_the_teacher_scores_near_the_positive(a
     assert redrawn(mined[0], 3, 0, 0)["negatives"][0] == pool[0]  # uniform keeps it in epoch 0
     first = Counter(redrawn(mined[0], s, 0, 0, simans_width=0.1)["negatives"][0] for s in range(200))
     assert first[pool[1]] / 200 > 0.95 and first[pool[0]] == 0  # SimANS draws in epoch 0 too
+    plain, _ = rows_from_records(read_records(_write(tmp_path / "p.jsonl", [_row(1, answers)])).records, 2, seed=0)
+    assert redrawn(plain[0], 3, 0, 0, simans_width=0.1) is plain[0]  # no teacher scores: epoch 0 keeps the mined
+    assert redrawn(plain[0], 3, 1, 0, simans_width=0.1) is not plain[0]  # later epochs draw (uniformly)
 
 
 def test_simans_needs_teacher_scores(tiny_qwen3, answers, tmp_path):
