@@ -50,7 +50,7 @@ def test_doc_offset_masks_a_duplicate_of_the_positive_held_by_another_process():
     other = info_nce_loss(q[1:], d, group_size=g, mask_false_negatives=True, false_negative_margin=10.0,
                           doc_text_ids=ids, doc_offset=2)
     assert other.mask.tolist() == [[False, False, False, False]] and other.labels.tolist() == [2]
-    expected = F.cross_entropy((q[0] @ d[:3].T / 0.05)[None], torch.tensor([0]))
+    expected = F.cross_entropy((q[0] @ d[:3].T / 0.1)[None], torch.tensor([0]))
     torch.testing.assert_close(out.loss, expected)
 
 
