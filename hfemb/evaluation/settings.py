@@ -63,7 +63,7 @@ class EvalSettings:
         for name in ("batch_size", "max_length", "n_bootstrap", "request_batch_size", "threshold_bags"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "n_bootstrap" else 1):
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_tokens_per_batch is not None and (not isinstance(self.max_tokens_per_batch, int)
                                                       or self.max_tokens_per_batch < 1):
             raise ConfigError(f"max_tokens_per_batch must be a positive integer, got {self.max_tokens_per_batch!r}")

@@ -155,7 +155,8 @@ def eval_section(report: dict, name: str, results_file: Path) -> tuple[list[str]
     threshold = {
         "threshold": m["chosen_threshold"], "similarity": "cosine",
         "rule": "relevant when cosine(query embedding with the query prompt, document embedding) >= threshold",
-        "chosen_on": m.get("chosen_on"), "chosen_by": m.get("threshold_rule", "best"), "f1": m.get("f1_at_chosen"), "precision": m.get("precision_at_chosen"),
+        "chosen_on": m.get("chosen_on"), "chosen_by": m.get("threshold_rule", "best"), "f1": m.get("f1_at_chosen"),
+        "precision": m.get("precision_at_chosen"),
         "recall": m.get("recall_at_chosen"), "threshold_ci95": m.get("chosen_threshold_ci"),
         "eval_data": Path(str(data.get("path", ""))).name or None, "model_name_in_results": name,
     }
