@@ -51,6 +51,8 @@ def hyperparameter_rows(summary: dict) -> list[tuple[str, Any]]:
     """(label, value) rows of the training set-up in ``train_summary.json``: optimiser, loss, LoRA, size, time."""
     cfg = summary.get("config", {})
     m, t, lora, loss, data = (cfg.get(k) or {} for k in ("model", "training", "lora", "loss", "data"))
+    per_row = (summary.get("data") or {}).get("negatives_per_row", data.get("num_negatives"))
+    pooled = bool((summary.get("data") or {}).get("pool_negatives"))  # drawn from each row's whole pool
     rows = [("learning rate", t.get("learning_rate")),
             ("epochs" if not t.get("max_steps", -1) > 0 else "max steps",
              t.get("num_train_epochs") if not t.get("max_steps", -1) > 0 else t["max_steps"]),
@@ -62,8 +64,8 @@ def hyperparameter_rows(summary: dict) -> list[tuple[str, Any]]:
             ("precision", "bf16" if t.get("bf16") else "fp16" if t.get("fp16") else "fp32"),
             ("gradient checkpointing", bool(t.get("gradient_checkpointing") or t.get("activation_checkpointing"))),
             ("loss", f"InfoNCE, temperature {loss.get('temperature')}, "
-                     f"{'in-batch + ' if loss.get('in_batch_negatives', True) else ''}{data.get('num_negatives')} "
-                     f"hard/easy negatives per query"
+                     f"{'in-batch + ' if loss.get('in_batch_negatives', True) else ''}{per_row} "
+                     f"{'' if pooled else 'hard/easy '}negatives per query"
                      + (", false negatives masked" if loss.get("mask_false_negatives") else "")),
             ("max length (query / passage)", f"{data.get('query_max_len')} / {data.get('passage_max_len')}"),
             ("seed", t.get("seed"))]
@@ -72,8 +74,10 @@ def hyperparameter_rows(summary: dict) -> list[tuple[str, Any]]:
     if redraw.get("rows") and (simans or float((summary.get("train") or {}).get("epoch") or 0) > 1):
         rows.insert(rows.index(next(r for r in rows if r[0] == "loss")) + 1,
                     ("negatives", f"redrawn every epoch{', the first too' if simans else ' after the first'}, "
-                                  f"from each row's mined pools or longer "
-                                  f"negative list ({redraw['rows']:,} of {redraw['of']:,} rows)"
+                                  + ("from all of each row's candidates, pools and negatives together"
+                                     if pooled else
+                                     "from each row's mined pools or longer negative list")
+                                  + f" ({redraw['rows']:,} of {redraw['of']:,} rows)"
                                   + (", the ones the teacher scores near the positive more often (SimANS)"
                                      if simans else "")))
     if m.get("finetune_type") in ("lora", "qlora"):

@@ -58,6 +58,9 @@ class ModelConfig:
     padding_free: Literal["auto", True, False] | None = None
 
 
+POOL_NEGATIVES_AUTO = 7  # data.pool_negatives unset, rows with teacher scores (README, Results)
+
+
 @dataclass
 class DataConfig:
     train_file: str = ""
@@ -84,6 +87,11 @@ class DataConfig:
     # | auto: simans when the rows carry teacher scores (hfemb mine --teacher), else uniform (README, Results)
     redraw_sampling: Literal["auto", "uniform", "simans"] = "auto"
     redraw_simans_width: float = 0.025
+    # negatives per row drawn from all of its record's candidates (mined hard and easy pools and negatives together,
+    # repeated when short, as FlagEmbedding's train_group_size), redrawn as above; 0: num_negatives, as mined.
+    # null (auto): POOL_NEGATIVES_AUTO (7) for rows with teacher scores unless redraw_sampling is uniform, else 0
+    # (decided on dev: README, Results)
+    pool_negatives: int | None = None
     # no_duplicate_queries: no two rows of one query in a step's batch, across processes too
     # (hfemb.training.sampling); random: the Trainer's shuffling. training.group_by_length takes precedence.
     batch_sampler: BatchSampler = "no_duplicate_queries"
@@ -344,6 +352,10 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
             raise ConfigError(f"{where}: 'data.{key}' must be at least 4, got {getattr(d, key)}")
     if d.num_negatives < 0:
         raise ConfigError(f"{where}: 'data.num_negatives' must be >= 0")
+    if d.pool_negatives is not None and (isinstance(d.pool_negatives, bool) or not isinstance(d.pool_negatives, int)
+                                         or d.pool_negatives < 0):
+        raise ConfigError(f"{where}: 'data.pool_negatives' must be an integer >= 0 or null (auto), "
+                          f"got {d.pool_negatives!r}")
     if (d.query_columns is None) != (d.positive_column is None):
         raise ConfigError(f"{where}: give both 'data.query_columns' and 'data.positive_column', or neither")
     if (cfg.loss.query_negatives or cfg.loss.document_negatives) and not cfg.loss.in_batch_negatives:

@@ -17,17 +17,20 @@ from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json, write_jsonl
 from hfemb.mining.mine import MiningConfig, mine
 from hfemb.modeling.loading import format_instruction
-from hfemb.training.config import TrainConfig, TrainFileSpec, train_file_specs
-from hfemb.training.redraw import REDRAW_KEY, mined_pools_spec, resample_spec
+from hfemb.training.config import POOL_NEGATIVES_AUTO, DataConfig, TrainConfig, TrainFileSpec, train_file_specs
+from hfemb.training.redraw import (REDRAW_KEY, mined_pools_spec, pooled_draw, record_pool, resample_spec,
+                                   teacher_scores_are_cosines)
 from hfemb.training.teacher_scores import row_teacher_scores
 
 
-def rows_from_records(records: list[Record], num_negatives: int, seed: int, redraw: bool = True
-                      ) -> tuple[list[dict], dict]:
+def rows_from_records(records: list[Record], num_negatives: int, seed: int, redraw: bool = True,
+                      pool_negatives: int = 0, teacher_pool_negatives: int | None = None) -> tuple[list[dict], dict]:
     """Training rows ``{"query","positive","negatives","query_positives"}``, one per (query, positive)
     (``query_positives``: every positive of the query, shared by its rows; none counts as its negative).
     A record with exactly ``num_negatives`` negatives (a mined file) keeps them in order; one with more gets a
     seeded sample (as FlagEmbedding samples its ``neg`` lists); rows short of negatives are dropped and counted.
+    With ``pool_negatives`` (``teacher_pool_negatives`` for records with teacher scores; None: the same) a row
+    instead draws that many from all its record's candidates (`record_pool`, `pooled_draw`).
     A row that can draw other negatives in later epochs (mined pools, or a longer list) carries its
     `hfemb.training.redraw` spec under ``REDRAW_KEY`` (``redraw=False``: none, pools unread)."""
     rows, short, texts = [], 0, {}
@@ -37,17 +40,31 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int, redr
         known[rec.query].extend(p for p in rec.positives if p not in known[rec.query])
     for i, rec in enumerate(records):
         negs = rec.negatives
-        if len(negs) < num_negatives:
+        if len(negs) < num_negatives or not negs and (pool_negatives or teacher_pool_negatives):
             short += len(rec.positives)
             continue
         for j, pos in enumerate(rec.positives):
+            teacher = row_teacher_scores(rec.extra, rec.source, j, range(len(negs)), len(rec.positives), len(negs))
+            count = pool_negatives if teacher is None or teacher_pool_negatives is None else teacher_pool_negatives
+            if count:  # drawn from the whole pool, every slot
+                pool, pool_scores = record_pool(rec.extra, rec.source, negs, None if teacher is None else teacher[1:],
+                                                known[rec.query])
+                drawn, drawn_scores, spec = pooled_draw([texts.setdefault(t, t) for t in pool], pool_scores, count,
+                                                        random.Random(f"{seed}/{i}/{j}/pool"))
+                row = {"query": rec.query, "positive": pos, "negatives": drawn, "query_positives": known[rec.query]}
+                if teacher is not None:
+                    row["teacher_scores"] = teacher[:1] + drawn_scores
+                if redraw:
+                    row[REDRAW_KEY] = spec
+                rows.append(row)
+                continue
             picked = range(len(negs)) if len(negs) == num_negatives else \
                 random.Random(f"{seed}/{i}/{j}").sample(range(len(negs)), num_negatives)  # = sample(negs, n)
             row = {"query": rec.query, "positive": pos, "negatives": [negs[k] for k in picked],
                    "query_positives": known[rec.query]}
-            teacher = row_teacher_scores(rec.extra, rec.source, j, picked, len(rec.positives), len(negs))
             if teacher is not None:
-                row["teacher_scores"] = teacher  # [1 + N] (hfemb mine --teacher, or FlagEmbedding's pos/neg_scores)
+                # [1 + N] (hfemb mine --teacher, or FlagEmbedding's pos/neg_scores)
+                row["teacher_scores"] = teacher[:1] + [teacher[1 + k] for k in picked]
             if redraw and num_negatives:
                 spec = mined_pools_spec(rec.extra, rec.source, negs, teacher is not None, known[rec.query], texts) \
                     if len(negs) == num_negatives else \
@@ -56,6 +73,15 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int, redr
                     row[REDRAW_KEY] = spec
             rows.append(row)
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
+
+
+def pool_negatives_setting(d: DataConfig, with_teacher: bool) -> int:
+    """Negatives per row drawn from the whole pool (`rows_from_records`) for rows with or without teacher scores:
+    ``data.pool_negatives``; unset (auto), `POOL_NEGATIVES_AUTO` for rows with teacher scores redrawn by SimANS
+    (``redraw_negatives`` on, ``redraw_sampling`` not uniform, and, `load_rows` checks, cosine scores), else 0."""
+    if d.pool_negatives is not None:
+        return d.pool_negatives
+    return POOL_NEGATIVES_AUTO if with_teacher and d.redraw_negatives and d.redraw_sampling != "uniform" else 0
 
 
 def check_teacher_scores(rows: list[dict], cfg: TrainConfig, train_file: str | None = None) -> None:
@@ -120,9 +146,10 @@ def mine_cached(records: list[Record], source_file: str, mining: dict, num_negat
 
 
 def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str,
-              fmt: str | None = None) -> list[dict]:
+              fmt: str | None = None, negatives: int | None = None) -> list[dict]:
     """The training rows of one file (``fmt``: its format, default ``data.format``), mined when needed; its
-    report goes to ``report[name]``."""
+    report goes to ``report[name]``. ``negatives``: the count every row must have (an eval file's rows, shaped like
+    the training rows), drawn from each record's pool when it is not ``data.num_negatives``."""
     d = cfg.data
     columns = ColumnMap(query=list(d.query_columns), positive=d.positive_column) if d.query_columns else None
     result = read_records(path, fmt=fmt or d.format, columns=columns, on_error="skip" if d.skip_bad_rows else "raise",
@@ -132,8 +159,20 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
     mine_it = d.mine if d.mine is not None else needs_mining(records, d.num_negatives, result.format)
     if mine_it:
         records, part["mining"] = mine_cached(records, path, cfg.mining or {}, d.num_negatives, cache_dir)
+    if negatives is None:
+        pooled = {"pool_negatives": pool_negatives_setting(d, False),
+                  "teacher_pool_negatives": pool_negatives_setting(d, True)}
+    else:
+        pooled = {"pool_negatives": 0 if negatives == d.num_negatives else negatives}
     rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
-                                     redraw=d.redraw_negatives and name != "eval")
+                                     redraw=d.redraw_negatives and name != "eval", **pooled)
+    if d.pool_negatives is None and pooled.get("teacher_pool_negatives") and not teacher_scores_are_cosines(rows):
+        pooled["teacher_pool_negatives"] = 0  # auto: reranker logits are drawn uniformly (simans_width_for), as mined
+        rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
+                                         redraw=d.redraw_negatives and name != "eval", **pooled)
+    with_teacher = any("teacher_scores" in r for r in rows)
+    part["pool_negatives"] = pooled["teacher_pool_negatives" if with_teacher and "teacher_pool_negatives" in pooled
+                                    else "pool_negatives"]  # 0: as mined
     part.update(counts)
     report[name] = part
     if not rows:

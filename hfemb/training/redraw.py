@@ -4,10 +4,12 @@ A mined row keeps ``num_negatives`` negatives, but `hfemb mine` also writes the 
 (``negative_candidates``: the hard pool and the easy pool). Epoch 0 trains on the mined negatives, exactly as
 written; every later epoch draws each row's hard and easy negatives afresh from those pools, with the same
 counts in the same positions (seeded by ``(seed, epoch, row)``, so a run and its resume repeat). SimANS draws
-(below) start at epoch 0: the mined negatives were not chosen by the teacher. A row with
-more negatives than ``num_negatives`` (FlagEmbedding's ``neg`` lists) is resampled from all of them each epoch,
-as FlagEmbedding resamples its lists. Teacher scores follow the drawn texts (``negative_candidate_scores`` /
-``neg_scores``); a row whose pools lack them keeps its mined negatives.
+(below) start at epoch 0: the mined negatives were not chosen by the teacher. A row with more negatives than
+``num_negatives`` (FlagEmbedding's ``neg`` lists) is resampled from all of them each epoch, as FlagEmbedding
+resamples its lists. With ``data.pool_negatives`` a row instead draws that many negatives from everything its
+record offers, pools and negatives together, repeated when short (`record_pool`, `pooled_draw`). Teacher scores
+follow the drawn texts (``negative_candidate_scores`` / ``neg_scores``); a row whose pools lack them keeps its
+mined negatives.
 
 Draws are uniform, or (``data.redraw_sampling: simans``, rows with teacher scores) weighted towards the
 *ambiguous* candidates, those the teacher scores close to the row's positive: weight
@@ -74,6 +76,47 @@ def mined_pools_spec(extra: dict, source: str | None, negatives: list[str], with
         spec["slots"].append(slots)
         spec["pools"].append([pool[k] if texts is None else texts.setdefault(pool[k], pool[k]) for k in keep])
     return spec
+
+
+def record_pool(extra: dict, source: str | None, negatives: Sequence[str], neg_scores: Sequence[float] | None,
+                positives: Sequence[str] = ()) -> tuple[list[str], list[float] | None]:
+    """Every negative a record offers, once each, for `pooled_draw`: its mined pools (``negative_candidates``, kind
+    by kind, hard and easy together) then its ``negatives``; a known positive only if it is one of the
+    ``negatives``. With ``neg_scores`` (the teacher's, one per negative), also each text's teacher score; the pools
+    count only with their own scores (``negative_candidate_scores``)."""
+    known = set(positives)
+    texts: dict[str, float | None] = {}
+    pools = extra.get("negative_candidates") or {}
+    scores = extra.get("negative_candidate_scores") if neg_scores is not None else None
+    if not isinstance(pools, dict) or not all(isinstance(p, list) and all(isinstance(t, str) for t in p)
+                                              for p in pools.values()):
+        raise DataError("expected {kind: [text, ...]} (hfemb mine's hard and easy pools)", source,
+                        field="negative_candidates")
+    if neg_scores is None or isinstance(scores, dict):
+        for kind, pool in pools.items():
+            kind_scores = None if neg_scores is None else scores.get(kind)
+            if neg_scores is not None and not is_number_list(kind_scores, len(pool)):
+                raise DataError(f"expected {len(pool)} numbers for the {kind!r} pool, got {kind_scores!r}"[:200],
+                                source, field="negative_candidate_scores")
+            for k, text in enumerate(pool):
+                if text not in known or text in negatives:
+                    texts.setdefault(text, None if kind_scores is None else float(kind_scores[k]))
+    for k, text in enumerate(negatives):
+        texts.setdefault(text, None if neg_scores is None else float(neg_scores[k]))
+    return list(texts), (None if neg_scores is None else [float(v) for v in texts.values()])
+
+
+def pooled_draw(pool: list[str], scores: list[float] | None, count: int, rng: random.Random
+                ) -> tuple[list[str], list[float] | None, dict]:
+    """``count`` negatives of a row drawn from ``pool`` (`record_pool`), with their teacher ``scores``, and the
+    redraw spec that draws them again each epoch: one group, every slot. A pool smaller than ``count`` is repeated
+    (FlagEmbedding's ``negs * ceil(n / len(negs))``), so a text comes at most ceil(count / len(pool)) times. The
+    first draw is uniform (epoch 0 of uniform redraws; SimANS redraws epoch 0 by the teacher)."""
+    repeats = -(-count // len(pool))
+    pool, scores = pool * repeats, (None if scores is None else scores * repeats)
+    picked = sorted(rng.sample(range(len(pool)), count))
+    spec = {"slots": [list(range(count))], "pools": [pool], "scores": None if scores is None else [scores]}
+    return [pool[k] for k in picked], (None if scores is None else [scores[k] for k in picked]), spec
 
 
 def resample_spec(negatives: Sequence[str], num_negatives: int, neg_scores: list[float] | None) -> dict:

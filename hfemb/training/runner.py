@@ -25,7 +25,7 @@ from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.averaging import (CheckpointAveragingCallback, average_full_checkpoints, average_lora_checkpoints,
                                       averaging_k, averaging_record, checkpoints_to_average)
 from hfemb.training.collator import MultiNegCollator
-from hfemb.training.config import TrainConfig, train_file_specs
+from hfemb.training.config import POOL_NEGATIVES_AUTO, TrainConfig, train_file_specs
 from hfemb.training.data_rows import check_teacher_scores, dataset_query_prompt, load_rows, load_train_datasets
 from hfemb.training.distill import write_matryoshka_info
 from hfemb.training.evaluator import build_evaluators, check_best_metric
@@ -65,10 +65,11 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         rows, held_out = load_train_datasets(cfg, cache_dir, data_report, seed)
     else:
         rows = load_rows(cfg, cfg.data.train_file, cache_dir, data_report, "train")
+    negatives = len(rows[0]["negatives"])  # per row: data.num_negatives, or data.pool_negatives (all alike)
     if cfg.data.eval_file and is_beir_folder(cfg.data.eval_file):
         eval_rows = []  # a retrieval set: metrics from the evaluator only, no eval loss
     elif cfg.data.eval_file:
-        eval_rows = load_rows(cfg, cfg.data.eval_file, cache_dir, data_report, "eval")
+        eval_rows = load_rows(cfg, cfg.data.eval_file, cache_dir, data_report, "eval", negatives=negatives)
     elif multi:  # held out per dataset by load_train_datasets
         eval_rows = held_out
         if cfg.data.eval_ratio:
@@ -86,6 +87,10 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     resume_from = resolve_resume(out, resume)  # complete checkpoints only; skipped ones are named
     if not multi:  # (several datasets: checked per file by load_train_datasets)
         check_teacher_scores(rows, cfg)
+    if len({len(r["negatives"]) for r in rows}) > 1:  # data.pool_negatives auto, teacher cosines in some files only
+        raise ConfigError(f"the training files give rows of {sorted({len(r['negatives']) for r in rows})} negatives "
+                          "(data.pool_negatives auto: rows with cosine teacher scores draw "
+                          f"{POOL_NEGATIVES_AUTO}); set data.pool_negatives for all of them")
 
     try:
         args = training_arguments(cfg, has_eval=bool(eval_rows) or bool(evaluators))  # first: under ZeRO-3 the model then loads into shards
@@ -103,7 +108,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         # every step; only needed when some trainable weight gets no gradient (e.g. BERT's unused pooler)
         args.ddp_find_unused_parameters = has_unused_trainable_parameters(model)
     collator = MultiNegCollator(model=model, query_max_len=cfg.data.query_max_len,
-                                passage_max_len=cfg.data.passage_max_len, num_negatives=cfg.data.num_negatives,
+                                passage_max_len=cfg.data.passage_max_len, num_negatives=negatives,
                                 symmetric=cfg.model.symmetric)
     log_file = out / "train_log.jsonl"
     if resume_from and int(os.environ.get("RANK", "0")) == 0:  # steps logged after the checkpoint are run again
@@ -115,6 +120,9 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     lengths = [len(r["query"]) + len(r["positive"]) + sum(map(len, r["negatives"])) for r in rows]
     redraw = sum(REDRAW_KEY in r for r in rows)  # (none with data.redraw_negatives false: load_rows built no spec)
     data_report["redraw_negatives"] = {"rows": redraw, "of": len(rows)}
+    data_report["negatives_per_row"] = negatives
+    data_report["pool_negatives"] = max(part.get("pool_negatives", 0) for name, part in data_report.items()
+                                        if name == "train" or name.startswith("train "))  # 0: as mined
     if redraw and args.dataloader_num_workers and args.dataloader_persistent_workers:
         raise ConfigError("data.redraw_negatives: persistent dataloader workers keep the first epoch's copy of the "
                           "rows; set training.dataloader_persistent_workers=false or data.redraw_negatives=false")

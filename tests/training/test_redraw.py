@@ -334,8 +334,10 @@ def test_simans_needs_teacher_scores(tiny_qwen3, answers, tmp_path):
 def test_training_on_teacher_rows_draws_by_the_teacher_by_default(tiny_qwen3, answers, tmp_path):
     file_rows = [_row(i, answers, teacher=True) for i in range(24)]
     train_file = _write(tmp_path / "mined.jsonl", file_rows)
-    # rows with teacher scores: the default (auto) is simans
-    first, second, _ = _train_negatives(tiny_qwen3, train_file, tmp_path / "on", redraw_simans_width=0.05)
+    # rows with teacher scores: the default (auto) is simans; each kind's slots from its own pool (pool_negatives=0;
+    # its default for these rows, whole-pool draws, is tested in test_pool_negatives)
+    first, second, _ = _train_negatives(tiny_qwen3, train_file, tmp_path / "on", redraw_simans_width=0.05,
+                                        pool_negatives=0)
     by_query = {r["query"]: r for r in file_rows}
     rows, _ = rows_from_records(read_records(train_file).records, 2, seed=0)
     index = {r["query"]: i for i, r in enumerate(rows)}
