@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", help="device for --model / --teacher (default: cuda if available, else cpu)")
 
     sel = parser.add_argument_group("selection")
-    sel.add_argument("--num-negatives", type=int, default=3, help="negatives per row")
+    sel.add_argument("--num-negatives", type=int, default=3,
+                     help="negatives per row (training can draw more from the written pools: data.pool_negatives)")
     sel.add_argument("--num-hard", type=int, default=1, help="of which hard (the rest easy)")
     sel.add_argument("--hard-top-k", type=int, default=10, help="hard ones are sampled from this many top-ranked")
     sel.add_argument("--easy-bottom-k", type=int, default=10,
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--seed", type=int, default=42, help="sampling seed (each query's generator: seed + index)")
     sel.add_argument("--no-candidates", action="store_true",
                      help="do not write each row's hard and easy pools (negative_candidates, from which training "
-                          "redraws the row's negatives every epoch after the first); smaller files")
+                          "redraws the row's negatives every epoch, or draws data.pool_negatives); smaller files")
 
     bm = parser.add_argument_group("BM25")
     bm.add_argument("--idf", choices=("okapi", "lucene"), default="okapi",
