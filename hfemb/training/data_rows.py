@@ -77,11 +77,21 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int, redr
 
 def pool_negatives_setting(d: DataConfig, with_teacher: bool) -> int:
     """Negatives per row drawn from the whole pool (`rows_from_records`) for rows with or without teacher scores:
-    ``data.pool_negatives``; unset (auto), `POOL_NEGATIVES_AUTO` for rows with teacher scores redrawn by SimANS
-    (``redraw_negatives`` on, ``redraw_sampling`` not uniform, and, `load_rows` checks, cosine scores), else 0."""
+    ``data.pool_negatives``; unset (auto), `POOL_NEGATIVES_AUTO` (or ``num_negatives`` if more) for rows with teacher
+    scores redrawn by SimANS (``redraw_negatives`` on, ``redraw_sampling`` not uniform, ``num_negatives`` not 0;
+    `auto_pool_pays` checks the rest), else 0."""
     if d.pool_negatives is not None:
         return d.pool_negatives
-    return POOL_NEGATIVES_AUTO if with_teacher and d.redraw_negatives and d.redraw_sampling != "uniform" else 0
+    on = with_teacher and d.num_negatives and d.redraw_negatives and d.redraw_sampling != "uniform"
+    return max(POOL_NEGATIVES_AUTO, d.num_negatives) if on else 0
+
+
+def auto_pool_pays(rows: list[dict], num_negatives: int) -> bool:
+    """Auto's check of teacher rows built with whole-pool draws: their teacher scores are cosines (SimANS weighs
+    them, `simans_width_for`) and some row's pool holds more texts than its ``num_negatives`` (else the draws would
+    only repeat the mined negatives: ``--no-candidates`` files, short FlagEmbedding lists)."""
+    taught = [r for r in rows if "teacher_scores" in r and REDRAW_KEY in r]
+    return teacher_scores_are_cosines(rows) and any(len(set(r[REDRAW_KEY]["pools"][0])) > num_negatives for r in taught)
 
 
 def check_teacher_scores(rows: list[dict], cfg: TrainConfig, train_file: str | None = None) -> None:
@@ -166,8 +176,8 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
         pooled = {"pool_negatives": 0 if negatives == d.num_negatives else negatives}
     rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
                                      redraw=d.redraw_negatives and name != "eval", **pooled)
-    if d.pool_negatives is None and pooled.get("teacher_pool_negatives") and not teacher_scores_are_cosines(rows):
-        pooled["teacher_pool_negatives"] = 0  # auto: reranker logits are drawn uniformly (simans_width_for), as mined
+    if d.pool_negatives is None and pooled.get("teacher_pool_negatives") and not auto_pool_pays(rows, d.num_negatives):
+        pooled["teacher_pool_negatives"] = 0  # auto: as mined
         rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
                                          redraw=d.redraw_negatives and name != "eval", **pooled)
     with_teacher = any("teacher_scores" in r for r in rows)
@@ -176,7 +186,8 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
     part.update(counts)
     report[name] = part
     if not rows:
-        raise HfembError(f"{path}: no usable {name} rows (each needs a query, a positive and {d.num_negatives} negatives)")
+        raise HfembError(f"{path}: no usable {name} rows (each needs a query, a positive and {d.num_negatives} "
+                         f"negatives{', at least one' if part['pool_negatives'] else ''})")
     return rows
 
 

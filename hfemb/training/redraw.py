@@ -92,7 +92,10 @@ def record_pool(extra: dict, source: str | None, negatives: Sequence[str], neg_s
                                               for p in pools.values()):
         raise DataError("expected {kind: [text, ...]} (hfemb mine's hard and easy pools)", source,
                         field="negative_candidates")
-    if neg_scores is None or isinstance(scores, dict):
+    if neg_scores is not None and scores is not None and not isinstance(scores, dict):
+        raise DataError(f"expected {{kind: [score, ...]}} (hfemb mine --teacher), got {scores!r}"[:200], source,
+                        field="negative_candidate_scores")
+    if neg_scores is None or scores is not None:
         for kind, pool in pools.items():
             kind_scores = None if neg_scores is None else scores.get(kind)
             if neg_scores is not None and not is_number_list(kind_scores, len(pool)):

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from hfemb.data.formats import read_records
-from hfemb.errors import ConfigError
+from hfemb.errors import ConfigError, DataError
 from hfemb.training.config import POOL_NEGATIVES_AUTO, DataConfig
 from hfemb.training.data_rows import pool_negatives_setting, rows_from_records
 from hfemb.training.redraw import REDRAW_KEY, pooled_draw, record_pool, redrawn
@@ -52,6 +52,30 @@ def test_auto_setting():
     assert pool_negatives_setting(DataConfig(redraw_negatives=False), True) == 0
     assert pool_negatives_setting(DataConfig(pool_negatives=5), False) == 5
     assert pool_negatives_setting(DataConfig(pool_negatives=0), True) == 0
+    assert pool_negatives_setting(DataConfig(num_negatives=9), True) == 9  # auto never keeps fewer than asked
+    assert pool_negatives_setting(DataConfig(num_negatives=0), True) == 0  # in-batch negatives only stays so
+
+
+def test_auto_keeps_rows_as_mined_when_their_pools_offer_nothing_more(answers, tmp_path):
+    """Teacher rows without pools (``--no-candidates``) would only repeat their mined negatives: auto keeps them."""
+    from hfemb.training.data_rows import load_rows
+
+    def rows_of(file_rows, name, **data):
+        cfg = make_config("m", _write(tmp_path / name, file_rows), tmp_path / "o", data=data)
+        report: dict = {}
+        rows = load_rows(cfg, cfg.data.train_file, tmp_path / "cache", report, "train")
+        return rows, report["train"]["pool_negatives"]
+
+    full = [_row(i, answers, teacher=True) for i in range(6)]
+    rows, pooled = rows_of(full, "full.jsonl")
+    assert pooled == 7 and {len(r["negatives"]) for r in rows} == {7}
+    bare = [{k: v for k, v in r.items() if not k.startswith("negative_candidate")} for r in full]
+    rows, pooled = rows_of(bare, "bare.jsonl")
+    assert pooled == 0 and [r["negatives"] for r in rows] == [r["negative"] for r in full]
+    rows, pooled = rows_of(bare, "bare.jsonl", pool_negatives=4)  # asked for: repeats the 2
+    assert pooled == 4 and all(sorted(Counter(r["negatives"]).values()) == [2, 2] for r in rows)
+    with pytest.raises(DataError, match=r"bad\.jsonl:1, field 'negative_candidate_scores': expected \{kind: \[score"):
+        rows_of([{**full[0], "negative_candidate_scores": [0.1]}], "bad.jsonl")
 
 
 @pytest.mark.parametrize("value", [-1, True, "7", 2.5])
