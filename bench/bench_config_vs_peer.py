@@ -126,7 +126,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--n-bootstrap", type=int, default=1000)
     parser.add_argument("--out", default=str(common.RESULTS / "config_vs_peer"),
-                        help="mined rows, training runs and evaluation reports (finished runs are reused)")
+                        help="mined rows, training runs and evaluation reports (a finished run is reused when its "
+                             "command line is the same: move runs away after a change of hfemb's defaults)")
     args = parser.parse_args()
     started = time.time()
     out = Path(args.out)

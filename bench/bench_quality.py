@@ -50,7 +50,8 @@ def train_hfemb(spec: dict) -> dict:
     raw = {
         "model": {"name_or_path": spec["model"], "finetune_type": spec.get("finetune", "full"),
                   "torch_dtype": "float32", **spec.get("model_overrides", {})},
-        "data": {"train_file": spec["train_file"], "num_negatives": 3, "mine": False},
+        # every lever at 3 negatives per row, as mined (data.pool_negatives is measured by bench_config_vs_peer)
+        "data": {"train_file": spec["train_file"], "num_negatives": 3, "mine": False, "pool_negatives": 0},
         "loss": spec.get("loss", {}),
         "training": {"output_dir": spec["out"], "per_device_train_batch_size": spec["batch"],
                      "num_train_epochs": spec["epochs"], "learning_rate": spec["lr"], "warmup_ratio": spec["warmup"],

@@ -76,7 +76,8 @@ def mine_wikiqa_train(out_dir: Path, data_dir: Path = WIKIQA, **overrides) -> tu
 
 
 def training_rows(path: Path, num_negatives: int = 3) -> list[dict]:
-    """Mined JSONL -> ``{"query","positive","negatives"}`` rows, as `hfemb.training.data_rows.load_rows` builds them."""
+    """Mined JSONL -> ``{"query","positive","negatives"}`` rows, as `hfemb.training.data_rows.load_rows` builds them
+    with ``data.pool_negatives: 0`` (each row as mined)."""
     from hfemb.data.formats import read_records
     from hfemb.training.data_rows import rows_from_records
 
