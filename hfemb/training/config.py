@@ -58,7 +58,7 @@ class ModelConfig:
     padding_free: Literal["auto", True, False] | None = None
 
 
-POOL_NEGATIVES_AUTO = 7  # data.pool_negatives unset, rows with teacher scores (README, Results)
+POOL_NEGATIVES_AUTO = 7  # data.pool_negatives unset (FlagEmbedding's train_group_size 8; README, Results)
 
 
 @dataclass
@@ -89,8 +89,8 @@ class DataConfig:
     redraw_simans_width: float = 0.025
     # negatives per row drawn from all of its record's candidates (mined hard and easy pools and negatives together,
     # repeated when short, as FlagEmbedding's train_group_size), redrawn as above; 0: num_negatives, as mined.
-    # null (auto): POOL_NEGATIVES_AUTO (7, or num_negatives if more) for rows with cosine teacher scores and pools,
-    # redrawn by SimANS (redraw_negatives on, redraw_sampling not uniform, num_negatives not 0), else 0
+    # null (auto): POOL_NEGATIVES_AUTO (7, or num_negatives if more) when the file's pools offer more than
+    # num_negatives, redraw_negatives is on and num_negatives is not 0, else 0
     # (hfemb.training.data_rows.pool_negatives_setting; decided on dev: README, Results)
     pool_negatives: int | None = None
     # no_duplicate_queries: no two rows of one query in a step's batch, across processes too

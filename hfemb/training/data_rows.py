@@ -18,19 +18,18 @@ from hfemb.io_utils import write_json, write_jsonl
 from hfemb.mining.mine import MiningConfig, mine
 from hfemb.modeling.loading import format_instruction
 from hfemb.training.config import POOL_NEGATIVES_AUTO, DataConfig, TrainConfig, TrainFileSpec, train_file_specs
-from hfemb.training.redraw import (REDRAW_KEY, mined_pools_spec, pooled_draw, record_pool, resample_spec,
-                                   teacher_scores_are_cosines)
+from hfemb.training.redraw import REDRAW_KEY, mined_pools_spec, pooled_draw, record_pool, resample_spec
 from hfemb.training.teacher_scores import row_teacher_scores
 
 
 def rows_from_records(records: list[Record], num_negatives: int, seed: int, redraw: bool = True,
-                      pool_negatives: int = 0, teacher_pool_negatives: int | None = None) -> tuple[list[dict], dict]:
+                      pool_negatives: int = 0) -> tuple[list[dict], dict]:
     """Training rows ``{"query","positive","negatives","query_positives"}``, one per (query, positive)
     (``query_positives``: every positive of the query, shared by its rows; none counts as its negative).
     A record with exactly ``num_negatives`` negatives (a mined file) keeps them in order; one with more gets a
     seeded sample (as FlagEmbedding samples its ``neg`` lists); rows short of negatives are dropped and counted.
-    With ``pool_negatives`` (``teacher_pool_negatives`` for records with teacher scores; None: the same) a row
-    instead draws that many from all its record's candidates (`record_pool`, `pooled_draw`).
+    With ``pool_negatives`` a row instead draws that many from all its record's candidates (`record_pool`,
+    `pooled_draw`).
     A row that can draw other negatives in later epochs (mined pools, or a longer list) carries its
     `hfemb.training.redraw` spec under ``REDRAW_KEY`` (``redraw=False``: none, pools unread)."""
     rows, short, texts = [], 0, {}
@@ -40,16 +39,16 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int, redr
         known[rec.query].extend(p for p in rec.positives if p not in known[rec.query])
     for i, rec in enumerate(records):
         negs = rec.negatives
-        if len(negs) < num_negatives or not negs and (pool_negatives or teacher_pool_negatives):
+        if len(negs) < num_negatives or not negs and pool_negatives:
             short += len(rec.positives)
             continue
         for j, pos in enumerate(rec.positives):
             teacher = row_teacher_scores(rec.extra, rec.source, j, range(len(negs)), len(rec.positives), len(negs))
-            count = pool_negatives if teacher is None or teacher_pool_negatives is None else teacher_pool_negatives
-            if count:  # drawn from the whole pool, every slot
+            if pool_negatives:  # drawn from the whole pool, every slot
                 pool, pool_scores = record_pool(rec.extra, rec.source, negs, None if teacher is None else teacher[1:],
                                                 known[rec.query])
-                drawn, drawn_scores, spec = pooled_draw([texts.setdefault(t, t) for t in pool], pool_scores, count,
+                drawn, drawn_scores, spec = pooled_draw([texts.setdefault(t, t) for t in pool], pool_scores,
+                                                        pool_negatives,
                                                         random.Random(f"{seed}/{i}/{j}/pool"))
                 row = {"query": rec.query, "positive": pos, "negatives": drawn, "query_positives": known[rec.query]}
                 if teacher is not None:
@@ -75,23 +74,20 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int, redr
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
 
 
-def pool_negatives_setting(d: DataConfig, with_teacher: bool) -> int:
-    """Negatives per row drawn from the whole pool (`rows_from_records`) for rows with or without teacher scores:
-    ``data.pool_negatives``; unset (auto), `POOL_NEGATIVES_AUTO` (or ``num_negatives`` if more) for rows with teacher
-    scores redrawn by SimANS (``redraw_negatives`` on, ``redraw_sampling`` not uniform, ``num_negatives`` not 0;
-    `auto_pool_pays` checks the rest), else 0."""
+def pool_negatives_setting(d: DataConfig) -> int:
+    """Negatives per row drawn from the whole pool (`rows_from_records`): ``data.pool_negatives``; unset (auto),
+    `POOL_NEGATIVES_AUTO` (or ``num_negatives`` if more) with ``redraw_negatives`` on and ``num_negatives`` not 0
+    (`auto_pool_pays` checks the rows), else 0."""
     if d.pool_negatives is not None:
         return d.pool_negatives
-    on = with_teacher and d.num_negatives and d.redraw_negatives and d.redraw_sampling != "uniform"
-    return max(POOL_NEGATIVES_AUTO, d.num_negatives) if on else 0
+    return max(POOL_NEGATIVES_AUTO, d.num_negatives) if d.num_negatives and d.redraw_negatives else 0
 
 
 def auto_pool_pays(rows: list[dict], num_negatives: int) -> bool:
-    """Auto's check of teacher rows built with whole-pool draws: their teacher scores are cosines (SimANS weighs
-    them, `simans_width_for`) and some row's pool holds more texts than its ``num_negatives`` (else the draws would
-    only repeat the mined negatives: ``--no-candidates`` files, short FlagEmbedding lists)."""
-    taught = [r for r in rows if "teacher_scores" in r and REDRAW_KEY in r]
-    return teacher_scores_are_cosines(rows) and any(len(set(r[REDRAW_KEY]["pools"][0])) > num_negatives for r in taught)
+    """Auto's check of rows built with whole-pool draws: some row's pool holds more texts than ``num_negatives``
+    (else the draws would only repeat the mined negatives: ``--no-candidates`` files, lists of exactly
+    ``num_negatives``)."""
+    return any(len(set(r[REDRAW_KEY]["pools"][0])) > num_negatives for r in rows if REDRAW_KEY in r)
 
 
 def check_teacher_scores(rows: list[dict], cfg: TrainConfig, train_file: str | None = None) -> None:
@@ -169,20 +165,14 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
     mine_it = d.mine if d.mine is not None else needs_mining(records, d.num_negatives, result.format)
     if mine_it:
         records, part["mining"] = mine_cached(records, path, cfg.mining or {}, d.num_negatives, cache_dir)
-    if negatives is None:
-        pooled = {"pool_negatives": pool_negatives_setting(d, False),
-                  "teacher_pool_negatives": pool_negatives_setting(d, True)}
-    else:
-        pooled = {"pool_negatives": 0 if negatives == d.num_negatives else negatives}
+    count = pool_negatives_setting(d) if negatives is None else 0 if negatives == d.num_negatives else negatives
     rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
-                                     redraw=d.redraw_negatives and name != "eval", **pooled)
-    if d.pool_negatives is None and pooled.get("teacher_pool_negatives") and not auto_pool_pays(rows, d.num_negatives):
-        pooled["teacher_pool_negatives"] = 0  # auto: as mined
+                                     redraw=d.redraw_negatives and name != "eval", pool_negatives=count)
+    if negatives is None and d.pool_negatives is None and count and not auto_pool_pays(rows, d.num_negatives):
+        count = 0  # auto, nothing more to draw: as mined
         rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
-                                         redraw=d.redraw_negatives and name != "eval", **pooled)
-    with_teacher = any("teacher_scores" in r for r in rows)
-    part["pool_negatives"] = pooled["teacher_pool_negatives" if with_teacher and "teacher_pool_negatives" in pooled
-                                    else "pool_negatives"]  # 0: as mined
+                                         redraw=d.redraw_negatives and name != "eval")
+    part["pool_negatives"] = count  # 0: as mined
     part.update(counts)
     report[name] = part
     if not rows:

@@ -87,12 +87,12 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     resume_from = resolve_resume(out, resume)  # complete checkpoints only; skipped ones are named
     if not multi:  # (several datasets: checked per file by load_train_datasets)
         check_teacher_scores(rows, cfg)
-    if len({len(r["negatives"]) for r in rows}) > 1:  # data.pool_negatives auto, teacher cosines in some files only
+    if len({len(r["negatives"]) for r in rows}) > 1:  # data.pool_negatives auto, pools in some files only
         per_file = ", ".join(f"{part['file']}: {part['pool_negatives'] or 'as mined'}"
                              for name, part in data_report.items() if name.startswith("train "))
         raise ConfigError(f"data.train_files: rows of {sorted({len(r['negatives']) for r in rows})} negatives "
-                          f"(data.pool_negatives auto draws {POOL_NEGATIVES_AUTO} for rows with cosine teacher scores "
-                          f"and pools; {per_file}); set data.pool_negatives to one number for all of them")
+                          f"(data.pool_negatives auto draws {POOL_NEGATIVES_AUTO} for files with pools; {per_file}); "
+                          "set data.pool_negatives to one number for all of them")
 
     try:
         args = training_arguments(cfg, has_eval=bool(eval_rows) or bool(evaluators))  # first: under ZeRO-3 the model then loads into shards

@@ -1,5 +1,5 @@
-"""``data.pool_negatives``: rows drawing N negatives from all of their record's candidates (pools and negatives
-together, repeated when short), by SimANS for teacher rows (the default there: 7), checked against hand-built pools."""
+"""``data.pool_negatives``: rows drawing N negatives (default 7) from all of their record's candidates (pools and
+negatives together, repeated when short), by SimANS for teacher rows, checked against hand-built pools."""
 
 from __future__ import annotations
 
@@ -46,22 +46,21 @@ def test_pooled_draw_repeats_a_short_pool_like_flagembedding():
 
 
 def test_auto_setting():
-    assert pool_negatives_setting(DataConfig(), True) == POOL_NEGATIVES_AUTO == 7
-    assert pool_negatives_setting(DataConfig(), False) == 0
-    assert pool_negatives_setting(DataConfig(redraw_sampling="uniform"), True) == 0
-    assert pool_negatives_setting(DataConfig(redraw_negatives=False), True) == 0
-    assert pool_negatives_setting(DataConfig(pool_negatives=5), False) == 5
-    assert pool_negatives_setting(DataConfig(pool_negatives=0), True) == 0
-    assert pool_negatives_setting(DataConfig(num_negatives=9), True) == 9  # auto never keeps fewer than asked
-    assert pool_negatives_setting(DataConfig(num_negatives=0), True) == 0  # in-batch negatives only stays so
+    assert pool_negatives_setting(DataConfig()) == POOL_NEGATIVES_AUTO == 7
+    assert pool_negatives_setting(DataConfig(redraw_negatives=False)) == 0
+    assert pool_negatives_setting(DataConfig(pool_negatives=5)) == 5
+    assert pool_negatives_setting(DataConfig(pool_negatives=0)) == 0
+    assert pool_negatives_setting(DataConfig(num_negatives=9)) == 9  # auto never keeps fewer than asked
+    assert pool_negatives_setting(DataConfig(num_negatives=0)) == 0  # in-batch negatives only stays so
 
 
 def test_auto_keeps_rows_as_mined_when_their_pools_offer_nothing_more(answers, tmp_path):
-    """Teacher rows without pools (``--no-candidates``) would only repeat their mined negatives: auto keeps them."""
+    """Rows without pools (``--no-candidates``) would only repeat their mined negatives: auto keeps them."""
     from hfemb.training.data_rows import load_rows
 
     def rows_of(file_rows, name, **data):
-        cfg = make_config("m", _write(tmp_path / name, file_rows), tmp_path / "o", data=data)
+        cfg = make_config("m", _write(tmp_path / name, file_rows), tmp_path / "o", data={"pool_negatives": None,
+                                                                                          **data})
         report: dict = {}
         rows = load_rows(cfg, cfg.data.train_file, tmp_path / "cache", report, "train")
         return rows, report["train"]["pool_negatives"]
@@ -69,6 +68,8 @@ def test_auto_keeps_rows_as_mined_when_their_pools_offer_nothing_more(answers, t
     full = [_row(i, answers, teacher=True) for i in range(6)]
     rows, pooled = rows_of(full, "full.jsonl")
     assert pooled == 7 and {len(r["negatives"]) for r in rows} == {7}
+    rows, pooled = rows_of([_row(i, answers) for i in range(6)], "plain.jsonl")  # no teacher: pooled too
+    assert pooled == 7 and {len(r["negatives"]) for r in rows} == {7} and REDRAW_KEY in rows[0]
     bare = [{k: v for k, v in r.items() if not k.startswith("negative_candidate")} for r in full]
     rows, pooled = rows_of(bare, "bare.jsonl")
     assert pooled == 0 and [r["negatives"] for r in rows] == [r["negative"] for r in full]
@@ -88,7 +89,7 @@ def test_rows_draw_from_the_whole_pool_and_teacher_scores_follow(answers, tmp_pa
     file_rows = [_row(i, answers, teacher=True) for i in range(24)]
     score = {t: round(0.01 * (k + 1), 6) for k, t in enumerate(answers)}  # _row's made-up teacher
     records = read_records(_write(tmp_path / "mined.jsonl", file_rows)).records
-    rows, counts = rows_from_records(records, 2, seed=0, teacher_pool_negatives=9)
+    rows, counts = rows_from_records(records, 2, seed=0, pool_negatives=9)
     assert counts == {"rows": 24, "dropped_short_of_negatives": 0}
     for row, raw in zip(rows, file_rows):
         whole = raw["negative_candidates"]["hard"] + raw["negative_candidates"]["easy"]  # 7 texts, hard and easy
@@ -101,10 +102,10 @@ def test_rows_draw_from_the_whole_pool_and_teacher_scores_follow(answers, tmp_pa
                 assert drawn["teacher_scores"] == [0.9] + [score[t] for t in drawn["negatives"]]
     plain, _ = rows_from_records(records, 2, seed=0)  # without: as mined
     assert [r["negatives"] for r in plain] == [r["negative"] for r in file_rows]
-    # rows without teacher scores use pool_negatives; teacher_pool_negatives is for rows with them
     untaught = read_records(_write(tmp_path / "plain.jsonl", [_row(i, answers) for i in range(4)])).records
-    assert {len(r["negatives"]) for r in rows_from_records(untaught, 2, 0, teacher_pool_negatives=9)[0]} == {2}
-    assert {len(r["negatives"]) for r in rows_from_records(untaught, 2, 0, pool_negatives=5)[0]} == {5}
+    for row in rows_from_records(untaught, 2, 0, pool_negatives=5)[0]:  # no teacher: uniform, epoch 0 as drawn
+        assert len(row["negatives"]) == 5 and "teacher_scores" not in row
+        assert redrawn(row, 0, 0, 0, simans_width=0.05) is row and redrawn(row, 0, 1, 0) is not row
 
 
 def test_training_on_teacher_rows_draws_seven_from_the_whole_pool_by_default(tiny_qwen3, answers, tmp_path):
@@ -127,7 +128,8 @@ def test_training_on_teacher_rows_draws_seven_from_the_whole_pool_by_default(tin
 
     collator_module.MultiNegCollator.__call__ = spy
     try:
-        run_training(make_config(tiny_qwen3, train_file, tmp_path / "out", data={"eval_file": eval_file},
+        run_training(make_config(tiny_qwen3, train_file, tmp_path / "out",
+                                 data={"eval_file": eval_file, "pool_negatives": None},
                                  training={"num_train_epochs": 2, "per_device_train_batch_size": 8,
                                            "eval_strategy": "epoch"}))
     finally:
@@ -135,7 +137,7 @@ def test_training_on_teacher_rows_draws_seven_from_the_whole_pool_by_default(tin
     train = [f for n, batch, taught in seen if taught for f in batch]
     assert {n for n, _, _ in seen} == {7} and len(train) == 48  # 2 epochs x 24 rows; eval batches 7 wide too
     assert len(seen) > 6 and all(len(negatives) == 7 for _, batch, _ in seen for _, negatives in batch)
-    rows, _ = rows_from_records(read_records(train_file).records, 2, seed=0, teacher_pool_negatives=7)
+    rows, _ = rows_from_records(read_records(train_file).records, 2, seed=0, pool_negatives=7)
     index = {r["query"]: i for i, r in enumerate(rows)}
     width = DataConfig().redraw_simans_width
     for epoch, part in enumerate((train[:24], train[24:])):

@@ -30,7 +30,9 @@ def mined_file(tmp_path_factory, zh_sample_csv):
 def make_config(model_path, train_file, out, finetune="lora", training=None, **sections):
     raw = {
         "model": {"name_or_path": model_path, "finetune_type": finetune, "torch_dtype": "float32"},
-        "data": {"train_file": train_file, "query_max_len": 32, "passage_max_len": 48, "num_negatives": 2},
+        # pool_negatives 0: rows as mined (the tests of whole-pool draws, the default, set it: test_pool_negatives)
+        "data": {"train_file": train_file, "query_max_len": 32, "passage_max_len": 48, "num_negatives": 2,
+                 "pool_negatives": 0},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "training": {"output_dir": str(out), "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
                      "num_train_epochs": 1, "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none",
