@@ -43,33 +43,30 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int, redr
             short += len(rec.positives)
             continue
         for j, pos in enumerate(rec.positives):
+            # [1 + len(negs)] (hfemb mine --teacher, or FlagEmbedding's pos/neg_scores)
             teacher = row_teacher_scores(rec.extra, rec.source, j, range(len(negs)), len(rec.positives), len(negs))
+            spec = None
             if pool_negatives:  # drawn from the whole pool, every slot
                 pool, pool_scores = record_pool(rec.extra, rec.source, negs, None if teacher is None else teacher[1:],
                                                 known[rec.query])
-                drawn, drawn_scores, spec = pooled_draw([texts.setdefault(t, t) for t in pool], pool_scores,
-                                                        pool_negatives,
-                                                        random.Random(f"{seed}/{i}/{j}/pool"))
-                row = {"query": rec.query, "positive": pos, "negatives": drawn, "query_positives": known[rec.query]}
-                if teacher is not None:
-                    row["teacher_scores"] = teacher[:1] + drawn_scores
+                negatives, neg_scores, pooled_spec = pooled_draw([texts.setdefault(t, t) for t in pool], pool_scores,
+                                                                 pool_negatives, random.Random(f"{seed}/{i}/{j}/pool"))
                 if redraw:
-                    row[REDRAW_KEY] = spec
-                rows.append(row)
-                continue
-            picked = range(len(negs)) if len(negs) == num_negatives else \
-                random.Random(f"{seed}/{i}/{j}").sample(range(len(negs)), num_negatives)  # = sample(negs, n)
-            row = {"query": rec.query, "positive": pos, "negatives": [negs[k] for k in picked],
-                   "query_positives": known[rec.query]}
+                    spec = pooled_spec
+            else:
+                picked = range(len(negs)) if len(negs) == num_negatives else \
+                    random.Random(f"{seed}/{i}/{j}").sample(range(len(negs)), num_negatives)  # = sample(negs, n)
+                negatives = [negs[k] for k in picked]
+                neg_scores = None if teacher is None else [teacher[1 + k] for k in picked]
+                if redraw and num_negatives:
+                    spec = mined_pools_spec(rec.extra, rec.source, negs, teacher is not None, known[rec.query],
+                                            texts) if len(negs) == num_negatives else \
+                        resample_spec(negs, num_negatives, rec.extra.get("neg_scores") if teacher is not None else None)
+            row = {"query": rec.query, "positive": pos, "negatives": negatives, "query_positives": known[rec.query]}
             if teacher is not None:
-                # [1 + N] (hfemb mine --teacher, or FlagEmbedding's pos/neg_scores)
-                row["teacher_scores"] = teacher[:1] + [teacher[1 + k] for k in picked]
-            if redraw and num_negatives:
-                spec = mined_pools_spec(rec.extra, rec.source, negs, teacher is not None, known[rec.query], texts) \
-                    if len(negs) == num_negatives else \
-                    resample_spec(negs, num_negatives, rec.extra.get("neg_scores") if teacher is not None else None)
-                if spec is not None:
-                    row[REDRAW_KEY] = spec
+                row["teacher_scores"] = teacher[:1] + neg_scores  # [1 + N]
+            if spec is not None:
+                row[REDRAW_KEY] = spec
             rows.append(row)
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
 
@@ -165,13 +162,15 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
     mine_it = d.mine if d.mine is not None else needs_mining(records, d.num_negatives, result.format)
     if mine_it:
         records, part["mining"] = mine_cached(records, path, cfg.mining or {}, d.num_negatives, cache_dir)
+    def build(pool_negatives: int) -> tuple[list[dict], dict]:
+        return rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
+                                 redraw=d.redraw_negatives and name != "eval", pool_negatives=pool_negatives)
+
     count = pool_negatives_setting(d) if negatives is None else 0 if negatives == d.num_negatives else negatives
-    rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
-                                     redraw=d.redraw_negatives and name != "eval", pool_negatives=count)
+    rows, counts = build(count)
     if negatives is None and d.pool_negatives is None and count and not auto_pool_pays(rows, d.num_negatives):
         count = 0  # auto, nothing more to draw: as mined
-        rows, counts = rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
-                                         redraw=d.redraw_negatives and name != "eval")
+        rows, counts = build(count)
     part["pool_negatives"] = count  # 0: as mined
     part.update(counts)
     report[name] = part

@@ -35,6 +35,26 @@ REDRAW_KEY = "redraw"  # a training row's {"slots": [[position, ...], ...], "poo
 # "scores": [[float, ...], ...] | None}: group g fills the negatives at slots[g] from pools[g]
 
 
+def candidate_pools(extra: dict, source: str | None) -> dict[str, list[str]]:
+    """A record's mined pools, ``negative_candidates`` ({kind: [text, ...]}; {} without), checked."""
+    pools = extra.get("negative_candidates") or {}
+    if not isinstance(pools, dict) or not all(isinstance(p, list) and all(isinstance(t, str) for t in p)
+                                              for p in pools.values()):
+        raise DataError("expected {kind: [text, ...]} (hfemb mine's hard and easy pools)", source,
+                        field="negative_candidates")
+    return pools
+
+
+def pool_teacher_scores(scores, kind: str, pool: list[str], source: str | None) -> list[float]:
+    """The teacher's score of each text of a record's ``kind`` pool, from its ``negative_candidate_scores``
+    (``scores``), checked: one number per text."""
+    kind_scores = scores.get(kind) if isinstance(scores, dict) else None
+    if not is_number_list(kind_scores, len(pool)):
+        raise DataError(f"expected {len(pool)} numbers for the {kind!r} pool, got {kind_scores!r}"[:200], source,
+                        field="negative_candidate_scores")
+    return [float(v) for v in kind_scores]
+
+
 def mined_pools_spec(extra: dict, source: str | None, negatives: list[str], with_teacher: bool,
                      positives: Sequence[str] = (), texts: dict[str, str] | None = None) -> dict | None:
     """The redraw spec of a mined row (``extra``: its other fields) that keeps all of its ``negatives``, from
@@ -42,15 +62,11 @@ def mined_pools_spec(extra: dict, source: str | None, negatives: list[str], with
     scores of them). A pool must hold the row's negatives of its kind. Known ``positives`` of the query are
     left out of the pools (unless the mined row already has them as negatives); ``texts``: one shared string
     object per distinct text (the pools repeat texts across rows)."""
-    pools = extra.get("negative_candidates")
+    pools = candidate_pools(extra, source)
     if not pools:
         return None
     mining = extra.get("mining")
     kinds = mining.get("kinds") if isinstance(mining, dict) else None
-    if not isinstance(pools, dict) or not all(isinstance(p, list) and all(isinstance(t, str) for t in p)
-                                              for p in pools.values()):
-        raise DataError("expected {kind: [text, ...]} (hfemb mine's hard and easy pools)", source,
-                        field="negative_candidates")
     if not isinstance(kinds, list) or len(kinds) != len(negatives):
         raise DataError(f"negative_candidates needs mining.kinds with one kind per negative ({len(negatives)}), "
                         f"got {kinds!r}"[:200], source, field="mining.kinds")
@@ -64,15 +80,10 @@ def mined_pools_spec(extra: dict, source: str | None, negatives: list[str], with
         if not slots or not set(negatives[i] for i in slots) <= set(pool) or len(set(pool)) < len(slots):
             raise DataError(f"the {kind!r} pool ({len(pool)} texts) does not hold the row's {len(slots)} {kind} "
                             "negatives", source, field="negative_candidates")
-        if with_teacher:
-            kind_scores = scores.get(kind) if isinstance(scores, dict) else None
-            if not is_number_list(kind_scores, len(pool)):
-                raise DataError(f"expected {len(pool)} numbers for the {kind!r} pool, got {kind_scores!r}"[:200],
-                                source, field="negative_candidate_scores")
-            spec["scores"].append([float(s) for s in kind_scores])
         keep = [k for k, t in enumerate(pool) if t not in known or t in negatives]
         if with_teacher:
-            spec["scores"][-1] = [spec["scores"][-1][k] for k in keep]
+            kind_scores = pool_teacher_scores(scores, kind, pool, source)
+            spec["scores"].append([kind_scores[k] for k in keep])
         spec["slots"].append(slots)
         spec["pools"].append([pool[k] if texts is None else texts.setdefault(pool[k], pool[k]) for k in keep])
     return spec
@@ -86,24 +97,17 @@ def record_pool(extra: dict, source: str | None, negatives: Sequence[str], neg_s
     count only with their own scores (``negative_candidate_scores``)."""
     known = set(positives)
     texts: dict[str, float | None] = {}
-    pools = extra.get("negative_candidates") or {}
+    pools = candidate_pools(extra, source)
     scores = extra.get("negative_candidate_scores") if neg_scores is not None else None
-    if not isinstance(pools, dict) or not all(isinstance(p, list) and all(isinstance(t, str) for t in p)
-                                              for p in pools.values()):
-        raise DataError("expected {kind: [text, ...]} (hfemb mine's hard and easy pools)", source,
-                        field="negative_candidates")
     if neg_scores is not None and scores is not None and not isinstance(scores, dict):
         raise DataError(f"expected {{kind: [score, ...]}} (hfemb mine --teacher), got {scores!r}"[:200], source,
                         field="negative_candidate_scores")
     if neg_scores is None or scores is not None:
         for kind, pool in pools.items():
-            kind_scores = None if neg_scores is None else scores.get(kind)
-            if neg_scores is not None and not is_number_list(kind_scores, len(pool)):
-                raise DataError(f"expected {len(pool)} numbers for the {kind!r} pool, got {kind_scores!r}"[:200],
-                                source, field="negative_candidate_scores")
+            kind_scores = None if neg_scores is None else pool_teacher_scores(scores, kind, pool, source)
             for k, text in enumerate(pool):
                 if text not in known or text in negatives:
-                    texts.setdefault(text, None if kind_scores is None else float(kind_scores[k]))
+                    texts.setdefault(text, None if kind_scores is None else kind_scores[k])
     for k, text in enumerate(negatives):
         texts.setdefault(text, None if neg_scores is None else float(neg_scores[k]))
     return list(texts), (None if neg_scores is None else [float(v) for v in texts.values()])
