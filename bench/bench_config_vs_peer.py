@@ -67,6 +67,17 @@ def train_peer(train_file: Path, out: Path, seed: int, threads: int) -> str:
     return bench_quality.spawn("st", spec, out.parent)["model_dir"]
 
 
+def ablations(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME=KEY=VALUE`` specs as {NAME: [KEY=VALUE, ...]}, in order; a NAME given twice collects both overrides."""
+    rows: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, override = spec.partition("=")
+        if not (name and sep and "=" in override):
+            raise SystemExit(f"--ablate/--hybrid-ablate {spec!r}: expected NAME=KEY=VALUE")
+        rows.setdefault(name, []).append(override)
+    return rows
+
+
 def pair_scores(model: str, pool_file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(query index, label, cosine) of every (question, candidate) pair, through the evaluation's encoder
     and embedding cache (so the same vectors as the reports)."""
@@ -117,9 +128,9 @@ def main() -> int:
                         help="all-mpnet-base-v2 folder (../shared/tools/get_mpnet.sh DEST prints it)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
     parser.add_argument("--ablate", nargs="*", default=[], metavar="NAME=KEY=VALUE",
-                        help="extra hfemb rows on the default rows, one override each")
+                        help="extra hfemb rows on the default rows; a NAME given twice collects both overrides")
     parser.add_argument("--hybrid-ablate", nargs="*", default=[], metavar="NAME=KEY=VALUE",
-                        help="extra hfemb rows on the hybrid + teacher rows, one override each")
+                        help="extra hfemb rows on the hybrid + teacher rows; a NAME given twice collects both overrides")
     parser.add_argument("--no-hybrid", action="store_true", help="skip the hybrid + teacher rows")
     parser.add_argument("--test", action="store_true", help="also test numbers (only once dev has decided)")
     parser.add_argument("--parallel", type=int, default=2)
@@ -145,14 +156,12 @@ def main() -> int:
         if hybrid_rows:
             jobs[f"hfemb hybrid+teacher s{seed}"] = (train_hfemb, hybrid_rows, out / "runs" / f"hybrid-s{seed}", seed, [],
                                                      args.threads)
-        for spec in args.ablate:
-            name, override = spec.split("=", 1)
+        for name, overrides in ablations(args.ablate).items():
             jobs[f"hfemb {name} s{seed}"] = (train_hfemb, default_rows, out / "runs" / f"{name}-s{seed}", seed,
-                                             [override], args.threads)
-        for spec in args.hybrid_ablate if hybrid_rows else []:
-            name, override = spec.split("=", 1)
+                                             overrides, args.threads)
+        for name, overrides in ablations(args.hybrid_ablate if hybrid_rows else []).items():
             jobs[f"hfemb hybrid+teacher {name} s{seed}"] = (train_hfemb, hybrid_rows, out / "runs" / f"hybrid-{name}-s{seed}",
-                                                            seed, [override], args.threads)
+                                                            seed, overrides, args.threads)
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = {label: pool.submit(fn, *rest) for label, (fn, *rest) in jobs.items()}
         models = {label: f.result() for label, f in futures.items()}

@@ -46,3 +46,11 @@ def test_paired_auc_difference_equals_sklearn(tmp_path, monkeypatch, minilm, tin
     assert lo <= diff <= hi and lo < hi
     assert bench_config_vs_peer.paired_auc_diff(minilm, minilm, pool_file, n_bootstrap=50) == (0.0, 0.0, 0.0)
     assert np.isfinite([lo, hi]).all()
+
+
+def test_ablations_collect_overrides_by_name():
+    specs = ["qd=loss.query_negatives=true", "mined=data.pool_negatives=0", "qd=loss.document_negatives=true"]
+    assert bench_config_vs_peer.ablations(specs) == {
+        "qd": ["loss.query_negatives=true", "loss.document_negatives=true"], "mined": ["data.pool_negatives=0"]}
+    with pytest.raises(SystemExit, match="NAME=KEY=VALUE"):
+        bench_config_vs_peer.ablations(["qd-loss.query_negatives"])
