@@ -140,6 +140,8 @@ def main() -> int:
                         help="mined rows, training runs and evaluation reports (a finished run is reused when its "
                              "command line is the same: move runs away after a change of hfemb's defaults)")
     args = parser.parse_args()
+    default_ablations = ablations(args.ablate)  # checked before minutes of mining
+    hybrid_ablations = {} if args.no_hybrid else ablations(args.hybrid_ablate)
     started = time.time()
     out = Path(args.out)
     data = out / "data"
@@ -156,10 +158,10 @@ def main() -> int:
         if hybrid_rows:
             jobs[f"hfemb hybrid+teacher s{seed}"] = (train_hfemb, hybrid_rows, out / "runs" / f"hybrid-s{seed}", seed, [],
                                                      args.threads)
-        for name, overrides in ablations(args.ablate).items():
+        for name, overrides in default_ablations.items():
             jobs[f"hfemb {name} s{seed}"] = (train_hfemb, default_rows, out / "runs" / f"{name}-s{seed}", seed,
                                              overrides, args.threads)
-        for name, overrides in ablations(args.hybrid_ablate if hybrid_rows else []).items():
+        for name, overrides in hybrid_ablations.items():
             jobs[f"hfemb hybrid+teacher {name} s{seed}"] = (train_hfemb, hybrid_rows, out / "runs" / f"hybrid-{name}-s{seed}",
                                                             seed, overrides, args.threads)
     with ThreadPoolExecutor(args.parallel) as pool:
