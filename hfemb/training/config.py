@@ -58,7 +58,10 @@ class ModelConfig:
     padding_free: Literal["auto", True, False] | None = None
 
 
-POOL_NEGATIVES_AUTO = 7  # data.pool_negatives unset (FlagEmbedding's train_group_size 8; README, Results)
+# data.pool_negatives unset (auto), decided on dev (README, Results): 15 for uniform draws (most WikiQA pools whole),
+# 7 for rows drawn by SimANS (FlagEmbedding's train_group_size 8; 15 is not measured there)
+POOL_NEGATIVES_AUTO = 15
+POOL_NEGATIVES_AUTO_SIMANS = 7
 
 
 @dataclass
@@ -89,8 +92,8 @@ class DataConfig:
     redraw_simans_width: float = 0.025
     # negatives per row drawn from all of its record's candidates (mined hard and easy pools and negatives together,
     # repeated when short, as FlagEmbedding's train_group_size), redrawn as above; 0: num_negatives, as mined.
-    # null (auto): POOL_NEGATIVES_AUTO (7, or num_negatives if more) when the file's pools offer more than
-    # num_negatives, redraw_negatives is on and num_negatives is not 0, else 0
+    # null (auto): POOL_NEGATIVES_AUTO (15; 7 for rows drawn by SimANS; num_negatives if more) when the file's pools
+    # offer more than num_negatives, redraw_negatives is on and num_negatives is not 0, else 0
     # (hfemb.training.data_rows.pool_negatives_setting; decided on dev: README, Results)
     pool_negatives: int | None = None
     # no_duplicate_queries: no two rows of one query in a step's batch, across processes too

@@ -17,8 +17,8 @@ from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json, write_jsonl
 from hfemb.mining.mine import MiningConfig, mine
 from hfemb.modeling.loading import format_instruction
-from hfemb.training.config import POOL_NEGATIVES_AUTO, DataConfig, TrainConfig, TrainFileSpec, train_file_specs
-from hfemb.training.redraw import REDRAW_KEY, mined_pools_spec, pooled_draw, record_pool, resample_spec
+from hfemb.training.config import POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, DataConfig, TrainConfig, TrainFileSpec, train_file_specs
+from hfemb.training.redraw import REDRAW_KEY, draws_by_simans, mined_pools_spec, pooled_draw, record_pool, resample_spec
 from hfemb.training.teacher_scores import row_teacher_scores
 
 
@@ -71,13 +71,15 @@ def rows_from_records(records: list[Record], num_negatives: int, seed: int, redr
     return rows, {"rows": len(rows), "dropped_short_of_negatives": short}
 
 
-def pool_negatives_setting(d: DataConfig) -> int:
+def pool_negatives_setting(d: DataConfig, simans: bool = False) -> int:
     """Negatives per row drawn from the whole pool (`rows_from_records`): ``data.pool_negatives``; unset (auto),
-    `POOL_NEGATIVES_AUTO` (or ``num_negatives`` if more) with ``redraw_negatives`` on and ``num_negatives`` not 0
-    (`auto_pool_pays` checks the rows), else 0."""
+    `POOL_NEGATIVES_AUTO`, or `POOL_NEGATIVES_AUTO_SIMANS` for rows drawn by SimANS (``simans``, `draws_by_simans`),
+    or ``num_negatives`` if more, with ``redraw_negatives`` on and ``num_negatives`` not 0 (`auto_pool_pays` checks
+    the rows), else 0."""
     if d.pool_negatives is not None:
         return d.pool_negatives
-    return max(POOL_NEGATIVES_AUTO, d.num_negatives) if d.num_negatives and d.redraw_negatives else 0
+    auto = POOL_NEGATIVES_AUTO_SIMANS if simans else POOL_NEGATIVES_AUTO
+    return max(auto, d.num_negatives) if d.num_negatives and d.redraw_negatives else 0
 
 
 def auto_pool_pays(rows: list[dict], num_negatives: int) -> bool:
@@ -168,9 +170,13 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
 
     count = pool_negatives_setting(d) if negatives is None else 0 if negatives == d.num_negatives else negatives
     rows, counts = build(count)
-    if negatives is None and d.pool_negatives is None and count and not auto_pool_pays(rows, d.num_negatives):
-        count = 0  # auto, nothing more to draw: as mined
-        rows, counts = build(count)
+    if negatives is None and d.pool_negatives is None and count:  # auto: the rows decide
+        # nothing more to draw: as mined; SimANS draws: fewer
+        auto = 0 if not auto_pool_pays(rows, d.num_negatives) else \
+            pool_negatives_setting(d, simans=draws_by_simans(rows, d.redraw_sampling))
+        if auto != count:
+            count = auto
+            rows, counts = build(count)
     part["pool_negatives"] = count  # 0: as mined
     part.update(counts)
     report[name] = part

@@ -170,6 +170,13 @@ def teacher_scores_are_cosines(rows: Sequence[dict]) -> bool:
     return True
 
 
+def draws_by_simans(rows: Sequence[dict], sampling: str) -> bool:
+    """Whether the rows are redrawn by SimANS (``data.redraw_sampling``): ``simans``, or ``auto`` when the rows that
+    redraw carry teacher scores and every teacher score is a cosine (`teacher_scores_are_cosines`)."""
+    with_teacher = any("teacher_scores" in r and REDRAW_KEY in r for r in rows)
+    return with_teacher and (sampling == "simans" or sampling == "auto" and teacher_scores_are_cosines(rows))
+
+
 def simans_width_for(rows: Sequence[dict], sampling: str, width: float) -> float | None:
     """The SimANS width the rows are redrawn with (``data.redraw_sampling`` / ``data.redraw_simans_width``), None for
     uniform draws: ``simans`` needs rows with teacher scores and a redraw spec; ``auto`` uses it only when every
@@ -183,7 +190,7 @@ def simans_width_for(rows: Sequence[dict], sampling: str, width: float) -> float
         log.warning("data.redraw_sampling=%s: some teacher scores are not cosines in [-1, 1] (reranker logits?); %s",
                     sampling, "drawing uniformly" if sampling == "auto" else
                     "data.redraw_simans_width is in the scores' own units")
-    return width if sampling == "simans" or (sampling == "auto" and cosines) else None
+    return width if draws_by_simans(rows, sampling) else None
 
 
 def redrawn(row: dict, seed: int, epoch: int, index: int, simans_width: float | None = None) -> dict:

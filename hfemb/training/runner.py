@@ -25,7 +25,7 @@ from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.averaging import (CheckpointAveragingCallback, average_full_checkpoints, average_lora_checkpoints,
                                       averaging_k, averaging_record, checkpoints_to_average)
 from hfemb.training.collator import MultiNegCollator
-from hfemb.training.config import POOL_NEGATIVES_AUTO, TrainConfig, train_file_specs
+from hfemb.training.config import POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, TrainConfig, train_file_specs
 from hfemb.training.data_rows import check_teacher_scores, dataset_query_prompt, load_rows, load_train_datasets
 from hfemb.training.distill import write_matryoshka_info
 from hfemb.training.evaluator import build_evaluators, check_best_metric
@@ -91,7 +91,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         per_file = ", ".join(f"{part['file']}: {part['pool_negatives'] or 'as mined'}"
                              for name, part in data_report.items() if name.startswith("train "))
         raise ConfigError(f"data.train_files: rows of {sorted({len(r['negatives']) for r in rows})} negatives "
-                          f"(data.pool_negatives auto draws {POOL_NEGATIVES_AUTO} for files with pools; {per_file}); "
+                          f"(data.pool_negatives auto draws {POOL_NEGATIVES_AUTO} for files with pools, {POOL_NEGATIVES_AUTO_SIMANS} "
+                          f"for rows drawn by SimANS; {per_file}); "
                           "set data.pool_negatives to one number for all of them")
 
     try:

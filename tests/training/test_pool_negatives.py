@@ -1,4 +1,4 @@
-"""``data.pool_negatives``: rows drawing N negatives (default 7) from all of their record's candidates (pools and
+"""``data.pool_negatives``: rows drawing N negatives (default 15, 7 by SimANS) from all of their record's candidates (pools and
 negatives together, repeated when short), by SimANS for teacher rows, checked against hand-built pools."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from hfemb.data.formats import read_records
 from hfemb.errors import ConfigError, DataError
-from hfemb.training.config import POOL_NEGATIVES_AUTO, DataConfig
+from hfemb.training.config import POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, DataConfig
 from hfemb.training.data_rows import pool_negatives_setting, rows_from_records
 from hfemb.training.redraw import REDRAW_KEY, pooled_draw, record_pool, redrawn
 
@@ -46,11 +46,14 @@ def test_pooled_draw_repeats_a_short_pool_like_flagembedding():
 
 
 def test_auto_setting():
-    assert pool_negatives_setting(DataConfig()) == POOL_NEGATIVES_AUTO == 7
+    assert pool_negatives_setting(DataConfig()) == POOL_NEGATIVES_AUTO == 15
+    assert pool_negatives_setting(DataConfig(), simans=True) == POOL_NEGATIVES_AUTO_SIMANS == 7
+    assert pool_negatives_setting(DataConfig(num_negatives=9), simans=True) == 9  # never fewer than asked
+    assert pool_negatives_setting(DataConfig(num_negatives=16)) == 16
     assert pool_negatives_setting(DataConfig(redraw_negatives=False)) == 0
     assert pool_negatives_setting(DataConfig(pool_negatives=5)) == 5
     assert pool_negatives_setting(DataConfig(pool_negatives=0)) == 0
-    assert pool_negatives_setting(DataConfig(num_negatives=9)) == 9  # auto never keeps fewer than asked
+    assert pool_negatives_setting(DataConfig(num_negatives=9)) == 15  # auto never keeps fewer than asked
     assert pool_negatives_setting(DataConfig(num_negatives=0)) == 0  # in-batch negatives only stays so
 
 
@@ -66,10 +69,15 @@ def test_auto_keeps_rows_as_mined_when_their_pools_offer_nothing_more(answers, t
         return rows, report["train"]["pool_negatives"]
 
     full = [_row(i, answers, teacher=True) for i in range(6)]
-    rows, pooled = rows_of(full, "full.jsonl")
+    rows, pooled = rows_of(full, "full.jsonl")  # teacher rows, drawn by SimANS: 7
     assert pooled == 7 and {len(r["negatives"]) for r in rows} == {7}
-    rows, pooled = rows_of([_row(i, answers) for i in range(6)], "plain.jsonl")  # no teacher: pooled too
-    assert pooled == 7 and {len(r["negatives"]) for r in rows} == {7} and REDRAW_KEY in rows[0]
+    rows, pooled = rows_of(full, "full.jsonl", redraw_sampling="uniform")  # the same rows drawn uniformly: 15
+    assert pooled == 15 and {len(r["negatives"]) for r in rows} == {15}
+    rows, pooled = rows_of([_row(i, answers) for i in range(6)], "plain.jsonl")  # no teacher: uniform, 15
+    assert pooled == 15 and {len(r["negatives"]) for r in rows} == {15} and REDRAW_KEY in rows[0]
+    logits = [{**r, "pos_scores": [5.0]} for r in full]  # not cosines (reranker logits): auto draws uniformly, 15
+    rows, pooled = rows_of(logits, "logits.jsonl")
+    assert pooled == 15 and {len(r["negatives"]) for r in rows} == {15}
     bare = [{k: v for k, v in r.items() if not k.startswith("negative_candidate")} for r in full]
     rows, pooled = rows_of(bare, "bare.jsonl")
     assert pooled == 0 and [r["negatives"] for r in rows] == [r["negative"] for r in full]
