@@ -157,3 +157,19 @@ def test_training_on_teacher_rows_draws_seven_from_the_whole_pool_by_default(tin
     assert "in-batch + 7 negatives per query" in card
     assert "redrawn every epoch, the first too, from all of each row's candidates, pools and negatives together " \
            "(24 of 24 rows)" in card
+
+
+def test_auto_stops_a_multi_dataset_run_whose_files_draw_different_counts(answers, tmp_path):
+    """Auto draws 7 on a file of cosine teacher scores (SimANS) and 15 on one of reranker logits (uniform): one
+    error names each file and its count, before the model loads (the model path does not exist). (A file with
+    teacher scores beside one without is refused earlier, by check_teacher_scores' rule for datasets.)"""
+    from hfemb.training.runner import run_training
+
+    taught = [_row(i, answers, teacher=True) for i in range(6)]
+    teacher = _write(tmp_path / "taught.jsonl", taught)
+    plain = _write(tmp_path / "logits.jsonl", [{**r, "pos_scores": [5.0]} for r in taught])
+    cfg = make_config(str(tmp_path / "no-model"), "", tmp_path / "o",
+                      data={"pool_negatives": None, "train_file": "", "train_files": [{"file": teacher}, {"file": plain}]})
+    with pytest.raises(ConfigError, match=r"rows of \[7, 15\] negatives \(data\.pool_negatives auto draws 15 for files "
+                                          r"with pools, 7 for rows drawn by SimANS; .*taught\.jsonl: 7, .*logits\.jsonl: 15\)"):
+        run_training(cfg)
