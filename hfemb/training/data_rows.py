@@ -17,8 +17,10 @@ from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json, write_jsonl
 from hfemb.mining.mine import MiningConfig, mine
 from hfemb.modeling.loading import format_instruction
-from hfemb.training.config import POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, DataConfig, TrainConfig, TrainFileSpec, train_file_specs
-from hfemb.training.redraw import REDRAW_KEY, draws_by_simans, mined_pools_spec, pooled_draw, record_pool, resample_spec
+from hfemb.training.config import (POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, DataConfig, TrainConfig,
+                                   TrainFileSpec, train_file_specs)
+from hfemb.training.redraw import (REDRAW_KEY, draws_by_simans, mined_pools_spec, pooled_draw, record_pool,
+                                   resample_spec)
 from hfemb.training.teacher_scores import row_teacher_scores
 
 

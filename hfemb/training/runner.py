@@ -91,8 +91,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         per_file = ", ".join(f"{part['file']}: {part['pool_negatives'] or 'as mined'}"
                              for name, part in data_report.items() if name.startswith("train "))
         raise ConfigError(f"data.train_files: rows of {sorted({len(r['negatives']) for r in rows})} negatives "
-                          f"(data.pool_negatives auto draws {POOL_NEGATIVES_AUTO} for files with pools, {POOL_NEGATIVES_AUTO_SIMANS} "
-                          f"for rows drawn by SimANS; {per_file}); "
+                          f"(data.pool_negatives auto draws {POOL_NEGATIVES_AUTO} for files with pools, "
+                          f"{POOL_NEGATIVES_AUTO_SIMANS} for rows drawn by SimANS; {per_file}); "
                           "set data.pool_negatives to one number for all of them")
 
     try:

@@ -1,5 +1,5 @@
-"""``data.pool_negatives``: rows drawing N negatives (default 15, 7 by SimANS) from all of their record's candidates (pools and
-negatives together, repeated when short), by SimANS for teacher rows, checked against hand-built pools."""
+"""``data.pool_negatives``: rows drawing N negatives (default 15, 7 by SimANS) from all of their record's candidates
+(pools and negatives together, repeated when short), by SimANS for teacher rows, checked against hand-built pools."""
 
 from __future__ import annotations
 
@@ -167,9 +167,10 @@ def test_auto_stops_a_multi_dataset_run_whose_files_draw_different_counts(answer
 
     taught = [_row(i, answers, teacher=True) for i in range(6)]
     teacher = _write(tmp_path / "taught.jsonl", taught)
-    plain = _write(tmp_path / "logits.jsonl", [{**r, "pos_scores": [5.0]} for r in taught])
-    cfg = make_config(str(tmp_path / "no-model"), "", tmp_path / "o",
-                      data={"pool_negatives": None, "train_file": "", "train_files": [{"file": teacher}, {"file": plain}]})
-    with pytest.raises(ConfigError, match=r"rows of \[7, 15\] negatives \(data\.pool_negatives auto draws 15 for files "
-                                          r"with pools, 7 for rows drawn by SimANS; .*taught\.jsonl: 7, .*logits\.jsonl: 15\)"):
+    logits = _write(tmp_path / "logits.jsonl", [{**r, "pos_scores": [5.0]} for r in taught])
+    cfg = make_config(str(tmp_path / "no-model"), "", tmp_path / "o", data={
+        "pool_negatives": None, "train_file": "", "train_files": [{"file": teacher}, {"file": logits}]})
+    with pytest.raises(ConfigError, match=r"rows of \[7, 15\] negatives \(data\.pool_negatives auto draws 15 for "
+                                          r"files with pools, 7 for rows drawn by SimANS; .*taught\.jsonl: 7, "
+                                          r".*logits\.jsonl: 15\)"):
         run_training(cfg)
