@@ -185,12 +185,14 @@ def simans_width_for(rows: Sequence[dict], sampling: str, width: float) -> float
     if sampling == "simans" and not with_teacher:
         raise ConfigError("data.redraw_sampling=simans weighs each row's pool by its teacher scores: the training "
                           "rows need them (hfemb mine --teacher) and data.redraw_negatives on, with mined pools")
-    cosines = with_teacher and teacher_scores_are_cosines(rows)
+    simans = draws_by_simans(rows, sampling)
+    # under auto, drawing by SimANS is exactly "teacher rows, every score a cosine": no second pass over the scores
+    cosines = simans if sampling == "auto" else with_teacher and teacher_scores_are_cosines(rows)
     if with_teacher and not cosines:
         log.warning("data.redraw_sampling=%s: some teacher scores are not cosines in [-1, 1] (reranker logits?); %s",
                     sampling, "drawing uniformly" if sampling == "auto" else
                     "data.redraw_simans_width is in the scores' own units")
-    return width if draws_by_simans(rows, sampling) else None
+    return width if simans else None
 
 
 def redrawn(row: dict, seed: int, epoch: int, index: int, simans_width: float | None = None) -> dict:
