@@ -170,10 +170,14 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
         return rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
                                  redraw=d.redraw_negatives and name != "eval", pool_negatives=pool_negatives)
 
-    count = pool_negatives_setting(d) if negatives is None else 0 if negatives == d.num_negatives else negatives
+    # auto's first guess, from the records: teacher scores mean SimANS draws (cosines, checked on the rows below),
+    # so that only a file of reranker logits under auto is built twice
+    taught = d.redraw_sampling != "uniform" and any("pos_scores" in r.extra or "neg_scores" in r.extra for r in records)
+    count = pool_negatives_setting(d, simans=taught) if negatives is None else \
+        0 if negatives == d.num_negatives else negatives
     rows, counts = build(count)
     if negatives is None and d.pool_negatives is None and count:  # auto: the rows decide
-        # nothing more to draw: as mined; SimANS draws: fewer
+        # nothing more to draw: as mined; SimANS draws: fewer; teacher scores that are not cosines: uniform
         auto = 0 if not auto_pool_pays(rows, d.num_negatives) else \
             pool_negatives_setting(d, simans=draws_by_simans(rows, d.redraw_sampling))
         if auto != count:

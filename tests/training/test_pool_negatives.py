@@ -57,27 +57,37 @@ def test_auto_setting():
     assert pool_negatives_setting(DataConfig(num_negatives=0)) == 0  # in-batch negatives only stays so
 
 
-def test_auto_keeps_rows_as_mined_when_their_pools_offer_nothing_more(answers, tmp_path):
-    """Rows without pools (``--no-candidates``) would only repeat their mined negatives: auto keeps them."""
-    from hfemb.training.data_rows import load_rows
+def test_auto_keeps_rows_as_mined_when_their_pools_offer_nothing_more(answers, tmp_path, monkeypatch):
+    """Rows without pools (``--no-candidates``) would only repeat their mined negatives: auto keeps them. Each
+    kind of file is built once, but for reranker logits (auto's first guess, SimANS, is undone by the rows)."""
+    from hfemb.training import data_rows
+
+    builds: list[int] = []  # pool_negatives of each rows_from_records call
+
+    def counted(*args, **kwargs):
+        builds.append(kwargs["pool_negatives"])
+        return rows_from_records(*args, **kwargs)
+
+    monkeypatch.setattr(data_rows, "rows_from_records", counted)
 
     def rows_of(file_rows, name, **data):
         cfg = make_config("m", _write(tmp_path / name, file_rows), tmp_path / "o", data={"pool_negatives": None,
                                                                                           **data})
         report: dict = {}
-        rows = load_rows(cfg, cfg.data.train_file, tmp_path / "cache", report, "train")
+        builds.clear()
+        rows = data_rows.load_rows(cfg, cfg.data.train_file, tmp_path / "cache", report, "train")
         return rows, report["train"]["pool_negatives"]
 
     full = [_row(i, answers, teacher=True) for i in range(6)]
     rows, pooled = rows_of(full, "full.jsonl")  # teacher rows, drawn by SimANS: 7
-    assert pooled == 7 and {len(r["negatives"]) for r in rows} == {7}
+    assert pooled == 7 and {len(r["negatives"]) for r in rows} == {7} and builds == [7]
     rows, pooled = rows_of(full, "full.jsonl", redraw_sampling="uniform")  # the same rows drawn uniformly: 15
-    assert pooled == 15 and {len(r["negatives"]) for r in rows} == {15}
+    assert pooled == 15 and {len(r["negatives"]) for r in rows} == {15} and builds == [15]
     rows, pooled = rows_of([_row(i, answers) for i in range(6)], "plain.jsonl")  # no teacher: uniform, 15
-    assert pooled == 15 and {len(r["negatives"]) for r in rows} == {15} and REDRAW_KEY in rows[0]
+    assert pooled == 15 and {len(r["negatives"]) for r in rows} == {15} and REDRAW_KEY in rows[0] and builds == [15]
     logits = [{**r, "pos_scores": [5.0]} for r in full]  # not cosines (reranker logits): auto draws uniformly, 15
     rows, pooled = rows_of(logits, "logits.jsonl")
-    assert pooled == 15 and {len(r["negatives"]) for r in rows} == {15}
+    assert pooled == 15 and {len(r["negatives"]) for r in rows} == {15} and builds == [7, 15]
     bare = [{k: v for k, v in r.items() if not k.startswith("negative_candidate")} for r in full]
     rows, pooled = rows_of(bare, "bare.jsonl")
     assert pooled == 0 and [r["negatives"] for r in rows] == [r["negative"] for r in full]
