@@ -21,7 +21,7 @@ from hfemb.training.config import (POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMA
                                    TrainFileSpec, train_file_specs)
 from hfemb.training.redraw import (REDRAW_KEY, draws_by_simans, mined_pools_spec, pooled_draw, record_pool,
                                    resample_spec)
-from hfemb.training.teacher_scores import row_teacher_scores
+from hfemb.training.teacher_scores import has_teacher_scores, row_teacher_scores
 
 
 def rows_from_records(records: list[Record], num_negatives: int, seed: int, redraw: bool = True,
@@ -172,7 +172,7 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
 
     # auto's first guess, from the records: teacher scores mean SimANS draws (cosines, checked on the rows below),
     # so that only a file of reranker logits under auto is built twice
-    taught = d.redraw_sampling != "uniform" and any("pos_scores" in r.extra or "neg_scores" in r.extra for r in records)
+    taught = d.redraw_sampling != "uniform" and any(has_teacher_scores(r.extra) for r in records)
     count = pool_negatives_setting(d, simans=taught) if negatives is None else \
         0 if negatives == d.num_negatives else negatives
     rows, counts = build(count)

@@ -14,13 +14,18 @@ def is_number_list(values, n: int) -> bool:
         all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
+def has_teacher_scores(extra: dict) -> bool:
+    """Whether a record's ``extra`` carries teacher scores (``pos_scores`` or ``neg_scores``, not null)."""
+    return extra.get("pos_scores") is not None or extra.get("neg_scores") is not None
+
+
 def row_teacher_scores(extra: dict, source: str | None, positive_index: int, negative_indices: Sequence[int],
                        num_positives: int, num_negatives: int) -> list[float] | None:
     """A training row's teacher scores [1 + N] (its positive's, then its chosen negatives'), from a record's
     ``pos_scores`` / ``neg_scores`` (one per positive / negative, FlagEmbedding's layout); None without them."""
-    pos, neg = extra.get("pos_scores"), extra.get("neg_scores")
-    if pos is None and neg is None:
+    if not has_teacher_scores(extra):
         return None
+    pos, neg = extra.get("pos_scores"), extra.get("neg_scores")
     for name, values, n in (("pos_scores", pos, num_positives), ("neg_scores", neg, num_negatives)):
         if not is_number_list(values, n):
             what = "positive" if name == "pos_scores" else "negative"
