@@ -7,7 +7,8 @@ Rows: the peer (ST MNRL on the `hfemb mine` default rows); hfemb on the same row
 ``no-redraw=data.redraw_negatives=false``) on the default rows and ``--hybrid-ablate NAME=OVERRIDE`` on the
 hybrid ones; base all-MiniLM-L6-v2 and base all-mpnet-base-v2 (the big model).
 Dev decides (best F1, ROC-AUC, MRR@10, mean over seeds); ``--test`` adds test numbers at the dev threshold with
-paired query-bootstrap 95 % intervals of ΔF1 and ΔAUC against the peer of the same seed and against base mpnet.
+paired query-bootstrap 95 % intervals of ΔF1 and ΔAUC against the peer of the same seed and against base mpnet,
+and, with several seeds, each row's mean over seeds against the peers with one paired bootstrap over questions.
 
     python bench/bench_config_vs_peer.py --mpnet /path/to/all-mpnet-base-v2 --seeds 42 7 --parallel 2 [--test]
 """
@@ -115,11 +116,70 @@ def paired_auc_diff(ref: str, other: str, pool_file: Path, n_bootstrap: int, see
     return roc_auc_score(labels, b) - roc_auc_score(labels, a), float(lo), float(hi)
 
 
+def seed_mean_vs_peer(pairs: list[tuple[str, float, str, float]], pool_file: Path, n_bootstrap: int,
+                      seed: int = 0) -> dict:
+    """Mean over seeds of (model - peer of the same seed) on ``pool_file``: F1 at each model's own dev threshold and
+    ROC-AUC, with 95 % percentile intervals from one paired bootstrap over questions (each resample draws the same
+    questions for every model of every seed; the evaluation's resamples: ``resample_weights(Q, n, seed)``).
+    ``pairs``: (peer folder, peer threshold, model folder, model threshold) per seed."""
+    from sklearn.metrics import roc_auc_score
+
+    from hfemb.evaluation.metrics import f1_from_counts, query_confusion, resample_weights
+
+    scored = [[pair_scores(peer, pool_file), peer_thr, pair_scores(model, pool_file), model_thr]
+              for peer, peer_thr, model, model_thr in pairs]
+    idx, labels = scored[0][0][0], scored[0][0][1]
+    n_q = int(idx.max()) + 1
+    columns = [(s[2], t) for run in scored for s, t in ((run[0], run[1]), (run[2], run[3]))]  # peer, model per seed
+    conf = np.stack([query_confusion(idx, labels, s, t, n_groups=n_q) for s, t in columns])  # [M, Q, 3]
+
+    def deltas(f1: np.ndarray, auc: np.ndarray) -> tuple[float, float]:  # [..., M] -> mean over seeds of model - peer
+        return float(np.mean(f1[..., 1::2] - f1[..., 0::2])), float(np.mean(auc[..., 1::2] - auc[..., 0::2]))
+
+    point = deltas(f1_from_counts(conf.sum(axis=1)), np.array([roc_auc_score(labels, s) for s, _ in columns]))
+    samples = []
+    for weights in resample_weights(n_q, n_bootstrap, seed):  # [b, Q] draws of each question
+        f1 = f1_from_counts(np.einsum("bq,mqc->bmc", weights, conf))  # [b, M]
+        for k, w in enumerate(weights):
+            pair_w = w[idx]  # each pair weighted by its question's draws
+            if labels[pair_w > 0].min() == labels[pair_w > 0].max():
+                continue
+            auc = np.array([roc_auc_score(labels, s, sample_weight=pair_w) for s, _ in columns])
+            samples.append(deltas(f1[k], auc))
+    lo, hi = np.percentile(np.array(samples), [2.5, 97.5], axis=0)
+    return {"seeds": len(pairs), "f1_diff": point[0], "f1_diff_ci": [float(lo[0]), float(hi[0])],
+            "auc_diff": point[1], "auc_diff_ci": [float(lo[1]), float(hi[1])],
+            "f1_at_threshold": [float(f1_from_counts(c.sum(axis=0))) for c in conf]}
+
+
 def evaluate(models: dict[str, str], data: Path, dev: Path | None, folder: Path, n_bootstrap: int) -> dict:
     from hfemb.evaluation.evaluate import evaluate as run_eval
 
     return run_eval(models, str(data), dev_path=str(dev) if dev else None, thresholds="0.4:0.7", output_dir=str(folder),
                     print_table=False, batch_size=32, n_bootstrap=n_bootstrap, plots=False, show_progress=False)
+
+
+def seed_mean_rows(test_reports: dict, models: dict[str, str], seeds: list[int], test: Path, n_bootstrap: int) -> str:
+    """The test table's last part: each hfemb row's mean over seeds against the peer of the same seed
+    (`seed_mean_vs_peer`), stored in ``test_reports["mean_over_seeds"]``."""
+    groups = dict.fromkeys(k.rsplit(" s", 1)[0] for k in models if not k.startswith("peer "))
+    lines = [f"| mean over seeds {', '.join(map(str, seeds))} (test, vs the peer of each seed) | ΔF1 @ dev thr. [95% CI] "
+             "| ΔAUC [95% CI] |", "|---|---|---|"]
+    test_reports["mean_over_seeds"] = {}
+    for group in groups:
+        pairs, reported = [], []
+        for seed in seeds:
+            res = test_reports[seed]["vs_peer"]["models"]
+            peer, name = f"peer s{seed}", f"{group} s{seed}"
+            pairs.append((models[peer], res[peer]["chosen_threshold"], models[name], res[name]["chosen_threshold"]))
+            reported += [res[peer]["f1_at_chosen"], res[name]["f1_at_chosen"]]
+        m = seed_mean_vs_peer(pairs, test, n_bootstrap)
+        # the per-question counts must give back the evaluation's own F1 at the chosen thresholds
+        assert np.allclose(m["f1_at_threshold"], reported), (m["f1_at_threshold"], reported)
+        test_reports["mean_over_seeds"][group] = m
+        lines.append(f"| {group} | {m['f1_diff']:+.3f} [{m['f1_diff_ci'][0]:+.3f}, {m['f1_diff_ci'][1]:+.3f}] | "
+                     f"{m['auc_diff']:+.3f} [{m['auc_diff_ci'][0]:+.3f}, {m['auc_diff_ci'][1]:+.3f}] |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -202,6 +262,8 @@ def main() -> int:
                             f"| {res['roc_auc']:.3f} | {res['ranking']['mrr@10']:.3f} | "
                             f"{ci(vs_mpnet['models'][name], 'mpnet' in name)} |")
         md += "\n\n" + "\n".join(rows)
+        if len(args.seeds) > 1:
+            md += "\n\n" + seed_mean_rows(report["test"], models, args.seeds, test, args.n_bootstrap)
     md += f"\n\nCommand: `python bench/bench_config_vs_peer.py {' '.join(sys.argv[1:])}` ({time.time() - started:.0f} s)."
     print(md)
     common.write_outputs("config_vs_peer", md, report)

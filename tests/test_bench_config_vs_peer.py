@@ -1,5 +1,6 @@
-"""bench/bench_config_vs_peer.py's paired ROC-AUC difference: the point estimate equals sklearn's AUCs of the two
-models' cosines (computed here with sentence-transformers), and the query-bootstrap interval brackets it."""
+"""bench/bench_config_vs_peer.py's paired differences: the ROC-AUC point estimate equals sklearn's AUCs of the two
+models' cosines (computed here with sentence-transformers) and its query-bootstrap interval brackets it; the mean
+over seeds reduces to sklearn's F1 / AUC differences and to the evaluation's paired F1 interval for one seed."""
 
 from __future__ import annotations
 
@@ -23,23 +24,35 @@ POOLS = [("how do plants make food", ["plants make food by photosynthesis", "the
          ("how do cats sleep", ["cats sleep most of the day", "dogs bark", "cats curl up to sleep"], [1, 0, 1])]
 
 
-def test_paired_auc_difference_equals_sklearn(tmp_path, monkeypatch, minilm, tiny_qwen3):
-    from sentence_transformers import SentenceTransformer
-    from sklearn.metrics import roc_auc_score
+LABELS = [lab for _, _, ls in POOLS for lab in ls]
 
-    monkeypatch.setenv("HFEMB_CACHE", str(tmp_path / "cache"))
-    pool_file = tmp_path / "pools.jsonl"
+
+def write_pools(folder: Path) -> Path:
+    pool_file = folder / "pools.jsonl"
     pool_file.write_text("".join(json.dumps({"query": q, "documents": [{"content": d, "label": lab}
                                                                       for d, lab in zip(docs, labels)]}) + "\n"
                                  for q, docs, labels in POOLS))
-    labels = [lab for _, _, ls in POOLS for lab in ls]
+    return pool_file
+
+
+def st_scores(path: str) -> np.ndarray:
+    """Every (question, candidate) cosine by sentence-transformers, in the pool file's order."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path, device="cpu")
+    return np.array([float(model.encode(q, normalize_embeddings=True, prompt_name="query" if "query" in model.prompts
+                                        else None) @ model.encode(d, normalize_embeddings=True))
+                     for q, docs, _ in POOLS for d in docs])
+
+
+def test_paired_auc_difference_equals_sklearn(tmp_path, monkeypatch, minilm, tiny_qwen3):
+    from sklearn.metrics import roc_auc_score
+
+    monkeypatch.setenv("HFEMB_CACHE", str(tmp_path / "cache"))
+    pool_file = write_pools(tmp_path)
 
     def auc(path):
-        model = SentenceTransformer(path, device="cpu")
-        scores = [float(model.encode(q, normalize_embeddings=True, prompt_name="query" if "query" in model.prompts
-                                     else None) @ model.encode(d, normalize_embeddings=True))
-                  for q, docs, _ in POOLS for d in docs]
-        return roc_auc_score(labels, scores)
+        return roc_auc_score(LABELS, st_scores(path))
 
     diff, lo, hi = bench_config_vs_peer.paired_auc_diff(tiny_qwen3, minilm, pool_file, n_bootstrap=200)
     assert diff == pytest.approx(auc(minilm) - auc(tiny_qwen3), abs=1e-4)
@@ -54,3 +67,31 @@ def test_ablations_collect_overrides_by_name():
         "qd": ["loss.query_negatives=true", "loss.document_negatives=true"], "mined": ["data.pool_negatives=0"]}
     with pytest.raises(SystemExit, match="NAME=KEY=VALUE"):
         bench_config_vs_peer.ablations(["qd-loss.query_negatives"])
+
+
+def test_seed_mean_vs_peer_reduces_to_sklearn_and_the_evaluations_interval(tmp_path, monkeypatch, minilm, tiny_qwen3):
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from hfemb.evaluation.metrics import bootstrap_f1, query_confusion
+
+    monkeypatch.setenv("HFEMB_CACHE", str(tmp_path / "cache"))
+    pool_file = write_pools(tmp_path)
+    peer, model = st_scores(tiny_qwen3), st_scores(minilm)
+    # thresholds halfway between two of a model's cosines (no pair at the threshold, where float noise would decide)
+    t_peer, t_model = (float(np.sort(s)[5:7].mean()) for s in (peer, model))
+    one = bench_config_vs_peer.seed_mean_vs_peer([(tiny_qwen3, t_peer, minilm, t_model)], pool_file, n_bootstrap=300)
+    assert one["f1_diff"] == pytest.approx(f1_score(LABELS, model >= t_model) - f1_score(LABELS, peer >= t_peer),
+                                           abs=1e-9)
+    assert one["auc_diff"] == pytest.approx(roc_auc_score(LABELS, model) - roc_auc_score(LABELS, peer), abs=1e-4)
+    # every question holds a positive and a negative, so no resample is dropped: the F1 interval is the
+    # evaluation's own paired interval (bootstrap_f1, the same resamples)
+    groups = np.repeat(np.arange(len(POOLS)), [len(docs) for _, docs, _ in POOLS])
+    confusions = [query_confusion(groups, LABELS, s, t) for s, t in ((peer, t_peer), (model, t_model))]
+    assert one["f1_diff_ci"] == pytest.approx(list(bootstrap_f1(confusions, n_boot=300, seed=0)["diff"][1]), abs=1e-9)
+    assert one["auc_diff_ci"][0] <= one["auc_diff"] <= one["auc_diff_ci"][1]
+    # two seeds whose differences cancel: mean 0 in every resample
+    both = bench_config_vs_peer.seed_mean_vs_peer([(tiny_qwen3, t_peer, minilm, t_model),
+                                                   (minilm, t_model, tiny_qwen3, t_peer)], pool_file, n_bootstrap=100)
+    assert both["f1_diff"] == pytest.approx(0, abs=1e-12) and both["auc_diff"] == pytest.approx(0, abs=1e-12)
+    assert both["f1_diff_ci"] == pytest.approx([0, 0], abs=1e-12)
+    assert both["auc_diff_ci"] == pytest.approx([0, 0], abs=1e-12)

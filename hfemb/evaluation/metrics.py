@@ -214,7 +214,7 @@ def query_confusion(group_ids, labels, scores, threshold: float, *, label_thresh
                      np.bincount(g, weights=~pred & y, minlength=n_groups)], axis=1)
 
 
-def _f1_from_counts(counts: np.ndarray) -> np.ndarray:
+def f1_from_counts(counts: np.ndarray) -> np.ndarray:
     """counts [..., 3] (tp, fp, fn) -> F1 [...]."""
     tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
     denom = 2 * tp + fp + fn
@@ -245,7 +245,7 @@ def bootstrap_f1(confusions: list[np.ndarray], *, n_boot: int = 1000, seed: int 
     samples = []
     for weights in resample_weights(n_groups, n_boot, seed):
         counts = np.einsum("bq,mqc->bmc", weights, stacked)  # [b, M, 3]
-        samples.append(_f1_from_counts(counts))
+        samples.append(f1_from_counts(counts))
     f1 = np.concatenate(samples)  # [B, M]
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     f1_ci = [tuple(float(v) for v in np.percentile(f1[:, m], q)) for m in range(n_models)]
