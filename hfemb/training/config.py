@@ -187,6 +187,10 @@ class LossConfig:
     false_negative_margin: float = 0.1
     query_negatives: bool = False  # other in-batch queries as negatives (improved contrastive loss)
     document_negatives: bool = False  # positive vs the other in-batch documents (improved contrastive loss)
+    # + doc_to_query_weight * the document -> query InfoNCE (each positive against the batch's queries, every
+    # process's with cross-device negatives; hfemb.training.loss.document_to_query_loss): sentence-transformers'
+    # symmetric MNRL is (InfoNCE + this at 1.0) / 2, the same gradient direction. 0: off.
+    doc_to_query_weight: float = 0.0
     # Multi-process training (DDP, DeepSpeed): score each query against the documents of every process
     # (gathered with gradients, hfemb.training.distributed); no effect in one process or without in-batch negatives.
     cross_device_negatives: bool = True
@@ -366,6 +370,10 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'loss.query_negatives' / 'loss.document_negatives' need 'loss.in_batch_negatives'")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"{where}: 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
+    if cfg.loss.doc_to_query_weight < 0:
+        raise ConfigError(f"{where}: 'loss.doc_to_query_weight' must be >= 0, got {cfg.loss.doc_to_query_weight}")
+    if cfg.loss.doc_to_query_weight and not cfg.loss.in_batch_negatives:
+        raise ConfigError(f"{where}: 'loss.doc_to_query_weight' needs 'loss.in_batch_negatives' (the batch's queries)")
     _check_distill_matryoshka(cfg.loss, where)
     if cfg.lora.r <= 0:
         raise ConfigError(f"{where}: 'lora.r' must be > 0")

@@ -130,6 +130,27 @@ def info_nce_loss(q: torch.Tensor, d: torch.Tensor, *, group_size: int, temperat
     return LossOutput(loss=loss, logits=blocks[0], labels=labels, mask=mask, similarities=sims)
 
 
+def document_to_query_loss(queries: torch.Tensor, positives: torch.Tensor, *, temperature: float,
+                           query_offset: int = 0, query_text_ids: torch.Tensor | None = None,
+                           positive_text_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The document -> query direction (sentence-transformers' symmetric MNRL, ``doc_to_query``): cross-entropy of
+    each positive ``positives`` [B, D] over every query ``queries`` [Mq, D] (this process's at rows
+    ``query_offset`` .. ``query_offset + B - 1``), its own query the target. A query with the same text as its own
+    (``query_text_ids`` [Mq]) or whose positive has the same text (``positive_text_ids`` [Mq]) is no negative."""
+    b = positives.shape[0]
+    rows = torch.arange(b, device=positives.device)
+    own = query_offset + rows  # [B] column of each positive's own query
+    logits = positives.float() @ queries.float().T / temperature  # [B, Mq]
+    with torch.no_grad():
+        same = torch.zeros_like(logits, dtype=torch.bool)  # [B, Mq]
+        for ids in (query_text_ids, positive_text_ids):
+            if ids is not None:
+                ids = ids.to(logits.device).long()
+                same |= ids[None, :] == ids[own][:, None]
+        same[rows, own] = False
+    return F.cross_entropy(logits.masked_fill(same, MASKED_LOGIT), own)
+
+
 def own_negative_mask(out: LossOutput, group_size: int) -> torch.Tensor | None:
     """[B, G-1] bool of ``out.mask`` at each query's own negatives (True = masked: not a negative), or None."""
     if out.mask is None:

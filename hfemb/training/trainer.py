@@ -43,7 +43,7 @@ from hfemb.training.distill import distill_kl_loss, distill_mse_loss, matryoshka
 from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
 from hfemb.training.evaluator import run_evaluators
 from hfemb.training.grad_cache import grad_cache_step
-from hfemb.training.loss import LossOutput, info_nce_loss, own_negative_mask
+from hfemb.training.loss import LossOutput, document_to_query_loss, info_nce_loss, own_negative_mask
 from hfemb.training.redraw import RedrawnRows
 from hfemb.training.sampling import NoDuplicateQuerySampler, SameDatasetSampler
 
@@ -153,7 +153,7 @@ class MultiNegEmbeddingTrainer(Trainer):
                 text_ids, _ = gather_rows(text_ids.to(d.device))  # [M]
             if q_ids is not None:  # every process's query ids: positives of the same query are no negatives
                 q_ids, q_offset = gather_rows(q_ids.to(q.device))  # [Mq]
-            if c.query_negatives:
+            if c.query_negatives or c.doc_to_query_weight:
                 all_q, q_offset = gather_rows(q)  # [Mq, D]
 
         def nce(qq: torch.Tensor, dd: torch.Tensor, all_qq: torch.Tensor | None) -> LossOutput:
@@ -172,6 +172,11 @@ class MultiNegEmbeddingTrainer(Trainer):
                 q, d, lambda qq, dd: out.loss if qq.shape[1] >= q.shape[1] else nce(
                     qq, dd, truncate_normalize(all_q, qq.shape[1]) if all_q is not None else None).loss,
                 c.matryoshka_dims, c.matryoshka_weights)
+        if c.doc_to_query_weight and c.in_batch_negatives:  # every process holds G documents per query
+            positives = d[(offset or 0) + torch.arange(q.shape[0], device=d.device) * group_size]  # [B, D]
+            out.loss = out.loss + c.doc_to_query_weight * document_to_query_loss(
+                all_q if all_q is not None else q, positives, temperature=c.temperature, query_offset=q_offset or 0,
+                query_text_ids=q_ids, positive_text_ids=text_ids[::group_size] if text_ids is not None else None)
         teacher = inputs.get("teacher_scores")  # [B, G] when the rows carry teacher scores
         weight = resolved_distill_weight(c, teacher is not None)
         if weight and teacher is not None:  # (run_training checks up front that training rows carry them)

@@ -107,6 +107,9 @@ SCENARIOS = {  # name -> (loss section, extra training keys)
     "cross_device": ({"mask_false_negatives": True, "false_negative_margin": 10.0}, {}),
     "grad_cache": ({"mask_false_negatives": True, "false_negative_margin": 10.0}, {"grad_cache_mini_batch": 2}),
     "local_only": ({"cross_device_negatives": False}, {}),
+    # + the document -> query term: each positive against every process's queries (gathered with gradients)
+    "doc_to_query": ({"doc_to_query_weight": 1.0}, {}),
+    "doc_to_query_grad_cache": ({"doc_to_query_weight": 1.0}, {"grad_cache_mini_batch": 2}),
 }
 
 
@@ -242,6 +245,22 @@ def test_two_processes_equal_one_process_on_the_whole_batch(torchrun_results, ti
                 torch.testing.assert_close(r["grads"][param], grad, atol=1e-5, rtol=1e-4, msg=f"{name}: {param}")
     moved = max(float(g.abs().max()) for g in single["grads"].values())
     assert moved > 1e-3
+
+
+def test_document_to_query_term_across_processes_equals_one_process(torchrun_results, tiny_qwen3, tmp_path):
+    """loss.doc_to_query_weight under DDP (and GradCache under DDP): the loss and gradients of one process on the
+    whole batch, each positive scored against all 4 queries; and the term is on (a higher loss than without it)."""
+    _, rows, ranks = torchrun_results
+    single = one_step(tiny_qwen3, rows, str(tmp_path / "single"), 2 * B, *SCENARIOS["doc_to_query"])
+    plain = one_step(tiny_qwen3, rows, str(tmp_path / "plain"), 2 * B, {}, {})
+    assert single["loss"] > plain["loss"] + 0.1
+    for name in ("doc_to_query", "doc_to_query_grad_cache"):
+        per_rank = [r[name] for r in ranks]
+        assert per_rank[0]["loss"] == pytest.approx(single["loss"], abs=1e-5)
+        for r in per_rank:
+            assert r["grads"].keys() == single["grads"].keys()
+            for param, grad in single["grads"].items():
+                torch.testing.assert_close(r["grads"][param], grad, atol=1e-5, rtol=1e-4, msg=f"{name}: {param}")
 
 
 def test_without_cross_device_negatives_each_process_sees_only_its_documents(torchrun_results, tiny_qwen3, tmp_path):

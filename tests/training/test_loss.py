@@ -144,3 +144,41 @@ def test_query_and_document_negatives_by_hand():
     assert siblings.loss.item() == pytest.approx(((lse(2.0, 1.2, 0.56) - 2.0) + (lse(1.6, 2.0, 1.92) - 2.0)) / 2, abs=1e-6)
     with pytest.raises(ValueError, match="need in_batch_negatives"):
         info_nce_loss(Q, D, group_size=2, in_batch_negatives=False, query_negatives=True)
+
+
+def test_document_to_query_loss_by_hand_and_its_masks():
+    from hfemb.training.loss import document_to_query_loss
+
+    positives = D[0::2]  # [2, 2] pos_0, pos_1
+    # pos_0 against (q0, q1): cos [1, 0] -> logits [2, 0], target 0; pos_1: cos [0, 1] -> [0, 2], target 1
+    expected = ((lse(2.0, 0.0) - 2.0) + (lse(0.0, 2.0) - 2.0)) / 2
+    assert document_to_query_loss(Q, positives, temperature=0.5).item() == pytest.approx(expected, abs=1e-6)
+    # the same query text twice, or the same positive text twice: the other is no negative (only its own left)
+    for kwargs in ({"query_text_ids": torch.tensor([7, 7])}, {"positive_text_ids": torch.tensor([3, 3])}):
+        assert document_to_query_loss(Q, positives, temperature=0.5, **kwargs).item() == pytest.approx(0.0, abs=1e-6)
+    # gathered queries (a third from another process at row 0): this process's rows sit at query_offset 1
+    q3 = torch.cat([torch.tensor([[0.6, 0.8]]), Q])
+    expected = ((lse(1.2, 2.0, 0.0) - 2.0) + (lse(1.6, 0.0, 2.0) - 2.0)) / 2
+    got = document_to_query_loss(q3, positives, temperature=0.5, query_offset=1)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_info_nce_plus_document_to_query_is_sentence_transformers_symmetric_mnrl(minilm):
+    """(InfoNCE + doc_to_query) / 2 = sentence-transformers' MultipleNegativesRankingLoss with
+    directions (query_to_doc, doc_to_query), partition_mode per_direction (the symmetric MNRL), on one batch."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from hfemb.training.loss import document_to_query_loss
+
+    torch.manual_seed(0)
+    b, g, dim, temperature = 5, 3, 16, 0.1
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape), dim=-1)  # noqa: E731
+    q, pos, negs = unit(b, dim), unit(b, dim), [unit(b, dim) for _ in range(g - 1)]
+    d = torch.stack([pos, *negs], dim=1).reshape(b * g, dim)  # hfemb's layout: row i*G is query i's positive
+    ours = (info_nce_loss(q, d, group_size=g, temperature=temperature, mask_duplicates=False).loss
+            + document_to_query_loss(q, pos, temperature=temperature)) / 2
+    st_loss = MultipleNegativesRankingLoss(SentenceTransformer(minilm, device="cpu"), scale=1 / temperature,
+                                           directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+    theirs = st_loss.compute_loss_from_embeddings([q, pos, *negs], None)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
