@@ -80,21 +80,18 @@ def ablations(specs: list[str]) -> dict[str, list[str]]:
 
 
 def pair_scores(model: str, pool_file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query index, label, cosine) of every (question, candidate) pair, through the evaluation's encoder
-    and embedding cache (so the same vectors as the reports)."""
+    """(query index, label, cosine) of every (question, candidate) pair, as the evaluation counts them
+    (`pairs_from_records`: a repeated pair once) and through its encoder and embedding cache (so the same
+    vectors as the reports)."""
     from hfemb.data.formats import read_records
     from hfemb.evaluation.encoders import encode_texts
-    from hfemb.evaluation.evaluate import EvalSettings
+    from hfemb.evaluation.evaluate import EvalSettings, pairs_from_records
 
-    records = read_records(str(pool_file)).records
-    queries = list(dict.fromkeys(r.query for r in records))
-    docs = list(dict.fromkeys(t for r in records for t, _ in r.candidates))
-    enc = encode_texts(model, "pairs", queries, docs, EvalSettings(batch_size=32, show_progress=False, plots=False))
-    q, d = enc.queries, enc.documents
-    qi, di = {t: i for i, t in enumerate(queries)}, {t: i for i, t in enumerate(docs)}
-    rows = [(qi[r.query], int(lab > 0), float(q[qi[r.query]] @ d[di[t]])) for r in records for t, lab in r.candidates]
-    idx, labels, scores = (np.array(c) for c in zip(*rows))
-    return idx, labels, scores
+    pairs = pairs_from_records(read_records(str(pool_file)).records)
+    enc = encode_texts(model, "pairs", pairs.queries, pairs.documents,
+                       EvalSettings(batch_size=32, show_progress=False, plots=False))
+    scores = np.einsum("pd,pd->p", enc.queries[pairs.query_index], enc.documents[pairs.doc_index])
+    return pairs.query_index, (pairs.labels > 0).astype(np.int64), scores.astype(np.float64)
 
 
 def paired_auc_diff(ref: str, other: str, pool_file: Path, n_bootstrap: int, seed: int = 0) -> tuple[float, float, float]:
@@ -146,6 +143,8 @@ def seed_mean_vs_peer(pairs: list[tuple[str, float, str, float]], pool_file: Pat
                 continue
             auc = np.array([roc_auc_score(labels, s, sample_weight=pair_w) for s, _ in columns])
             samples.append(deltas(f1[k], auc))
+    if not samples:
+        raise SystemExit(f"{pool_file}: no bootstrap resample holds both a relevant and an irrelevant pair")
     lo, hi = np.percentile(np.array(samples), [2.5, 97.5], axis=0)
     return {"seeds": len(pairs), "f1_diff": point[0], "f1_diff_ci": [float(lo[0]), float(hi[0])],
             "auc_diff": point[1], "auc_diff_ci": [float(lo[1]), float(hi[1])],

@@ -88,7 +88,16 @@ def test_seed_mean_vs_peer_reduces_to_sklearn_and_the_evaluations_interval(tmp_p
     groups = np.repeat(np.arange(len(POOLS)), [len(docs) for _, docs, _ in POOLS])
     confusions = [query_confusion(groups, LABELS, s, t) for s, t in ((peer, t_peer), (model, t_model))]
     assert one["f1_diff_ci"] == pytest.approx(list(bootstrap_f1(confusions, n_boot=300, seed=0)["diff"][1]), abs=1e-9)
-    assert one["auc_diff_ci"][0] <= one["auc_diff"] <= one["auc_diff_ci"][1]
+    # the AUC interval: each resample's questions repeated as drawn (np.repeat), sklearn's AUC on the copies
+    from hfemb.evaluation.metrics import resample_weights
+
+    diffs = []
+    for counts in np.concatenate(list(resample_weights(len(POOLS), 300, 0))):
+        reps = counts[groups].astype(int)
+        y = np.repeat(LABELS, reps)
+        diffs.append(roc_auc_score(y, np.repeat(model, reps)) - roc_auc_score(y, np.repeat(peer, reps)))
+    assert one["auc_diff_ci"] == pytest.approx(list(np.percentile(diffs, [2.5, 97.5])), abs=2e-4)
+    assert one["auc_diff_ci"][0] < one["auc_diff_ci"][1]
     # two seeds whose differences cancel: mean 0 in every resample
     both = bench_config_vs_peer.seed_mean_vs_peer([(tiny_qwen3, t_peer, minilm, t_model),
                                                    (minilm, t_model, tiny_qwen3, t_peer)], pool_file, n_bootstrap=100)

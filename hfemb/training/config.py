@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import typing
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -188,8 +188,10 @@ class LossConfig:
     query_negatives: bool = False  # other in-batch queries as negatives (improved contrastive loss)
     document_negatives: bool = False  # positive vs the other in-batch documents (improved contrastive loss)
     # + doc_to_query_weight * the document -> query InfoNCE (each positive against the batch's queries, every
-    # process's with cross-device negatives; hfemb.training.loss.document_to_query_loss): sentence-transformers'
-    # symmetric MNRL is (InfoNCE + this at 1.0) / 2, the same gradient direction. 0: off.
+    # process's with cross-device negatives, at every Matryoshka dimension; hfemb.training.loss.
+    # document_to_query_loss): sentence-transformers' symmetric MNRL is (InfoNCE + this at 1.0) / 2, the same
+    # gradient direction. With mask_duplicates, queries of the same text or whose positive has the same text are
+    # no negatives (a record's other listed positives and the margin rule are not applied here). 0: off.
     doc_to_query_weight: float = 0.0
     # Multi-process training (DDP, DeepSpeed): score each query against the documents of every process
     # (gathered with gradients, hfemb.training.distributed); no effect in one process or without in-batch negatives.
@@ -370,7 +372,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: 'loss.query_negatives' / 'loss.document_negatives' need 'loss.in_batch_negatives'")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"{where}: 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
-    if cfg.loss.doc_to_query_weight < 0:
+    if not cfg.loss.doc_to_query_weight >= 0 or not math.isfinite(cfg.loss.doc_to_query_weight):
         raise ConfigError(f"{where}: 'loss.doc_to_query_weight' must be >= 0, got {cfg.loss.doc_to_query_weight}")
     if cfg.loss.doc_to_query_weight and not cfg.loss.in_batch_negatives:
         raise ConfigError(f"{where}: 'loss.doc_to_query_weight' needs 'loss.in_batch_negatives' (the batch's queries)")

@@ -157,7 +157,7 @@ class MultiNegEmbeddingTrainer(Trainer):
                 all_q, q_offset = gather_rows(q)  # [Mq, D]
 
         def nce(qq: torch.Tensor, dd: torch.Tensor, all_qq: torch.Tensor | None) -> LossOutput:
-            return info_nce_loss(
+            res = info_nce_loss(
                 qq, dd, group_size=group_size, temperature=c.temperature, in_batch_negatives=c.in_batch_negatives,
                 mask_duplicates=c.mask_duplicates, mask_false_negatives=c.mask_false_negatives,
                 false_negative_margin=c.false_negative_margin, doc_text_ids=text_ids, doc_offset=offset,
@@ -165,6 +165,14 @@ class MultiNegEmbeddingTrainer(Trainer):
                 all_queries=all_qq, query_text_ids=q_ids, query_offset=q_offset,
                 query_positive_ids=inputs.get("query_positive_ids"),
             )
+            if c.doc_to_query_weight and c.in_batch_negatives:  # at every Matryoshka dimension too, as ST's
+                positives = dd[(offset or 0) + torch.arange(qq.shape[0], device=dd.device) * group_size]  # [B, D]
+                ids = c.mask_duplicates and text_ids is not None  # every process holds G documents per query
+                res.loss = res.loss + c.doc_to_query_weight * document_to_query_loss(
+                    all_qq if all_qq is not None else qq, positives, temperature=c.temperature,
+                    query_offset=q_offset or 0, query_text_ids=q_ids if c.mask_duplicates else None,
+                    positive_text_ids=text_ids[::group_size] if ids else None)
+            return res
 
         out = nce(q, d, all_q)
         if c.matryoshka_dims:  # InfoNCE on each truncated, re-normalised prefix (hfemb.training.distill)
@@ -172,11 +180,6 @@ class MultiNegEmbeddingTrainer(Trainer):
                 q, d, lambda qq, dd: out.loss if qq.shape[1] >= q.shape[1] else nce(
                     qq, dd, truncate_normalize(all_q, qq.shape[1]) if all_q is not None else None).loss,
                 c.matryoshka_dims, c.matryoshka_weights)
-        if c.doc_to_query_weight and c.in_batch_negatives:  # every process holds G documents per query
-            positives = d[(offset or 0) + torch.arange(q.shape[0], device=d.device) * group_size]  # [B, D]
-            out.loss = out.loss + c.doc_to_query_weight * document_to_query_loss(
-                all_q if all_q is not None else q, positives, temperature=c.temperature, query_offset=q_offset or 0,
-                query_text_ids=q_ids, positive_text_ids=text_ids[::group_size] if text_ids is not None else None)
         teacher = inputs.get("teacher_scores")  # [B, G] when the rows carry teacher scores
         weight = resolved_distill_weight(c, teacher is not None)
         if weight and teacher is not None:  # (run_training checks up front that training rows carry them)

@@ -58,6 +58,7 @@ def test_defaults_and_overrides(tmp_path):
     ({"loss": {"in_batch_negatives": "yes"}}, "'loss.in_batch_negatives' must be true or false"),
     ({"loss": {"temperature": 0}}, "'loss.temperature' must be > 0"),
     ({"loss": {"doc_to_query_weight": -1}}, "'loss.doc_to_query_weight' must be >= 0, got -1"),
+    ({"loss": {"doc_to_query_weight": float("nan")}}, "'loss.doc_to_query_weight' must be >= 0, got nan"),
     ({"loss": {"doc_to_query_weight": 1, "in_batch_negatives": False}},
      "'loss.doc_to_query_weight' needs 'loss.in_batch_negatives'"),
     ({"data": {"train_file": "t", "eval_file": "e", "eval_ratio": 0.1}}, "give 'data.eval_file' or 'data.eval_ratio', not both"),

@@ -292,3 +292,22 @@ def test_run_training_with_teacher_scores_and_matryoshka_writes_the_dims(tiny_qw
                                        ensure_ascii=False) + "\n" for r in rows))
     with pytest.raises(ConfigError, match="carry no teacher scores"):
         run_training(config_from_dict(raw))
+
+
+def test_trainer_adds_the_document_to_query_term_at_every_matryoshka_dimension(tiny_qwen3, tmp_path, rows):
+    from hfemb.training.loss import document_to_query_loss
+
+    trainer = _trainer(tiny_qwen3, tmp_path, {"matryoshka_dims": [64, 16], "doc_to_query_weight": 0.5})
+    batch = trainer.data_collator(rows[:B])
+    q, d = _embed(trainer, batch)
+    g = 1 + N
+    with torch.no_grad():
+        got = trainer._loss(q, d, batch).loss
+        expected = 0
+        for k in (64, 16):
+            qk, dk = truncate_normalize(q, k), truncate_normalize(d, k)
+            expected = expected + info_nce_loss(qk, dk, group_size=g, doc_text_ids=batch["doc_text_ids"]).loss \
+                + 0.5 * document_to_query_loss(qk, dk[::g], temperature=0.1, query_text_ids=batch["query_text_ids"],
+                                               positive_text_ids=batch["doc_text_ids"][::g])
+    torch.testing.assert_close(got, expected)
+    _assert_grad_cache_agrees(trainer, batch)

@@ -161,6 +161,11 @@ def test_document_to_query_loss_by_hand_and_its_masks():
     expected = ((lse(1.2, 2.0, 0.0) - 2.0) + (lse(1.6, 0.0, 2.0) - 2.0)) / 2
     got = document_to_query_loss(q3, positives, temperature=0.5, query_offset=1)
     assert got.item() == pytest.approx(expected, abs=1e-6)
+    # ... where the masks look up this process's ids at the offset: the other process's query has pos_1's text
+    got = document_to_query_loss(q3, positives, temperature=0.5, query_offset=1,
+                                 positive_text_ids=torch.tensor([5, 4, 5]))
+    expected = ((lse(1.2, 2.0, 0.0) - 2.0) + (lse(0.0, 2.0) - 2.0)) / 2
+    assert got.item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_info_nce_plus_document_to_query_is_sentence_transformers_symmetric_mnrl(minilm):
