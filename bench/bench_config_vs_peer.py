@@ -191,6 +191,9 @@ def main() -> int:
     parser.add_argument("--hybrid-ablate", nargs="*", default=[], metavar="NAME=KEY=VALUE",
                         help="extra hfemb rows on the hybrid + teacher rows; a NAME given twice collects both overrides")
     parser.add_argument("--no-hybrid", action="store_true", help="skip the hybrid + teacher rows")
+    parser.add_argument("--pairs-only", action="store_true",
+                        help="train from (question, positive) pairs only, mined in corpus mode (every other question's "
+                             "answers are the candidates), instead of WikiQA's labelled pools; dev/test stay the pools")
     parser.add_argument("--test", action="store_true", help="also test numbers (only once dev has decided)")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
@@ -205,30 +208,32 @@ def main() -> int:
     out = Path(args.out)
     data = out / "data"
     train, dev, test = (common.wikiqa_split_file(s, data) for s in ("train", "dev", "test"))
-    default_rows = mine(train, data / "mined.default.jsonl", [])
+    source, kind = (common.wikiqa_pairs_file(train), "pairs-") if args.pairs_only else (train, "")
+    default_rows = mine(source, data / f"mined.{kind}default.jsonl", [])
     hybrid_rows = None if args.no_hybrid else mine(
-        train, data / "mined.hybrid-mpnet-teacher.jsonl",
+        source, data / f"mined.{kind}hybrid-mpnet-teacher.jsonl",
         ["--scorer", "hybrid", "--model", args.mpnet, "--teacher", args.mpnet])
 
+    runs = out / f"{kind}runs"  # pairs-only runs apart: a run folder reused with another spec would be retrained
     jobs: dict[str, tuple] = {}
     for seed in args.seeds:
-        jobs[f"peer s{seed}"] = (train_peer, default_rows, out / "runs" / f"peer-s{seed}", seed, args.threads)
-        jobs[f"hfemb s{seed}"] = (train_hfemb, default_rows, out / "runs" / f"hfemb-s{seed}", seed, [], args.threads)
+        jobs[f"peer s{seed}"] = (train_peer, default_rows, runs / f"peer-s{seed}", seed, args.threads)
+        jobs[f"hfemb s{seed}"] = (train_hfemb, default_rows, runs / f"hfemb-s{seed}", seed, [], args.threads)
         if hybrid_rows:
-            jobs[f"hfemb hybrid+teacher s{seed}"] = (train_hfemb, hybrid_rows, out / "runs" / f"hybrid-s{seed}", seed, [],
+            jobs[f"hfemb hybrid+teacher s{seed}"] = (train_hfemb, hybrid_rows, runs / f"hybrid-s{seed}", seed, [],
                                                      args.threads)
         for name, overrides in default_ablations.items():
-            jobs[f"hfemb {name} s{seed}"] = (train_hfemb, default_rows, out / "runs" / f"{name}-s{seed}", seed,
+            jobs[f"hfemb {name} s{seed}"] = (train_hfemb, default_rows, runs / f"{name}-s{seed}", seed,
                                              overrides, args.threads)
         for name, overrides in hybrid_ablations.items():
-            jobs[f"hfemb hybrid+teacher {name} s{seed}"] = (train_hfemb, hybrid_rows, out / "runs" / f"hybrid-{name}-s{seed}",
+            jobs[f"hfemb hybrid+teacher {name} s{seed}"] = (train_hfemb, hybrid_rows, runs / f"hybrid-{name}-s{seed}",
                                                             seed, overrides, args.threads)
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = {label: pool.submit(fn, *rest) for label, (fn, *rest) in jobs.items()}
         models = {label: f.result() for label, f in futures.items()}
     bases = {"base all-mpnet-base-v2": args.mpnet, "base all-MiniLM-L6-v2": common.minilm_path()}
 
-    dev_report = evaluate({**models, **bases}, dev, None, out / "eval_dev", args.n_bootstrap)
+    dev_report = evaluate({**models, **bases}, dev, None, out / f"{kind}eval_dev", args.n_bootstrap)
     lines = ["| model (dev) | best F1 | ROC-AUC | MRR@10 |", "|---|---:|---:|---:|"]
     groups: dict[str, list] = {}
     for name, res in dev_report["models"].items():
@@ -247,9 +252,9 @@ def main() -> int:
             peer = f"peer s{seed}"
             group = {peer: models[peer], **{k: v for k, v in models.items() if k.endswith(f" s{seed}") and k != peer},
                      **bases}
-            vs_peer = evaluate(group, test, dev, out / f"eval_test_s{seed}", args.n_bootstrap)
+            vs_peer = evaluate(group, test, dev, out / f"{kind}eval_test_s{seed}", args.n_bootstrap)
             ordered = {"base all-mpnet-base-v2": args.mpnet, **{k: v for k, v in group.items() if "mpnet" not in k}}
-            vs_mpnet = evaluate(ordered, test, dev, out / f"eval_test_s{seed}_vs_mpnet", args.n_bootstrap)
+            vs_mpnet = evaluate(ordered, test, dev, out / f"{kind}eval_test_s{seed}_vs_mpnet", args.n_bootstrap)
             report["test"][seed] = {"vs_peer": vs_peer, "vs_mpnet": vs_mpnet}
             for name, res in vs_peer["models"].items():
                 def ci(r, first):
@@ -265,7 +270,7 @@ def main() -> int:
             md += "\n\n" + seed_mean_rows(report["test"], models, args.seeds, test, args.n_bootstrap)
     md += f"\n\nCommand: `python bench/bench_config_vs_peer.py {' '.join(sys.argv[1:])}` ({time.time() - started:.0f} s)."
     print(md)
-    common.write_outputs("config_vs_peer", md, report)
+    common.write_outputs("config_vs_peer_pairs" if args.pairs_only else "config_vs_peer", md, report)
     return 0
 
 

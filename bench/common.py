@@ -58,6 +58,20 @@ def wikiqa_split_file(split: str, out_dir: Path, data_dir: Path = WIKIQA) -> Pat
     return out
 
 
+def wikiqa_pairs_file(pool_file: Path) -> Path:
+    """``pool_file`` (`wikiqa_split_file`) as (question, positive sentence) pairs only, one JSONL row per labelled
+    positive and no candidate pools: the data of a user who has pairs, for `hfemb mine`'s corpus mode."""
+    from hfemb.io_utils import write_jsonl
+
+    out = pool_file.with_name(pool_file.name.replace(".pos.jsonl", ".pairs.jsonl"))
+    if out.exists():
+        return out
+    rows = [{"query": r["query"], "positive": d["content"]}
+            for r in map(json.loads, pool_file.read_text().splitlines()) for d in r["documents"] if d["label"] == 1]
+    write_jsonl(out, rows)
+    return out
+
+
 def mine_wikiqa_train(out_dir: Path, data_dir: Path = WIKIQA, **overrides) -> tuple[Path, dict]:
     """``hfemb mine`` in pool mode (each question's own candidate sentences, regex tokens for English) with
     the default recipe (1 hard + 2 easy), or ``overrides`` of `MiningConfig` fields. Returns (file, report)."""

@@ -104,3 +104,30 @@ def test_seed_mean_vs_peer_reduces_to_sklearn_and_the_evaluations_interval(tmp_p
     assert both["f1_diff"] == pytest.approx(0, abs=1e-12) and both["auc_diff"] == pytest.approx(0, abs=1e-12)
     assert both["f1_diff_ci"] == pytest.approx([0, 0], abs=1e-12)
     assert both["auc_diff_ci"] == pytest.approx([0, 0], abs=1e-12)
+
+
+def test_pairs_file_keeps_every_labelled_positive_and_mines_in_corpus_mode(tmp_path):
+    """--pairs-only: one (question, positive) row per label 1, in order, no candidates; `hfemb mine` reads it in
+    corpus mode and takes negatives from the other questions' answers only."""
+    import common
+
+    pool_file = write_pools(tmp_path)
+    pool_file = pool_file.rename(tmp_path / "wikiqa-train.pos.jsonl")
+    pairs = common.wikiqa_pairs_file(pool_file)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    expected = [{"query": q, "positive": d} for q, docs, labels in POOLS for d, lab in zip(docs, labels) if lab == 1]
+    assert pairs.name == "wikiqa-train.pairs.jsonl" and rows == expected
+    assert common.wikiqa_pairs_file(pool_file) == pairs  # reused, not rewritten
+
+    from hfemb.cli import main as cli
+
+    mined = tmp_path / "mined.jsonl"
+    assert cli(["mine", "--input", str(pairs), "--output", str(mined), "--tokenizer", "regex", "--num-negatives", "1",
+                "--num-hard", "1"]) == 0
+    report = json.loads(Path(f"{mined}.report.json").read_text())
+    assert report["mode"] == "corpus"
+    answers = {d for _, docs, labels in POOLS for d, lab in zip(docs, labels) if lab == 1}
+    for line in mined.read_text().splitlines():
+        row = json.loads(line)
+        own = {r["positive"] for r in expected if r["query"] == row["query"]}
+        assert row["negative"] and set(row["negative"]) <= answers - own
