@@ -61,14 +61,14 @@ def wikiqa_split_file(split: str, out_dir: Path, data_dir: Path = WIKIQA) -> Pat
 def wikiqa_pairs_file(pool_file: Path) -> Path:
     """``pool_file`` (`wikiqa_split_file`) as (question, positive sentence) pairs only, one JSONL row per labelled
     positive and no candidate pools: the data of a user who has pairs, for `hfemb mine`'s corpus mode."""
+    from hfemb.data.formats import read_records
     from hfemb.io_utils import write_jsonl
 
     out = pool_file.with_name(pool_file.name.replace(".pos.jsonl", ".pairs.jsonl"))
     if out.exists():
         return out
-    rows = [{"query": r["query"], "positive": d["content"]}
-            for r in map(json.loads, pool_file.read_text().splitlines()) for d in r["documents"] if d["label"] == 1]
-    write_jsonl(out, rows)
+    write_jsonl(out, ({"query": r.query, "positive": text} for r in read_records(str(pool_file)).records
+                      for text in r.positives))
     return out
 
 

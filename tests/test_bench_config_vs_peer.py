@@ -117,7 +117,8 @@ def test_pairs_file_keeps_every_labelled_positive_and_mines_in_corpus_mode(tmp_p
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     expected = [{"query": q, "positive": d} for q, docs, labels in POOLS for d, lab in zip(docs, labels) if lab == 1]
     assert pairs.name == "wikiqa-train.pairs.jsonl" and rows == expected
-    assert common.wikiqa_pairs_file(pool_file) == pairs  # reused, not rewritten
+    written = pairs.stat().st_mtime_ns
+    assert common.wikiqa_pairs_file(pool_file) == pairs and pairs.stat().st_mtime_ns == written  # reused, not rewritten
 
     from hfemb.cli import main as cli
 
