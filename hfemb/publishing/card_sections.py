@@ -53,6 +53,10 @@ def hyperparameter_rows(summary: dict) -> list[tuple[str, Any]]:
     m, t, lora, loss, data = (cfg.get(k) or {} for k in ("model", "training", "lora", "loss", "data"))
     per_row = (summary.get("data") or {}).get("negatives_per_row", data.get("num_negatives"))
     pooled = bool((summary.get("data") or {}).get("pool_negatives"))  # drawn from each row's whole pool
+    resolved = (summary.get("data") or {}).get("temperature") or {}  # run_training's: value, auto, mined_modes
+    modes = set(resolved.get("mined_modes") or [])
+    why = "" if not resolved.get("auto") else \
+        f" (auto: rows mined in {next(iter(modes))} mode)" if len(modes) == 1 and None not in modes else " (auto)"
     rows = [("learning rate", t.get("learning_rate")),
             ("epochs" if not t.get("max_steps", -1) > 0 else "max steps",
              t.get("num_train_epochs") if not t.get("max_steps", -1) > 0 else t["max_steps"]),
@@ -63,10 +67,12 @@ def hyperparameter_rows(summary: dict) -> list[tuple[str, Any]]:
             ("weight decay", t.get("weight_decay", 0.0)),
             ("precision", "bf16" if t.get("bf16") else "fp16" if t.get("fp16") else "fp32"),
             ("gradient checkpointing", bool(t.get("gradient_checkpointing") or t.get("activation_checkpointing"))),
-            ("loss", f"InfoNCE, temperature {loss.get('temperature')}, "
+            ("loss", f"InfoNCE, temperature {loss.get('temperature')}{why}, "
                      f"{'in-batch + ' if loss.get('in_batch_negatives', True) else ''}{per_row} "
                      f"{'' if pooled else 'hard/easy '}negatives per query"
-                     + (", false negatives masked" if loss.get("mask_false_negatives") else "")),
+                     + (", false negatives masked" if loss.get("mask_false_negatives") else "")
+                     + (f", + {str(loss.get('distill_loss', 'kl')).upper()} distillation from the rows' teacher "
+                        f"scores, weight {loss['distill_weight']}" if loss.get("distill_weight") else "")),
             ("max length (query / passage)", f"{data.get('query_max_len')} / {data.get('passage_max_len')}"),
             ("seed", t.get("seed"))]
     redraw = (summary.get("data") or {}).get("redraw_negatives") or {}

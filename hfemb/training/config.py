@@ -178,9 +178,9 @@ class LoraSettings:
 
 @dataclass
 class LossConfig:
-    # 0.1, not sentence-transformers' 0.05 (scale 20): on WikiQA dev 0.1 lifted the two-seed means of ROC-AUC, best
-    # F1 and MRR@10 over 0.05 for both row types (10 of 12 per-seed comparisons); 0.02 and 0.2 lost (README, Results).
-    temperature: float = 0.1
+    # None (auto): resolved_temperature, by how the rows' negatives were found: CORPUS_TEMPERATURE when every
+    # training file was mined in corpus mode, else POOL_TEMPERATURE.
+    temperature: float | None = None
     in_batch_negatives: bool = True
     mask_duplicates: bool = True  # a candidate with the positive's exact text is never a negative
     mask_false_negatives: bool = False  # also drop candidates scoring above the positive + margin
@@ -215,14 +215,40 @@ class LossConfig:
     matryoshka_weights: list[float] | None = None
 
 
-# Off: on WikiQA dev, distilling all-mpnet-base-v2 into MiniLM did not beat the defaults (hybrid mpnet rows: dev
-# best F1 / ROC-AUC 0.555 / 0.850 without, 0.532 / 0.847 with KL, 0.543 / 0.847 with MSE; README, Results): the
-# teacher ranks worse than the tuned student. Set loss.distill_weight (e.g. 1.0) to use teacher scores.
+# Off on labelled pools: on WikiQA dev, distilling all-mpnet-base-v2 into MiniLM did not beat the defaults (hybrid
+# mpnet rows: dev best F1 / ROC-AUC 0.555 / 0.850 without, 0.532 / 0.847 with KL, 0.543 / 0.847 with MSE; README,
+# Results): the teacher ranks worse than the student tuned on the labelled pools.
 DEFAULT_DISTILL_WEIGHT = 0.0
+# On corpus-mined rows (unlabelled negatives) with teacher scores: off until decided on a second seed (on WikiQA's
+# pairs-only dev runs, seed 42, the tuned student stays below the teacher and KL at 1.0 beat none; README, Results).
+CORPUS_DISTILL_WEIGHT = 0.0
 
 
 # Off: CoSENT at weight 1.0 cost 0.016 dev ROC-AUC on WikiQA (0.836 vs 0.852; README, Results).
 DEFAULT_PAIR_RANK_WEIGHT = 0.0
+
+
+# Labelled pools (pool-mode mining, or rows with their own negatives): 0.1, not sentence-transformers' 0.05 (scale
+# 20): on WikiQA dev 0.1 lifted the two-seed means of ROC-AUC, best F1 and MRR@10 over 0.05 for both pool row types
+# (10 of 12 per-seed comparisons); 0.02 and 0.2 lost; 0.05 lost again at 15 per row (README, Results).
+POOL_TEMPERATURE = 0.1
+# Corpus mining (`hfemb mine` from (query, positive) pairs: negatives are other queries' answers, half of them
+# BM25's easy bottom): 0.05. On WikiQA's pairs-only dev runs 0.1 lost to 0.05 on both seeds (README, Results).
+CORPUS_TEMPERATURE = 0.05
+
+
+def corpus_mined(mined_modes: list[str | None]) -> bool:
+    """Every training file's rows were mined in corpus mode (``mined_modes``: ``"corpus"``, ``"pool"``, or None for
+    rows not mined by hfemb, one per file)."""
+    return bool(mined_modes) and all(m == "corpus" for m in mined_modes)
+
+
+def resolved_temperature(loss: LossConfig, mined_modes: list[str | None]) -> float:
+    """The InfoNCE temperature in effect: the configured one, else CORPUS_TEMPERATURE for corpus-mined rows
+    (`corpus_mined`) and POOL_TEMPERATURE for any other."""
+    if loss.temperature is not None:
+        return float(loss.temperature)
+    return CORPUS_TEMPERATURE if corpus_mined(mined_modes) else POOL_TEMPERATURE
 
 
 def resolved_pair_rank_weight(loss: LossConfig) -> float:
@@ -230,11 +256,14 @@ def resolved_pair_rank_weight(loss: LossConfig) -> float:
     return DEFAULT_PAIR_RANK_WEIGHT if loss.pair_rank_weight is None else float(loss.pair_rank_weight)
 
 
-def resolved_distill_weight(loss: LossConfig, rows_have_teacher_scores: bool) -> float:
-    """The distillation weight in effect: the configured one, or the default when rows carry teacher scores."""
+def resolved_distill_weight(loss: LossConfig, rows_have_teacher_scores: bool, corpus: bool = False) -> float:
+    """The distillation weight in effect: the configured one, else, when rows carry teacher scores,
+    CORPUS_DISTILL_WEIGHT for corpus-mined rows (``corpus``, `corpus_mined`) and DEFAULT_DISTILL_WEIGHT for others."""
     if loss.distill_weight is not None:
         return float(loss.distill_weight)
-    return DEFAULT_DISTILL_WEIGHT if rows_have_teacher_scores else 0.0
+    if not rows_have_teacher_scores:
+        return 0.0
+    return CORPUS_DISTILL_WEIGHT if corpus else DEFAULT_DISTILL_WEIGHT
 
 
 @dataclass
@@ -370,7 +399,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: give both 'data.query_columns' and 'data.positive_column', or neither")
     if (cfg.loss.query_negatives or cfg.loss.document_negatives) and not cfg.loss.in_batch_negatives:
         raise ConfigError(f"{where}: 'loss.query_negatives' / 'loss.document_negatives' need 'loss.in_batch_negatives'")
-    if cfg.loss.temperature <= 0:
+    if cfg.loss.temperature is not None and not cfg.loss.temperature > 0:
         raise ConfigError(f"{where}: 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
     if not cfg.loss.doc_to_query_weight >= 0 or not math.isfinite(cfg.loss.doc_to_query_weight):
         raise ConfigError(f"{where}: 'loss.doc_to_query_weight' must be >= 0, got {cfg.loss.doc_to_query_weight}")

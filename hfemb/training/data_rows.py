@@ -152,6 +152,16 @@ def mine_cached(records: list[Record], source_file: str, mining: dict, num_negat
     return read_records(str(cached)).records, {**result.report, "cache": str(cached)}
 
 
+def mined_mode(records: list[Record], mining_report: dict | None = None) -> str | None:
+    """How a file's negatives were found: the mode of this run's mining (``mining_report``), else the one mode
+    every record's ``mining`` field names (`hfemb mine` output: ``"pool"`` or ``"corpus"``), else None (negatives
+    given some other way, or mined before rows recorded their mode)."""
+    if mining_report and mining_report.get("mode"):
+        return mining_report["mode"]
+    modes = {r.extra["mining"].get("mode") if isinstance(r.extra.get("mining"), dict) else None for r in records}
+    return modes.pop() if len(modes) == 1 else None
+
+
 def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str,
               fmt: str | None = None, negatives: int | None = None) -> list[dict]:
     """The training rows of one file (``fmt``: its format, default ``data.format``), mined when needed; its
@@ -166,6 +176,7 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
     mine_it = d.mine if d.mine is not None else needs_mining(records, d.num_negatives, result.format)
     if mine_it:
         records, part["mining"] = mine_cached(records, path, cfg.mining or {}, d.num_negatives, cache_dir)
+    part["mined_mode"] = mined_mode(records, part.get("mining"))
     def build(pool_negatives: int) -> tuple[list[dict], dict]:
         return rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
                                  redraw=d.redraw_negatives and name != "eval", pool_negatives=pool_negatives)

@@ -7,6 +7,7 @@ step), ``training_curves.png`` (``hfemb.publishing.plotting``), ``train_summary.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -25,7 +26,8 @@ from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.averaging import (CheckpointAveragingCallback, average_full_checkpoints, average_lora_checkpoints,
                                       averaging_k, averaging_record, checkpoints_to_average)
 from hfemb.training.collator import MultiNegCollator
-from hfemb.training.config import POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, TrainConfig, train_file_specs
+from hfemb.training.config import (POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, TrainConfig, corpus_mined,
+                                   resolved_distill_weight, resolved_temperature, train_file_specs)
 from hfemb.training.data_rows import check_teacher_scores, dataset_query_prompt, load_rows, load_train_datasets
 from hfemb.training.distill import write_matryoshka_info
 from hfemb.training.evaluator import build_evaluators, check_best_metric
@@ -94,6 +96,17 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
                           f"(data.pool_negatives auto draws {POOL_NEGATIVES_AUTO} for files with pools, "
                           f"{POOL_NEGATIVES_AUTO_SIMANS} for rows drawn by SimANS; {per_file}); "
                           "set data.pool_negatives to one number for all of them")
+
+    modes = [part.get("mined_mode") for name, part in data_report.items()
+             if name == "train" or name.startswith("train ")]
+    temperature = resolved_temperature(cfg.loss, modes)
+    taught = any("teacher_scores" in r for r in rows)
+    distill = resolved_distill_weight(cfg.loss, taught, corpus_mined(modes))
+    data_report["temperature"] = {"value": temperature, "auto": cfg.loss.temperature is None, "mined_modes": modes}
+    data_report["distill_weight"] = {"value": distill, "auto": cfg.loss.distill_weight is None,
+                                     "teacher_scores": taught}
+    # the values in effect, so that the summary and the card record them
+    cfg.loss = dataclasses.replace(cfg.loss, temperature=temperature, distill_weight=distill)
 
     try:
         args = training_arguments(cfg, has_eval=bool(eval_rows) or bool(evaluators))  # first: under ZeRO-3 the model then loads into shards

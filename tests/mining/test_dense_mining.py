@@ -88,6 +88,7 @@ def test_dense_pool_mode_takes_the_models_top_candidate(capsys, tmp_path, minilm
         assert row["mining"]["dense"] == pytest.approx([cos[best], cos[worst]], abs=1e-5)
         assert row["mining"]["positive_dense"] == pytest.approx(_cos(st_model, row["query"], docs[0]), abs=1e-5)
         assert len(row["mining"]["bm25"]) == 2 and "positive_bm25" in row["mining"]
+        assert row["mining"]["mode"] == "pool"  # training picks its temperature by it (resolved_temperature)
 
 
 def test_hybrid_ranks_by_reciprocal_rank_fusion(capsys, tmp_path, minilm, st_model):
@@ -141,7 +142,7 @@ def test_corpus_mode_dense_brute_force(capsys, tmp_path, minilm, st_model):
     all_docs = [d for docs in TOPICS.values() for d in docs]
     for row in map(json.loads, open(out)):
         cos = {d: _cos(st_model, row["query"], d) for d in all_docs if d != row["positive"]}
-        assert row["negative"] == [max(cos, key=cos.get)]
+        assert row["negative"] == [max(cos, key=cos.get)] and row["mining"]["mode"] == "corpus"
 
 
 def test_scorer_errors_are_one_line(capsys, tmp_path, minilm):

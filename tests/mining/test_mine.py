@@ -235,7 +235,7 @@ def test_corpus_mode_excludes_positives_duplicates_same_query_and_query_text():
     assert len(result.rows) == 10  # 10 documents, at most 3 excluded per query: 7 negatives are enough
     banned = [{"少吃盐。", "少吃 盐", "多运动"}, {"少吃盐。", "少吃 盐"}, {"少吃盐。", "少吃 盐", "多运动"}]
     for row, bad in zip(result.rows, banned):
-        assert not bad & set(row["negative"]) and len(row["negative"]) == 7
+        assert not bad & set(row["negative"]) and len(row["negative"]) == 7 and row["mining"]["mode"] == "corpus"
     assert result.rows[1]["negative"].count("多运动") == 1
     # own exact: every record once; normalised twins: 少吃 盐 for record 0, 少吃盐。 for record 1;
     # same query: 多运动 for record 0, both salt answers for record 2
@@ -275,7 +275,7 @@ def test_pool_mode_ranks_own_candidates_with_global_statistics():
     docs = list(dict.fromkeys(t for r in records for t in (*r.positives, *r.negatives)))
     ref = BM25Okapi(tokenize(docs, "regex", use_cache=False))
     for record, row in zip(records, result.rows):
-        assert set(row["negative"]) <= set(record.negatives)
+        assert set(row["negative"]) <= set(record.negatives) and row["mining"]["mode"] == "pool"
         scores = dict(zip(docs, ref.get_scores(tokenize([record.query], "regex", use_cache=False)[0])))
         assert row["mining"]["bm25"] == pytest.approx([scores[n] for n in row["negative"]])
         ranked = sorted(record.negatives, key=lambda d: -scores[d])

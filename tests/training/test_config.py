@@ -36,7 +36,7 @@ def test_reference_recipe_in_lora_json():
     t = cfg.training
     assert (t["learning_rate"], t["per_device_train_batch_size"], t["gradient_accumulation_steps"]) == (1e-4, 16, 2)
     assert (t["num_train_epochs"], t["warmup_ratio"], t["bf16"], t["gradient_checkpointing"]) == (3, 0.1, True, True)
-    assert cfg.data.num_negatives == 3 and cfg.loss.temperature == 0.1
+    assert cfg.data.num_negatives == 3 and cfg.loss.temperature is None  # auto: by mining mode
 
 
 def test_defaults_and_overrides(tmp_path):
