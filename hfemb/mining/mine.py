@@ -428,7 +428,8 @@ def _select_model_aware(record: Record, positives: list[str], ids: np.ndarray, b
         kinds.update(sel.kinds)
         pos_of = {int(i): k for k, i in enumerate(ids.tolist())}
         chosen = [pos_of[int(i)] for i in sel.ids]
-        mining = {"mode": config.mode, "kinds": sel.kinds, "scorer": config.scorer, "bm25": [float(bm25_scores[k]) for k in chosen],
+        mining = {"mode": config.mode, "kinds": sel.kinds, "scorer": config.scorer,
+                  "bm25": [float(bm25_scores[k]) for k in chosen],
                   "positive_bm25": p_bm25, "dense": [round(float(dense[k]), 6) for k in chosen],
                   "positive_dense": round(p_dense, 6)}
         if config.scorer == "hybrid":

@@ -108,8 +108,8 @@ def data_section(summary: dict) -> list[str]:
     """One Markdown bullet per data part of ``train_summary.json``: file, format, records -> rows, what was left out."""
     out = []
     for part, info in (summary.get("data") or {}).items():
-        if not isinstance(info, dict):
-            continue
+        if not isinstance(info, dict) or not ("file" in info or info.get("from") == "eval_ratio"):
+            continue  # run-level entries (temperature, redraws, ...) go to the hyperparameters
         if info.get("from") == "eval_ratio":
             out.append(f"- **{part}**: {info.get('rows')} rows held out from the training queries "
                        f"(ratio {info.get('ratio')}, split by query)")

@@ -15,7 +15,7 @@ from hfemb.data.records import ColumnMap, Record
 from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json, write_jsonl
-from hfemb.mining.mine import MiningConfig, mine
+from hfemb.mining.mine import MODES as MINING_MODES, MiningConfig, mine, report_path
 from hfemb.modeling.loading import format_instruction
 from hfemb.training.config import (POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, DataConfig, TrainConfig,
                                    TrainFileSpec, train_file_specs)
@@ -152,14 +152,31 @@ def mine_cached(records: list[Record], source_file: str, mining: dict, num_negat
     return read_records(str(cached)).records, {**result.report, "cache": str(cached)}
 
 
-def mined_mode(records: list[Record], mining_report: dict | None = None) -> str | None:
-    """How a file's negatives were found: the mode of this run's mining (``mining_report``), else the one mode
-    every record's ``mining`` field names (`hfemb mine` output: ``"pool"`` or ``"corpus"``), else None (negatives
-    given some other way, or mined before rows recorded their mode)."""
-    if mining_report and mining_report.get("mode"):
+def record_mining_mode(record: Record) -> str | None:
+    """The ``mining.mode`` a mined row names (`hfemb mine` writes it), or None."""
+    mining = record.extra.get("mining")
+    mode = mining.get("mode") if isinstance(mining, dict) else None
+    return mode if isinstance(mode, str) else None
+
+
+def mined_mode(records: list[Record], mining_report: dict | None = None, path: str | None = None) -> str | None:
+    """How a file's negatives were found, ``"pool"`` or ``"corpus"``: the mode of this run's mining
+    (``mining_report``), else the one mode every record's ``mining`` field names (`hfemb mine` output), else, when
+    no record names one, that of the report `hfemb mine` wrote beside ``path`` (files mined before rows named it)
+    if its row count matches; None otherwise (negatives given some other way, converted files, mixed rows)."""
+    if mining_report and mining_report.get("mode") in MINING_MODES:
         return mining_report["mode"]
-    modes = {r.extra["mining"].get("mode") if isinstance(r.extra.get("mining"), dict) else None for r in records}
-    return modes.pop() if len(modes) == 1 else None
+    named = {record_mining_mode(r) for r in records}
+    if len(named) == 1 and next(iter(named)) in MINING_MODES:
+        return next(iter(named))
+    if named != {None} or not path or not report_path(path).is_file():
+        return None
+    try:
+        report = json.loads(report_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    matches = isinstance(report, dict) and report.get("rows_written") == len(records)
+    return report["mode"] if matches and report.get("mode") in MINING_MODES else None
 
 
 def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: str,
@@ -176,7 +193,7 @@ def load_rows(cfg: TrainConfig, path: str, cache_dir: Path, report: dict, name: 
     mine_it = d.mine if d.mine is not None else needs_mining(records, d.num_negatives, result.format)
     if mine_it:
         records, part["mining"] = mine_cached(records, path, cfg.mining or {}, d.num_negatives, cache_dir)
-    part["mined_mode"] = mined_mode(records, part.get("mining"))
+    part["mined_mode"] = mined_mode(records, part.get("mining"), path)
     def build(pool_negatives: int) -> tuple[list[dict], dict]:
         return rows_from_records(records, d.num_negatives, int(cfg.training.get("seed", 42)),
                                  redraw=d.redraw_negatives and name != "eval", pool_negatives=pool_negatives)

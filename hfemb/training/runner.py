@@ -97,8 +97,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
                           f"{POOL_NEGATIVES_AUTO_SIMANS} for rows drawn by SimANS; {per_file}); "
                           "set data.pool_negatives to one number for all of them")
 
-    modes = [part.get("mined_mode") for name, part in data_report.items()
-             if name == "train" or name.startswith("train ")]
+    modes = [part.get("mined_mode") for part in train_parts(data_report)]
     temperature = resolved_temperature(cfg.loss, modes)
     taught = any("teacher_scores" in r for r in rows)
     distill = resolved_distill_weight(cfg.loss, taught, corpus_mined(modes))
@@ -106,7 +105,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     data_report["distill_weight"] = {"value": distill, "auto": cfg.loss.distill_weight is None,
                                      "teacher_scores": taught}
     # the values in effect, so that the summary and the card record them
-    cfg.loss = dataclasses.replace(cfg.loss, temperature=temperature, distill_weight=distill)
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, temperature=temperature, distill_weight=distill))
 
     try:
         args = training_arguments(cfg, has_eval=bool(eval_rows) or bool(evaluators))  # first: under ZeRO-3 the model then loads into shards
@@ -137,8 +136,7 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     redraw = sum(REDRAW_KEY in r for r in rows)  # (none with data.redraw_negatives false: load_rows built no spec)
     data_report["redraw_negatives"] = {"rows": redraw, "of": len(rows)}
     data_report["negatives_per_row"] = negatives
-    data_report["pool_negatives"] = max(part.get("pool_negatives", 0) for name, part in data_report.items()
-                                        if name == "train" or name.startswith("train "))  # 0: as mined
+    data_report["pool_negatives"] = max(part.get("pool_negatives", 0) for part in train_parts(data_report))  # 0: as mined
     if redraw and args.dataloader_num_workers and args.dataloader_persistent_workers:
         raise ConfigError("data.redraw_negatives: persistent dataloader workers keep the first epoch's copy of the "
                           "rows; set training.dataloader_persistent_workers=false or data.redraw_negatives=false")
@@ -236,6 +234,11 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
                              f"`hfemb push {out} --repo-id {push.repo_id}`") from None
         write_json(out / "train_summary.json", summary)
     return summary
+
+
+def train_parts(data_report: dict) -> list[dict]:
+    """The reports of the training files (``train``, or ``train NAME`` per dataset of ``data.train_files``)."""
+    return [part for name, part in data_report.items() if name == "train" or name.startswith("train ")]
 
 
 def plot_curves(out: Path) -> None:

@@ -39,8 +39,8 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hfemb.errors import ConfigError
-from hfemb.training.config import (POOL_TEMPERATURE, LossConfig, resolved_distill_weight,
-                                   resolved_pair_rank_weight)
+from hfemb.training.config import (LossConfig, resolved_distill_weight, resolved_pair_rank_weight,
+                                   resolved_temperature)
 from hfemb.training.distill import distill_kl_loss, distill_mse_loss, matryoshka_loss, pair_rank_loss, truncate_normalize
 from hfemb.training.distributed import gather_rows, with_gathered_weights, world_size
 from hfemb.training.evaluator import run_evaluators
@@ -124,8 +124,9 @@ class MultiNegEmbeddingTrainer(Trainer):
         self.evaluators = list(evaluators or [])
         self._embedding_metrics: dict[str, float] | None = None
         self.loss_config = loss_config or LossConfig()
-        if self.loss_config.temperature is None:  # auto outside run_training (which resolves it from the rows)
-            self.loss_config = dataclasses.replace(self.loss_config, temperature=POOL_TEMPERATURE)
+        if self.loss_config.temperature is None:  # auto outside run_training, which resolves it from the rows
+            self.loss_config = dataclasses.replace(self.loss_config,
+                                                   temperature=resolved_temperature(self.loss_config, []))
         self.train_lengths = train_lengths
         self.grad_cache_mini_batch = grad_cache_mini_batch or None
         self.no_duplicate_queries = no_duplicate_queries
