@@ -29,7 +29,7 @@ def test_auto_is_corpus_temperature_only_when_every_file_was_corpus_mined(modes,
 
 
 def test_corpus_distill_weight_applies_only_to_corpus_rows_with_teacher_scores():
-    assert (CORPUS_DISTILL_WEIGHT, DEFAULT_DISTILL_WEIGHT) == (0.0, 0.0)
+    assert (CORPUS_DISTILL_WEIGHT, DEFAULT_DISTILL_WEIGHT) == (1.0, 0.0)
     for modes, taught, expected in ((["corpus"], True, CORPUS_DISTILL_WEIGHT), (["corpus"], False, 0.0),
                                     (["pool"], True, 0.0),
                                     ([None], True, 0.0), (["corpus", "pool"], True, 0.0)):
