@@ -49,6 +49,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         raise
 
 
+def read_json(path: str | os.PathLike):
+    """The JSON content of ``path``; None when it does not exist (`HfembError` when it cannot be read)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise HfembError(f"{path}: cannot read JSON: {exc}") from None
+
+
 def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     with atomic_open(path) as fh:
         json.dump(obj, fh, ensure_ascii=False, indent=indent)

@@ -32,13 +32,13 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from hfemb.data.records import Record
 from hfemb.errors import ConfigError, HfembError
-from hfemb.io_utils import write_json, write_jsonl
+from hfemb.io_utils import read_json, write_json, write_jsonl
 from hfemb.mining.bm25 import BM25, IDF_KINDS, TokenizeStats, check_tokenizer, tokenize
 from hfemb.mining.dense import (EncoderSettings, add_teacher_scores, check_scorer, dense_block, embed,
                                 positive_limit, rrf_scores)
@@ -489,6 +489,13 @@ def _candidate_ids(record: Record, mode: str, num_docs: int, doc_index: dict[str
 
 def report_path(output: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(output)}.report.json")
+
+
+def report_beside(output: str | os.PathLike) -> Any:
+    """The report `hfemb mine` wrote beside ``output`` (`report_path`): None when there is no such file,
+    `HfembError` when it cannot be read."""
+    path = report_path(output)
+    return read_json(path) if path.is_file() else None
 
 
 def write_output(result: MiningResult, output: str | os.PathLike) -> None:

@@ -7,27 +7,17 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 from hfemb.errors import HfembError
 from hfemb.evaluation.encoders import resolve_model_path
-from hfemb.mining.mine import report_path
+from hfemb.io_utils import read_json
+from hfemb.mining.mine import report_beside
 
 log = logging.getLogger("hfemb.publishing.card_inputs")
 
 _LOWER_IS_BETTER = ("loss", "negative_similarity")
 _LOG_SKIP = ("runtime", "per_second", "total_flos", "epoch", "step", "grad_norm", "learning_rate",
              "best_threshold")  # a threshold is a setting, not a quality: no "best" of it
-
-
-def read_json(path: Path) -> Any:
-    """The JSON content of ``path``; None when it does not exist (`HfembError` when it cannot be read)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise HfembError(f"{path}: cannot read JSON: {exc}") from None
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -176,4 +166,4 @@ def mining_report(summary: dict) -> dict | None:
         return train["mining"]
 
     file = train.get("file")
-    return read_json(report_path(file)) if file and report_path(file).is_file() else None
+    return report_beside(file) if file else None

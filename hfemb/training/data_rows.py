@@ -15,7 +15,7 @@ from hfemb.data.records import ColumnMap, Record
 from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import write_json, write_jsonl
-from hfemb.mining.mine import MODES as MINING_MODES, MiningConfig, mine, report_path
+from hfemb.mining.mine import MODES as MINING_MODES, MiningConfig, mine, report_beside
 from hfemb.modeling.loading import format_instruction
 from hfemb.training.config import (POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, DataConfig, TrainConfig,
                                    TrainFileSpec, train_file_specs)
@@ -169,11 +169,11 @@ def mined_mode(records: list[Record], mining_report: dict | None = None, path: s
     named = {record_mining_mode(r) for r in records}
     if len(named) == 1 and next(iter(named)) in MINING_MODES:
         return next(iter(named))
-    if named != {None} or not path or not report_path(path).is_file():
+    if named != {None} or not path:
         return None
     try:
-        report = json.loads(report_path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        report = report_beside(path)
+    except HfembError:  # unreadable: the mode is unknown
         return None
     matches = isinstance(report, dict) and report.get("rows_written") == len(records)
     return report["mode"] if matches and report.get("mode") in MINING_MODES else None
