@@ -112,6 +112,11 @@ class MultiNegEmbeddingTrainer(Trainer):
     dataset, `hfemb.training.sampling.SameDatasetSampler`) and ``evaluators``
     (`hfemb.training.evaluator.EmbeddingEvaluator`: retrieval / F1 metrics of the live model, logged with the
     eval loss as ``eval_<metric>`` at every evaluation; ``eval_dataset=[]`` when there is no loss set).
+
+    The defaults that depend on how the rows were mined (a null ``loss.temperature``: 0.05 on corpus-mined rows;
+    a null ``loss.distill_weight``: 1.0 on corpus-mined rows with teacher scores) are resolved by
+    `hfemb.training.runner.run_training`, which knows the files' mining mode. Built directly, the trainer sees
+    no mode and treats the rows as pool rows: a null temperature is 0.1 and distillation is off.
     """
 
     loss_is_scaled_for_ga = False  # mean loss per micro-batch: let Trainer divide by accumulation steps
