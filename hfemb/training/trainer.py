@@ -114,7 +114,7 @@ class MultiNegEmbeddingTrainer(Trainer):
     eval loss as ``eval_<metric>`` at every evaluation; ``eval_dataset=[]`` when there is no loss set).
 
     The defaults that depend on how the rows were mined (a null ``loss.temperature``: 0.05 on corpus-mined rows;
-    a null ``loss.distill_weight``: 1.0 on corpus-mined rows with teacher scores) are resolved by
+    a null ``loss.distill_weight``: 3.0 on corpus-mined rows with teacher scores) are resolved by
     `hfemb.training.runner.run_training`, which knows the files' mining mode. Built directly, the trainer sees
     no mode and treats the rows as pool rows: a null temperature is 0.1 and distillation is off.
     """

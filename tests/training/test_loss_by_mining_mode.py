@@ -29,7 +29,7 @@ def test_auto_is_corpus_temperature_only_when_every_file_was_corpus_mined(modes,
 
 
 def test_corpus_distill_weight_applies_only_to_corpus_rows_with_teacher_scores():
-    assert (CORPUS_DISTILL_WEIGHT, DEFAULT_DISTILL_WEIGHT) == (1.0, 0.0)
+    assert (CORPUS_DISTILL_WEIGHT, DEFAULT_DISTILL_WEIGHT) == (3.0, 0.0)
     for modes, taught, expected in ((["corpus"], True, CORPUS_DISTILL_WEIGHT), (["corpus"], False, 0.0),
                                     (["pool"], True, 0.0),
                                     ([None], True, 0.0), (["corpus", "pool"], True, 0.0)):
@@ -148,7 +148,7 @@ def test_corpus_rows_with_teacher_scores_train_at_the_corpus_settings(tiny_qwen3
             (tmp_path / "auto" / "merged" / "README.md").read_text()) == bool(w)
     _, explicit = _run(tiny_qwen3, corpus, tmp_path / "explicit", 2, temperature=0.05, distill_weight=w)
     assert len(auto_losses) == 2 and auto_losses == pytest.approx(explicit, rel=1e-6)
-    _, other = _run(tiny_qwen3, corpus, tmp_path / "other", 2, temperature=0.05, distill_weight=1.0 - w)
+    _, other = _run(tiny_qwen3, corpus, tmp_path / "other", 2, temperature=0.05, distill_weight=0.0 if w else 1.0)
     assert abs(auto_losses[0] - other[0]) > 1e-4  # the KL term is (or is not) in the first step's loss
     pooled, pool_losses = _run(tiny_qwen3, pool, tmp_path / "pool", 2)
     assert pooled["data"]["distill_weight"]["value"] == 0.0 and pooled["config"]["loss"]["temperature"] == 0.1
