@@ -151,24 +151,38 @@ def write_model_folder(template: str | os.PathLike, state: dict[str, torch.Tenso
 
 
 def merge_weights(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, alpha: float,
-                  method: str = "linear", names: tuple[str, str] | None = None) -> dict:
+                  method: str = "linear", names: tuple[str, str] | None = None, by: str | None = None) -> dict:
     """Write ``output``: the tuned folder with merged weights (atomically) and ``hfemb_merge.json``; returns the
     record. ``names``: how the base and tuned models were given (default: the folders), recorded through
-    `public_name`."""
+    `public_name`. ``by``: what asked for the merge, recorded (default: `hfemb merge-weights`, whose output must
+    be a new folder; otherwise ``output`` may be ``tuned``, replaced in place)."""
     tuned, base, output = Path(tuned), Path(base), Path(output)
-    if output.resolve() in (tuned.resolve(), base.resolve()):
+    if output.resolve() == base.resolve() or (by is None and output.resolve() == tuned.resolve()):
         raise ConfigError("--output must differ from --base and --tuned")
     merged = merge_state_dicts(load_state_dict(base), load_state_dict(tuned), alpha, method)
     base_name, tuned_name = names or (str(base), str(tuned))
     record = {"method": method, "alpha": alpha, "base": public_name(base_name), "tuned": public_name(tuned_name),
               "tensors": len(merged), "rule": "(1 - alpha) * base + alpha * tuned, per tensor in fp32"
               if method == "linear" else "spherical interpolation per tensor in fp32",
-              "hfemb_version": hfemb.__version__}
+              "hfemb_version": hfemb.__version__, **({"by": by} if by else {})}
     averaged = read_merge_record(tuned, AVERAGING_FILE)
     if averaged:  # the tuned model was itself a checkpoint average
         record["tuned_checkpoint_averaging"] = {k: averaged.get(k) for k in ("k", "steps")}
     write_model_folder(tuned, merged, output, {PROVENANCE_FILE: record})
     return record
+
+
+def model_folder(name_or_path: str) -> Path:
+    """A model's local folder: ``name_or_path`` itself when it is a folder, else its Hub snapshot (weights and JSON
+    files; the cached one when offline)."""
+    if Path(name_or_path).expanduser().is_dir():
+        return Path(name_or_path).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as exc:  # noqa: BLE001 - offline and not cached, unknown repo, no access
+        raise HfembError(f"{name_or_path}: cannot get the model's weights: {exc}") from None
 
 
 def read_merge_record(folder: str | os.PathLike, name: str = PROVENANCE_FILE) -> dict | None:

@@ -182,7 +182,9 @@ def weight_merging_section(m: _Model) -> list[str]:
                      f"{mg.get('rule')}, with base `{mg.get('base')}` and tuned model `{mg.get('tuned')}`"
                      + (f" (itself the mean of its run's last {tuned_avg.get('k')} checkpoints, steps "
                         f"{format_value(tuned_avg.get('steps'))})" if tuned_avg.get("k") else "")
-                     + f" (`hfemb merge-weights`; recorded in `{PROVENANCE_FILE}`).")
+                     + (f" (after training, `{mg['by']}`; recorded in `{PROVENANCE_FILE}`). The evaluation during "
+                        "training reported here is of the trained weights, not of this interpolation."
+                        if mg.get("by") else f" (`hfemb merge-weights`; recorded in `{PROVENANCE_FILE}`)."))
     return ["## Weight merging", "", *lines, ""] if lines else []
 
 

@@ -1,7 +1,7 @@
 """Training configuration: one JSON file with sections, plus ``section.key=value`` overrides.
 
 Sections: ``model``, ``data``, ``mining`` (optional: mine raw data on the fly), ``lora``, ``loss``,
-``export`` (``merged_dtype``) and
+``export`` (``merged_dtype``, ``base_merge_alpha``) and
 ``training`` (the fields of ``hfemb.training.arguments.EmbeddingTrainingArguments``: ``TrainingArguments`` plus
 hfemb's own). Every section is checked against its dataclass's field annotations (``hfemb.config_fields``:
 unknown keys stop with an error listing the valid ones, a wrong type names the field and the expected type)
@@ -270,11 +270,29 @@ def resolved_distill_weight(loss: LossConfig, rows_have_teacher_scores: bool, co
     return CORPUS_DISTILL_WEIGHT if corpus else DEFAULT_DISTILL_WEIGHT
 
 
+# Labelled pools keep the trained weights (alpha 0.9 cost dev AUC on WikiQA's pools). Corpus-mined rows: see
+# CORPUS_BASE_MERGE_ALPHA (README, Results).
+CORPUS_BASE_MERGE_ALPHA = 1.0
+
+
+def resolved_base_merge_alpha(export: "ExportConfig", mined_modes: list[str | None]) -> float:
+    """The weight of the trained model when merged/ is interpolated with the base: the configured one, else
+    CORPUS_BASE_MERGE_ALPHA for corpus-mined rows (`corpus_mined`) and 1 (no interpolation) for any other."""
+    if export.base_merge_alpha is not None:
+        return float(export.base_merge_alpha)
+    return CORPUS_BASE_MERGE_ALPHA if corpus_mined(mined_modes) else 1.0
+
+
 @dataclass
 class ExportConfig:
     # dtype of merged/ (the merge runs in fp32 on the CPU, hfemb.training.merging): auto = the base's dtype when
     # the LoRA delta survives it (<= 1 % lost), else float32 | float32 | bfloat16 | float16
     merged_dtype: MergedDtype = "auto"
+    # After training, merged/ = (1 - a) * base + a * trained, per tensor in fp32 (LM-Cocktail; `hfemb merge-weights`
+    # with the run's base, hfemb.training.runner.merge_with_base): 1 = the trained weights as they are (adapter/
+    # stays the trained adapter either way). None: auto, CORPUS_BASE_MERGE_ALPHA when every training file was
+    # corpus-mined, 1 for any other rows.
+    base_merge_alpha: float | None = None
 
 
 # hfemb's defaults for TrainingArguments (the reference recipe), under the user's `training` section.
@@ -411,6 +429,10 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if cfg.loss.doc_to_query_weight and not cfg.loss.in_batch_negatives:
         raise ConfigError(f"{where}: 'loss.doc_to_query_weight' needs 'loss.in_batch_negatives' (the batch's queries)")
     _check_distill_matryoshka(cfg.loss, where)
+    alpha = cfg.export.base_merge_alpha
+    if alpha is not None and not 0 < alpha <= 1:  # (its type is checked with the section's)
+        raise ConfigError(f"{where}: 'export.base_merge_alpha' must be in (0, 1] (1: the trained weights; null: auto), "
+                          f"got {alpha!r}")
     if cfg.lora.r <= 0:
         raise ConfigError(f"{where}: 'lora.r' must be > 0")
     if not 0.0 <= cfg.lora.dropout < 1.0:

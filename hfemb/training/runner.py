@@ -26,8 +26,10 @@ from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.averaging import (CheckpointAveragingCallback, average_full_checkpoints, average_lora_checkpoints,
                                       averaging_k, averaging_record, checkpoints_to_average)
 from hfemb.training.collator import MultiNegCollator
+from hfemb.modeling.merge_weights import merge_weights, model_folder
 from hfemb.training.config import (POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, TrainConfig, corpus_mined,
-                                   resolved_distill_weight, resolved_temperature, train_file_specs)
+                                   resolved_base_merge_alpha, resolved_distill_weight, resolved_temperature,
+                                   train_file_specs)
 from hfemb.training.data_rows import check_teacher_scores, dataset_query_prompt, load_rows, load_train_datasets
 from hfemb.training.distill import write_matryoshka_info
 from hfemb.training.evaluator import build_evaluators, check_best_metric
@@ -104,8 +106,11 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     data_report["temperature"] = {"value": temperature, "auto": cfg.loss.temperature is None, "mined_modes": modes}
     data_report["distill_weight"] = {"value": distill, "auto": cfg.loss.distill_weight is None,
                                      "teacher_scores": taught}
+    base_alpha = resolved_base_merge_alpha(cfg.export, modes)
+    data_report["base_merge_alpha"] = {"value": base_alpha, "auto": cfg.export.base_merge_alpha is None}
     # the values in effect, so that the summary and the card record them
-    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, temperature=temperature, distill_weight=distill))
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, temperature=temperature, distill_weight=distill),
+                              export=dataclasses.replace(cfg.export, base_merge_alpha=base_alpha))
 
     try:
         args = training_arguments(cfg, has_eval=bool(eval_rows) or bool(evaluators))  # first: under ZeRO-3 the model then loads into shards
@@ -217,6 +222,15 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
             write_json(out / "train_summary.json", summary)
             raise HfembError(f"training finished and {out}/adapter was saved, but merging failed: {exc}. Retry with "
                              f"`hfemb merge {out} --output {out}/merged --overwrite`") from exc
+    if main_process and base_alpha < 1:  # after the LoRA merge or the checkpoint average: of the final weights
+        try:
+            summary["base_merge"] = merge_with_base(cfg, out, base_alpha)
+        except Exception as exc:  # noqa: BLE001 - merged/ is still the trained model: say how to retry
+            summary["base_merge"] = {"alpha": base_alpha, "error": str(exc).replace(str(out), out.name)}
+            write_json(out / "train_summary.json", summary)
+            raise HfembError(f"training finished and {out}/merged holds the trained weights, but interpolating them "
+                             f"with the base failed: {exc}. Retry with `hfemb merge-weights --base BASE_FOLDER "
+                             f"--tuned {out}/merged --alpha {base_alpha:g} --output OTHER_FOLDER`") from exc
     if main_process and cfg.loss.matryoshka_dims:  # after merging: merge_outputs writes merged/ anew
         for folder in ("merged", "adapter"):
             write_matryoshka_info(out / folder, cfg.loss.matryoshka_dims, cfg.loss.matryoshka_weights)
@@ -287,6 +301,16 @@ def average_outputs(cfg: TrainConfig, out: Path, saved_steps: list[int], k: int)
             folders, out / "merged", base_dtype="auto" if cfg.model.finetune_type == "qlora" else resolve_dtype(cfg),
             merged_dtype=cfg.export.merged_dtype, trust_remote_code=cfg.model.trust_remote_code, record=record)
     log.info("merged/ is the average of %s", ", ".join(record["checkpoints"]))
+    return record
+
+
+def merge_with_base(cfg: TrainConfig, out: Path, alpha: float) -> dict:
+    """``merged/`` = (1 - alpha) * base + alpha * ``merged/``, per tensor in fp32, replaced atomically
+    (`hfemb.modeling.merge_weights`: ``hfemb_merge.json`` records it, the card shows it); the base's weights come
+    from its folder or Hub snapshot. Returns the record for ``train_summary.json``."""
+    record = merge_weights(model_folder(cfg.model.name_or_path), out / "merged", out / "merged", alpha,
+                           names=(cfg.model.name_or_path, "this run's trained weights"), by="export.base_merge_alpha")
+    log.info("merged/ = %.2g x the trained weights + %.2g x %s", alpha, 1 - alpha, cfg.model.name_or_path)
     return record
 
 
