@@ -61,10 +61,11 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float, eps: float = 1e-7) -> 
 
 
 def merge_state_dicts(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float,
-                      method: str = "linear") -> dict[str, torch.Tensor]:
+                      method: str = "linear", consume: bool = False) -> dict[str, torch.Tensor]:
     """Per tensor, in fp32: ``alpha = 0`` is the base, ``alpha = 1`` the tuned model; integer tensors (ids,
     buffers) come from the tuned model, and integer buffers only the base saved (e.g. BERT's
-    ``embeddings.position_ids``) are left out. Output tensors keep the tuned model's dtype."""
+    ``embeddings.position_ids``) are left out. Output tensors keep the tuned model's dtype. ``consume``: empty
+    both inputs tensor by tensor, so that peak memory is the two inputs, not the inputs plus the output."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
@@ -74,8 +75,10 @@ def merge_state_dicts(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tens
     if missing or extra:  # a base-only integer buffer that the tuned checkpoint does not save is left out
         raise HfembError(f"base and tuned models differ in tensors: only in tuned {missing[:5]}, only in base {extra[:5]}")
     merged = {}
-    for name, t in tuned.items():
-        b = base[name]
+    for name in list(tuned):
+        t, b = tuned[name], base[name]
+        if consume:
+            del tuned[name], base[name]
         if b.shape != t.shape:
             raise HfembError(f"tensor {name}: base shape {tuple(b.shape)} vs tuned {tuple(t.shape)}")
         if not t.is_floating_point():
@@ -159,7 +162,7 @@ def merge_weights(base: str | os.PathLike, tuned: str | os.PathLike, output: str
     tuned, base, output = Path(tuned), Path(base), Path(output)
     if output.resolve() == base.resolve() or (by is None and output.resolve() == tuned.resolve()):
         raise ConfigError("--output must differ from --base and --tuned")
-    merged = merge_state_dicts(load_state_dict(base), load_state_dict(tuned), alpha, method)
+    merged = merge_state_dicts(load_state_dict(base), load_state_dict(tuned), alpha, method, consume=True)
     base_name, tuned_name = names or (str(base), str(tuned))
     record = {"method": method, "alpha": alpha, "base": public_name(base_name), "tuned": public_name(tuned_name),
               "tensors": len(merged), "rule": "(1 - alpha) * base + alpha * tuned, per tensor in fp32"
