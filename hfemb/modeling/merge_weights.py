@@ -16,13 +16,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 import hfemb
 from hfemb.errors import ConfigError, HfembError
+from hfemb.io_utils import save_atomically
 
 METHODS = ("linear", "slerp")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -61,11 +61,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float, eps: float = 1e-7) -> 
 
 
 def merge_state_dicts(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float,
-                      method: str = "linear", consume: bool = False) -> dict[str, torch.Tensor]:
+                      method: str = "linear", consume: bool = False,
+                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Per tensor, in fp32: ``alpha = 0`` is the base, ``alpha = 1`` the tuned model; integer tensors (ids,
     buffers) come from the tuned model, and integer buffers only the base saved (e.g. BERT's
-    ``embeddings.position_ids``) are left out. Output tensors keep the tuned model's dtype. ``consume``: empty
-    both inputs tensor by tensor, so that peak memory is the two inputs, not the inputs plus the output."""
+    ``embeddings.position_ids``) are left out. Output tensors keep the tuned model's dtype, or ``dtype``.
+    ``consume``: empty both inputs tensor by tensor, so that peak memory is the two inputs, not the inputs plus
+    the output."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
@@ -86,7 +88,7 @@ def merge_state_dicts(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tens
             continue
         a32, t32 = b.float(), t.float()
         out = (1 - alpha) * a32 + alpha * t32 if method == "linear" else slerp(a32, t32, alpha)
-        merged[name] = out.to(t.dtype).contiguous()
+        merged[name] = out.to(dtype or t.dtype).contiguous()
     return merged
 
 
@@ -134,10 +136,10 @@ def write_model_folder(template: str | os.PathLike, state: dict[str, torch.Tenso
     atomically (``output`` may be ``template``)."""
     from safetensors.torch import save_file
 
-    template, output = Path(template), Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    template = Path(template)
+
+    def write(folder: str) -> None:
+        tmp = Path(folder)
         for item in template.iterdir():
             if item.name in _WEIGHT_FILES or item.name in _NOT_COPIED or (
                     item.name.startswith("model-") and item.suffix == ".safetensors"):
@@ -146,46 +148,37 @@ def write_model_folder(template: str | os.PathLike, state: dict[str, torch.Tenso
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    save_atomically(write, output)  # the old folder is renamed away only once the new one is complete
 
 
-def merge_weights(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, alpha: float,
-                  method: str = "linear", names: tuple[str, str] | None = None, by: str | None = None) -> dict:
-    """Write ``output``: the tuned folder with merged weights (atomically) and ``hfemb_merge.json``; returns the
-    record. ``names``: how the base and tuned models were given (default: the folders), recorded through
-    `public_name`. ``by``: what asked for the merge, recorded (default: `hfemb merge-weights`, whose output must
-    be a new folder; otherwise ``output`` may be ``tuned``, replaced in place)."""
-    tuned, base, output = Path(tuned), Path(base), Path(output)
-    if output.resolve() == base.resolve() or (by is None and output.resolve() == tuned.resolve()):
-        raise ConfigError("--output must differ from --base and --tuned")
-    merged = merge_state_dicts(load_state_dict(base), load_state_dict(tuned), alpha, method, consume=True)
-    base_name, tuned_name = names or (str(base), str(tuned))
+def merge_record(method: str, alpha: float, base_name: str, tuned_name: str, tensors: int,
+                 tuned: str | os.PathLike) -> dict:
+    """The ``hfemb_merge.json`` content: method, alpha, the models through `public_name`, and the tuned folder's
+    checkpoint averaging when it was one (``tuned``: its folder)."""
     record = {"method": method, "alpha": alpha, "base": public_name(base_name), "tuned": public_name(tuned_name),
-              "tensors": len(merged), "rule": "(1 - alpha) * base + alpha * tuned, per tensor in fp32"
+              "tensors": tensors, "rule": "(1 - alpha) * base + alpha * tuned, per tensor in fp32"
               if method == "linear" else "spherical interpolation per tensor in fp32",
-              "hfemb_version": hfemb.__version__, **({"by": by} if by else {})}
+              "hfemb_version": hfemb.__version__}
     averaged = read_merge_record(tuned, AVERAGING_FILE)
     if averaged:  # the tuned model was itself a checkpoint average
         record["tuned_checkpoint_averaging"] = {k: averaged.get(k) for k in ("k", "steps")}
-    write_model_folder(tuned, merged, output, {PROVENANCE_FILE: record})
     return record
 
 
-def model_folder(name_or_path: str) -> Path:
-    """A model's local folder: ``name_or_path`` itself when it is a folder, else its Hub snapshot (weights and JSON
-    files; the cached one when offline)."""
-    if Path(name_or_path).expanduser().is_dir():
-        return Path(name_or_path).expanduser()
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.safetensors", "*.json"]))
-    except Exception as exc:  # noqa: BLE001 - offline and not cached, unknown repo, no access
-        raise HfembError(f"{name_or_path}: cannot get the model's weights: {exc}") from None
+def merge_weights(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, alpha: float,
+                  method: str = "linear", names: tuple[str, str] | None = None) -> dict:
+    """Write ``output``: the tuned folder with merged weights (atomically) and ``hfemb_merge.json``; returns the
+    record. ``names``: how the base and tuned models were given (default: the folders), recorded through
+    `public_name`."""
+    tuned, base, output = Path(tuned), Path(base), Path(output)
+    if output.resolve() in (tuned.resolve(), base.resolve()):
+        raise ConfigError("--output must differ from --base and --tuned")
+    merged = merge_state_dicts(load_state_dict(base), load_state_dict(tuned), alpha, method, consume=True)
+    base_name, tuned_name = names or (str(base), str(tuned))
+    record = merge_record(method, alpha, base_name, tuned_name, len(merged), tuned)
+    write_model_folder(tuned, merged, output, {PROVENANCE_FILE: record})
+    return record
 
 
 def read_merge_record(folder: str | os.PathLike, name: str = PROVENANCE_FILE) -> dict | None:

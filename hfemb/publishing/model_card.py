@@ -182,9 +182,15 @@ def weight_merging_section(m: _Model) -> list[str]:
                      f"{mg.get('rule')}, with base `{mg.get('base')}` and tuned model `{mg.get('tuned')}`"
                      + (f" (itself the mean of its run's last {tuned_avg.get('k')} checkpoints, steps "
                         f"{format_value(tuned_avg.get('steps'))})" if tuned_avg.get("k") else "")
-                     + (f" (after training, `{mg['by']}`; recorded in `{PROVENANCE_FILE}`). The evaluation during "
-                        "training reported here is of the trained weights, not of this interpolation."
-                        if mg.get("by") else f" (`hfemb merge-weights`; recorded in `{PROVENANCE_FILE}`)."))
+                     + (f" (after training, `{mg['by']}`; stored in {format_value(mg.get('stored_dtype'))}; recorded in "
+                        f"`{PROVENANCE_FILE}`). The evaluation during training reported here is of the model before "
+                        "this interpolation." if mg.get("by") else
+                        f" (`hfemb merge-weights`; recorded in `{PROVENANCE_FILE}`)."))
+    failed_merge = m.summary.get("base_merge") if not m.adapter else None
+    if not m.merge and isinstance(failed_merge, dict) and failed_merge.get("error"):
+        lines.append(f"- **interpolation with the base** (alpha {format_value(failed_merge.get('alpha'))}, "
+                     f"`export.base_merge_alpha`) was configured but failed: {failed_merge['error']}; these "
+                     "weights are the trained ones.")
     return ["## Weight merging", "", *lines, ""] if lines else []
 
 

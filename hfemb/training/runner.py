@@ -26,7 +26,9 @@ from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.averaging import (CheckpointAveragingCallback, average_full_checkpoints, average_lora_checkpoints,
                                       averaging_k, averaging_record, checkpoints_to_average)
 from hfemb.training.collator import MultiNegCollator
-from hfemb.modeling.merge_weights import merge_weights, model_folder
+from hfemb.modeling.loading import load_embedding_model
+from hfemb.modeling.merge_weights import (AVERAGING_FILE, PROVENANCE_FILE, load_state_dict, merge_record,
+                                         merge_state_dicts, read_merge_record, write_model_folder)
 from hfemb.training.config import (POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, TrainConfig, corpus_mined,
                                    resolved_base_merge_alpha, resolved_distill_weight, resolved_temperature,
                                    train_file_specs)
@@ -221,16 +223,16 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
             summary["merge"] = {"error": str(exc)}
             write_json(out / "train_summary.json", summary)
             raise HfembError(f"training finished and {out}/adapter was saved, but merging failed: {exc}. Retry with "
-                             f"`hfemb merge {out} --output {out}/merged --overwrite`") from exc
+                             f"`hfemb merge {out} --output {out}/merged --overwrite`"
+                             + (f", then interpolate it with the base (export.base_merge_alpha {base_alpha:g}) with "
+                                "`hfemb merge-weights`" if base_alpha < 1 else "")) from exc
+    base_merge_failed = None
     if main_process and base_alpha < 1:  # after the LoRA merge or the checkpoint average: of the final weights
         try:
-            summary["base_merge"] = merge_with_base(cfg, out, base_alpha)
-        except Exception as exc:  # noqa: BLE001 - merged/ is still the trained model: say how to retry
+            summary["base_merge"] = merge_with_base(cfg, out, base_alpha, ds_config)
+        except Exception as exc:  # noqa: BLE001 - merged/ is still the trained model: finish, then say so
             summary["base_merge"] = {"alpha": base_alpha, "error": str(exc).replace(str(out), out.name)}
-            write_json(out / "train_summary.json", summary)
-            raise HfembError(f"training finished and {out}/merged holds the trained weights, but interpolating them "
-                             f"with the base failed: {exc}. Retry with `hfemb merge-weights --base BASE_FOLDER "
-                             f"--tuned {out}/merged --alpha {base_alpha:g} --output OTHER_FOLDER`") from exc
+            base_merge_failed = exc
     if main_process and cfg.loss.matryoshka_dims:  # after merging: merge_outputs writes merged/ anew
         for folder in ("merged", "adapter"):
             write_matryoshka_info(out / folder, cfg.loss.matryoshka_dims, cfg.loss.matryoshka_weights)
@@ -239,6 +241,12 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         write_json(out / "train_summary.json", summary)
         plot_curves(out)  # before the cards, which embed training_curves.png
         write_model_cards(out)
+    if base_merge_failed is not None:
+        raise HfembError(f"training finished and {out}/merged holds the trained weights (its card says so), but "
+                         f"interpolating them with the base failed: {base_merge_failed}. Retry with `hfemb "
+                         f"merge-weights --base BASE_FOLDER --tuned {out}/merged --alpha {base_alpha:g} --output "
+                         "OTHER_FOLDER` (BASE_FOLDER: the base saved as an embedding model, e.g. by "
+                         "`hfemb merge` or save_pretrained of transformers' AutoModel)") from base_merge_failed
     push = push_settings(cfg.training)
     if push and main_process:
         try:
@@ -304,12 +312,38 @@ def average_outputs(cfg: TrainConfig, out: Path, saved_steps: list[int], k: int)
     return record
 
 
-def merge_with_base(cfg: TrainConfig, out: Path, alpha: float) -> dict:
+def merge_with_base(cfg: TrainConfig, out: Path, alpha: float, ds_config=None) -> dict:
     """``merged/`` = (1 - alpha) * base + alpha * ``merged/``, per tensor in fp32, replaced atomically
-    (`hfemb.modeling.merge_weights`: ``hfemb_merge.json`` records it, the card shows it); the base's weights come
-    from its folder or Hub snapshot. Returns the record for ``train_summary.json``."""
-    record = merge_weights(model_folder(cfg.model.name_or_path), out / "merged", out / "merged", alpha,
-                           names=(cfg.model.name_or_path, "this run's trained weights"), by="export.base_merge_alpha")
+    (`hfemb.modeling.merge_weights`: ``hfemb_merge.json`` records it, the card shows it). The base is loaded on
+    the CPU in fp32 the way training loaded it, so its tensors carry the names ``merged/`` was saved with (a
+    causal-LM checkpoint's ``model.`` prefix and head are dropped by the loader). Stored in
+    ``export.merged_dtype``, float32 for auto (a second rounding to 16 bits would eat into alpha * delta).
+    A checkpoint average's record is kept. Returns the record for ``train_summary.json``. ``ds_config``: the
+    DeepSpeed ZeRO-3 config to switch off while the base loads (whole, not into shards)."""
+    import torch
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    target = out / "merged"
+    trained = load_state_dict(target)
+    if ds_config is not None:
+        unset_hf_deepspeed_config()
+    try:
+        base_model = load_embedding_model(cfg.model.name_or_path, torch_dtype="float32", device="cpu",
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    finally:
+        if ds_config is not None:
+            set_hf_deepspeed_config(ds_config)
+    base = {k: v for k, v in base_model.backbone.state_dict().items() if k in trained}
+    del base_model
+    stored = "float32" if cfg.export.merged_dtype == "auto" else cfg.export.merged_dtype
+    merged = merge_state_dicts(base, trained, alpha, consume=True, dtype=getattr(torch, stored))
+    record = {**merge_record("linear", alpha, cfg.model.name_or_path, "this run's trained weights", len(merged),
+                             target), "by": "export.base_merge_alpha", "stored_dtype": stored}
+    extra = {PROVENANCE_FILE: record}
+    averaged = read_merge_record(target, AVERAGING_FILE)
+    if averaged:  # the card keeps saying the trained weights are a checkpoint average
+        extra[AVERAGING_FILE] = averaged
+    write_model_folder(target, merged, target, extra)
     log.info("merged/ = %.2g x the trained weights + %.2g x %s", alpha, 1 - alpha, cfg.model.name_or_path)
     return record
 

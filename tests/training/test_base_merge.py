@@ -49,7 +49,7 @@ def _rows(zh_sample_csv, tmp_path, mode):
     return str(path)
 
 
-def _run(model, train_file, out, finetune_type="lora", **export):
+def _run(model, train_file, out, finetune_type="lora", training=None, **export):
     from hfemb.training.runner import run_training
 
     return run_training(config_from_dict({
@@ -58,7 +58,22 @@ def _run(model, train_file, out, finetune_type="lora", **export):
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "export": export,
         "training": {"output_dir": str(out), "per_device_train_batch_size": 4, "max_steps": 2,
                      "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none", "save_strategy": "no",
-                     "seed": 0, "dataloader_pin_memory": False, "disable_tqdm": True}}))
+                     "seed": 0, "dataloader_pin_memory": False, "disable_tqdm": True, **(training or {})}}))
+
+
+def _weights(out):
+    return load_file(str(out / "merged" / "model.safetensors"))
+
+
+def _assert_interpolation(got, base, trained, alpha):
+    """``got`` = (1 - alpha) * base + alpha * trained per tensor (fp32), and training moved some tensor."""
+    assert set(got) == set(trained)
+    moved = 0
+    for name, t in trained.items():
+        expect = (1 - alpha) * base[name].float() + alpha * t.float() if t.is_floating_point() else t
+        torch.testing.assert_close(got[name], expect, rtol=1e-6, atol=1e-7)
+        moved += not torch.equal(t, base[name])
+    assert moved  # training changed some tensors, so the interpolation is not the identity
 
 
 @pytest.mark.parametrize("finetune_type", ["lora", "full"])
@@ -71,19 +86,12 @@ def test_merged_is_the_interpolation_of_the_base_and_the_trained_weights(tiny_qw
     assert plain["data"]["base_merge_alpha"] == {"value": 1.0, "auto": True} and "base_merge" not in plain
     assert not (tmp_path / "plain" / "merged" / "hfemb_merge.json").exists()
     mixed = _run(tiny_qwen3, rows, tmp_path / "mixed", finetune_type, base_merge_alpha=0.4)
-    base = load_file(f"{tiny_qwen3}/model.safetensors")
-    trained = load_file(str(tmp_path / "plain" / "merged" / "model.safetensors"))
-    got = load_file(str(tmp_path / "mixed" / "merged" / "model.safetensors"))
-    assert set(got) == set(trained)
-    moved = 0
-    for name, t in trained.items():
-        expect = 0.6 * base[name].float() + 0.4 * t.float() if t.is_floating_point() else t
-        torch.testing.assert_close(got[name], expect.to(t.dtype), rtol=1e-6, atol=1e-7)
-        moved += not torch.equal(t, base[name])
-    assert moved  # training changed some tensors, so the interpolation is not the identity
+    _assert_interpolation(_weights(tmp_path / "mixed"), load_file(f"{tiny_qwen3}/model.safetensors"),
+                          _weights(tmp_path / "plain"), 0.4)
     record = json.loads((tmp_path / "mixed" / "merged" / "hfemb_merge.json").read_text())
     assert (record["alpha"], record["method"], record["by"]) == (0.4, "linear", "export.base_merge_alpha")
     assert record["tuned"] == "this run's trained weights" and mixed["base_merge"]["alpha"] == 0.4
+    assert record["stored_dtype"] == "float32"
     assert mixed["config"]["export"]["base_merge_alpha"] == 0.4
     card = (tmp_path / "mixed" / "merged" / "README.md").read_text()
     assert "**interpolation with the base** (linear, alpha 0.4)" in card and "`export.base_merge_alpha`" in card
@@ -94,10 +102,14 @@ def test_merged_is_the_interpolation_of_the_base_and_the_trained_weights(tiny_qw
 
 
 def test_auto_merges_corpus_mined_rows_and_leaves_pool_rows(tiny_qwen3, zh_sample_csv, tmp_path):
-    corpus = _run(tiny_qwen3, _rows(zh_sample_csv, tmp_path, "corpus"), tmp_path / "corpus")
-    assert corpus["data"]["base_merge_alpha"] == {"value": CORPUS_BASE_MERGE_ALPHA, "auto": True}
-    merged = tmp_path / "corpus" / "merged" / "hfemb_merge.json"
-    assert merged.exists() == (CORPUS_BASE_MERGE_ALPHA < 1)
+    assert CORPUS_BASE_MERGE_ALPHA == 0.3
+    rows = _rows(zh_sample_csv, tmp_path, "corpus")
+    corpus = _run(tiny_qwen3, rows, tmp_path / "corpus")
+    assert corpus["data"]["base_merge_alpha"] == {"value": 0.3, "auto": True}
+    assert corpus["base_merge"]["alpha"] == 0.3 and corpus["config"]["export"]["base_merge_alpha"] == 0.3
+    _run(tiny_qwen3, rows, tmp_path / "trained", base_merge_alpha=1)
+    _assert_interpolation(_weights(tmp_path / "corpus"), load_file(f"{tiny_qwen3}/model.safetensors"),
+                          _weights(tmp_path / "trained"), 0.3)
     pool = _run(tiny_qwen3, _rows(zh_sample_csv, tmp_path, "pool"), tmp_path / "pool")
     assert pool["data"]["base_merge_alpha"]["value"] == 1.0
     assert not (tmp_path / "pool" / "merged" / "hfemb_merge.json").exists()
@@ -107,17 +119,48 @@ def test_a_failed_interpolation_keeps_the_trained_weights_and_says_how_to_retry(
                                                                                  tmp_path, monkeypatch):
     import hfemb.training.runner as runner
 
-    def unreachable(name):
-        raise HfembError(f"{name}: cannot get the model's weights: offline")
+    def unreachable(name, **kwargs):
+        raise OSError(f"{name}: offline and not cached")
 
-    monkeypatch.setattr(runner, "model_folder", unreachable)
+    monkeypatch.setattr(runner, "load_embedding_model", unreachable)  # (the base's reload, after training)
     rows = _rows(zh_sample_csv, tmp_path, None)
     with pytest.raises(HfembError, match="holds the trained weights.*hfemb merge-weights"):
-        _run(tiny_qwen3, rows, tmp_path / "failed", "full", base_merge_alpha=0.5)
+        _run(tiny_qwen3, rows, tmp_path / "failed", "full", base_merge_alpha=0.5,
+             training={"max_steps": 4}, )
     summary = json.loads((tmp_path / "failed" / "train_summary.json").read_text())
     assert summary["base_merge"]["alpha"] == 0.5 and "offline" in summary["base_merge"]["error"]
+    card = (tmp_path / "failed" / "merged" / "README.md").read_text()  # the run was finished: curves, card
+    assert "was configured but failed" in card and (tmp_path / "failed" / "training_curves.png").exists()
+    assert not (tmp_path / "failed" / "merged" / "hfemb_merge.json").exists()
     monkeypatch.undo()
-    _run(tiny_qwen3, rows, tmp_path / "plain", "full")
+    _run(tiny_qwen3, rows, tmp_path / "plain", "full", training={"max_steps": 4})
     a = load_file(str(tmp_path / "failed" / "merged" / "model.safetensors"))
     b = load_file(str(tmp_path / "plain" / "merged" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in b) and not math.isnan(float(next(iter(a.values())).float().sum()))
+
+
+def test_a_causal_lm_base_is_read_as_training_read_it(tiny_qwen3, zh_sample_csv, tmp_path):
+    """A base saved with a language-model head (``model.`` prefix, ``lm_head``): the interpolation uses the
+    backbone's tensors as transformers' AutoModel loads them, under the names merged/ was saved with."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    lm_dir = tmp_path / "lm-base"
+    AutoModelForCausalLM.from_pretrained(tiny_qwen3).save_pretrained(lm_dir)
+    AutoTokenizer.from_pretrained(tiny_qwen3).save_pretrained(lm_dir)
+    assert any(k.startswith("model.") for k in load_file(str(lm_dir / "model.safetensors")))
+    rows = _rows(zh_sample_csv, tmp_path, None)
+    _run(str(lm_dir), rows, tmp_path / "plain", "full")
+    _run(str(lm_dir), rows, tmp_path / "mixed", "full", base_merge_alpha=0.5)
+    base = AutoModel.from_pretrained(lm_dir, torch_dtype=torch.float32).state_dict()
+    _assert_interpolation(_weights(tmp_path / "mixed"), base, _weights(tmp_path / "plain"), 0.5)
+
+
+def test_a_checkpoint_average_keeps_its_record_when_merged_with_the_base(tiny_qwen3, zh_sample_csv, tmp_path):
+    rows = _rows(zh_sample_csv, tmp_path, None)
+    _run(tiny_qwen3, rows, tmp_path / "avg", "full", base_merge_alpha=0.5,
+         training={"max_steps": 2, "save_strategy": "steps", "save_steps": 1, "average_checkpoints": 2})
+    merged = tmp_path / "avg" / "merged"
+    assert json.loads((merged / "hfemb_averaging.json").read_text())["k"] == 2
+    assert json.loads((merged / "hfemb_merge.json").read_text())["tuned_checkpoint_averaging"]["k"] == 2
+    card = (merged / "README.md").read_text()
+    assert "**checkpoint averaging**" in card and "**interpolation with the base** (linear, alpha 0.5)" in card
