@@ -157,6 +157,11 @@ def _training(m: _Model, mining: dict | None) -> list[str]:
     return lines
 
 
+def _auto_base_merge(m: _Model) -> bool:
+    """The run chose its interpolation with the base by itself (``export.base_merge_alpha`` null)."""
+    return bool(((m.summary.get("data") or {}).get("base_merge_alpha") or {}).get("auto"))
+
+
 def weight_merging_section(m: _Model) -> list[str]:
     """What was done to the trained weights: checkpoint averaging (``hfemb_averaging.json`` beside the weights;
     a failed one from ``train_summary.json``) and interpolation with the base (``hfemb_merge.json`` of
@@ -182,11 +187,17 @@ def weight_merging_section(m: _Model) -> list[str]:
                      f"{mg.get('rule')}, with base `{mg.get('base')}` and tuned model `{mg.get('tuned')}`"
                      + (f" (itself the mean of its run's last {tuned_avg.get('k')} checkpoints, steps "
                         f"{format_value(tuned_avg.get('steps'))})" if tuned_avg.get("k") else "")
-                     + (f" (after training, `{mg['by']}`; stored in {format_value(mg.get('stored_dtype'))}; recorded in "
+                     + (f" (after training, `{mg['by']}`"
+                        + (" auto: rows mined in corpus mode" if _auto_base_merge(m) else "") + f"; stored in {format_value(mg.get('stored_dtype'))}; recorded in "
                         f"`{PROVENANCE_FILE}`). The evaluation during training reported here is of the model before "
                         "this interpolation." if mg.get("by") else
                         f" (`hfemb merge-weights`; recorded in `{PROVENANCE_FILE}`)."))
-    failed_merge = m.summary.get("base_merge") if not m.adapter else None
+    base_merge = m.summary.get("base_merge")
+    if m.adapter and isinstance(base_merge, dict) and not base_merge.get("error") and base_merge.get("alpha"):
+        lines.append(f"- **`merged/` is not this adapter's model**: after training it was interpolated with the base at "
+                     f"alpha {format_value(base_merge['alpha'])} (`export.base_merge_alpha`: the base plus alpha times "
+                     "this adapter's change); this adapter holds the trained weights.")
+    failed_merge = base_merge if not m.adapter else None
     if not m.merge and isinstance(failed_merge, dict) and failed_merge.get("error"):
         lines.append(f"- **interpolation with the base** (alpha {format_value(failed_merge.get('alpha'))}, "
                      f"`export.base_merge_alpha`) was configured but failed: {failed_merge['error']}; these "

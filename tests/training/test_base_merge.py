@@ -95,7 +95,10 @@ def test_merged_is_the_interpolation_of_the_base_and_the_trained_weights(tiny_qw
     assert mixed["config"]["export"]["base_merge_alpha"] == 0.4
     card = (tmp_path / "mixed" / "merged" / "README.md").read_text()
     assert "**interpolation with the base** (linear, alpha 0.4)" in card and "`export.base_merge_alpha`" in card
-    if finetune_type == "lora":  # the adapter stays the trained one
+    assert "auto: rows mined in corpus mode" not in card  # set explicitly
+    if finetune_type == "lora":  # the adapter stays the trained one, and its card says merged/ is not it
+        assert "**`merged/` is not this adapter's model**" in (tmp_path / "mixed" / "adapter" / "README.md").read_text()
+        assert "not this adapter" not in (tmp_path / "plain" / "adapter" / "README.md").read_text()
         a = load_file(str(tmp_path / "mixed" / "adapter" / "adapter_model.safetensors"))
         b = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in b)
@@ -107,6 +110,8 @@ def test_auto_merges_corpus_mined_rows_and_leaves_pool_rows(tiny_qwen3, zh_sampl
     corpus = _run(tiny_qwen3, rows, tmp_path / "corpus")
     assert corpus["data"]["base_merge_alpha"] == {"value": 0.3, "auto": True}
     assert corpus["base_merge"]["alpha"] == 0.3 and corpus["config"]["export"]["base_merge_alpha"] == 0.3
+    assert "(after training, `export.base_merge_alpha` auto: rows mined in corpus mode;" in (
+        tmp_path / "corpus" / "merged" / "README.md").read_text()
     _run(tiny_qwen3, rows, tmp_path / "trained", base_merge_alpha=1)
     _assert_interpolation(_weights(tmp_path / "corpus"), load_file(f"{tiny_qwen3}/model.safetensors"),
                           _weights(tmp_path / "trained"), 0.3)
