@@ -153,14 +153,13 @@ def write_model_folder(template: str | os.PathLike, state: dict[str, torch.Tenso
 
 
 def merge_record(method: str, alpha: float, base_name: str, tuned_name: str, tensors: int,
-                 tuned: str | os.PathLike) -> dict:
-    """The ``hfemb_merge.json`` content: method, alpha, the models through `public_name`, and the tuned folder's
-    checkpoint averaging when it was one (``tuned``: its folder)."""
+                 averaged: dict | None = None) -> dict:
+    """The ``hfemb_merge.json`` content: method, alpha, the models through `public_name`, and the tuned model's
+    checkpoint averaging when it was one (``averaged``: its ``hfemb_averaging.json``)."""
     record = {"method": method, "alpha": alpha, "base": public_name(base_name), "tuned": public_name(tuned_name),
               "tensors": tensors, "rule": "(1 - alpha) * base + alpha * tuned, per tensor in fp32"
               if method == "linear" else "spherical interpolation per tensor in fp32",
               "hfemb_version": hfemb.__version__}
-    averaged = read_merge_record(tuned, AVERAGING_FILE)
     if averaged:  # the tuned model was itself a checkpoint average
         record["tuned_checkpoint_averaging"] = {k: averaged.get(k) for k in ("k", "steps")}
     return record
@@ -176,7 +175,7 @@ def merge_weights(base: str | os.PathLike, tuned: str | os.PathLike, output: str
         raise ConfigError("--output must differ from --base and --tuned")
     merged = merge_state_dicts(load_state_dict(base), load_state_dict(tuned), alpha, method, consume=True)
     base_name, tuned_name = names or (str(base), str(tuned))
-    record = merge_record(method, alpha, base_name, tuned_name, len(merged), tuned)
+    record = merge_record(method, alpha, base_name, tuned_name, len(merged), read_merge_record(tuned, AVERAGING_FILE))
     write_model_folder(tuned, merged, output, {PROVENANCE_FILE: record})
     return record
 

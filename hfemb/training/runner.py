@@ -7,6 +7,7 @@ step), ``training_curves.png`` (``hfemb.publishing.plotting``), ``train_summary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -21,14 +22,14 @@ from hfemb.data.beir import is_beir_folder
 from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import check_output, save_atomically, write_json
+from hfemb.modeling.loading import load_embedding_model
+from hfemb.modeling.merge_weights import (AVERAGING_FILE, PROVENANCE_FILE, load_state_dict, merge_record,
+                                         merge_state_dicts, read_merge_record, write_model_folder)
 from hfemb.publishing.hub import push_settings, push_training_output
 from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.averaging import (CheckpointAveragingCallback, average_full_checkpoints, average_lora_checkpoints,
                                       averaging_k, averaging_record, checkpoints_to_average)
 from hfemb.training.collator import MultiNegCollator
-from hfemb.modeling.loading import load_embedding_model
-from hfemb.modeling.merge_weights import (AVERAGING_FILE, PROVENANCE_FILE, load_state_dict, merge_record,
-                                         merge_state_dicts, read_merge_record, write_model_folder)
 from hfemb.training.config import (POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, TrainConfig, corpus_mined,
                                    resolved_base_merge_alpha, resolved_distill_weight, resolved_temperature,
                                    train_file_specs)
@@ -282,19 +283,27 @@ def merge_outputs(cfg: TrainConfig, out: Path, texts: list[str], ds_config=None)
     unquantized checkpoint's dtype), merged in fp32, stored in ``export.merged_dtype``
     (`hfemb.training.merging`). Returns the merge report for ``train_summary.json``. ``ds_config``: the
     DeepSpeed ZeRO-3 config to switch off while the base loads (whole, not into shards)."""
+    base_dtype = "auto" if cfg.model.finetune_type == "qlora" else resolve_dtype(cfg)
+    with deepspeed_config_off(ds_config):
+        return merge_adapter(out / "adapter", out / "merged", base_dtype=base_dtype,
+                             merged_dtype=cfg.export.merged_dtype, texts=texts,
+                             trust_remote_code=cfg.model.trust_remote_code)
+
+
+@contextlib.contextmanager
+def deepspeed_config_off(ds_config):
+    """Switch transformers' global DeepSpeed ZeRO-3 config (``ds_config``; None: nothing to do) off for the block,
+    so that a model loads whole on the CPU instead of into shards, and back on after it."""
     from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-    base_dtype = "auto" if cfg.model.finetune_type == "qlora" else resolve_dtype(cfg)
-    if ds_config is not None:
-        unset_hf_deepspeed_config()
+    if ds_config is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
     try:
-        report = merge_adapter(out / "adapter", out / "merged", base_dtype=base_dtype,
-                               merged_dtype=cfg.export.merged_dtype, texts=texts,
-                               trust_remote_code=cfg.model.trust_remote_code)
+        yield
     finally:
-        if ds_config is not None:
-            set_hf_deepspeed_config(ds_config)
-    return report
+        set_hf_deepspeed_config(ds_config)
 
 
 def average_outputs(cfg: TrainConfig, out: Path, saved_steps: list[int], k: int) -> dict:
@@ -321,26 +330,20 @@ def merge_with_base(cfg: TrainConfig, out: Path, alpha: float, ds_config=None) -
     A checkpoint average's record is kept. Returns the record for ``train_summary.json``. ``ds_config``: the
     DeepSpeed ZeRO-3 config to switch off while the base loads (whole, not into shards)."""
     import torch
-    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
     target = out / "merged"
     trained = load_state_dict(target)
-    if ds_config is not None:
-        unset_hf_deepspeed_config()
-    try:
+    with deepspeed_config_off(ds_config):
         base_model = load_embedding_model(cfg.model.name_or_path, torch_dtype="float32", device="cpu",
                                           trust_remote_code=cfg.model.trust_remote_code)
-    finally:
-        if ds_config is not None:
-            set_hf_deepspeed_config(ds_config)
     base = {k: v for k, v in base_model.backbone.state_dict().items() if k in trained}
     del base_model
     stored = "float32" if cfg.export.merged_dtype == "auto" else cfg.export.merged_dtype
     merged = merge_state_dicts(base, trained, alpha, consume=True, dtype=getattr(torch, stored))
-    record = {**merge_record("linear", alpha, cfg.model.name_or_path, "this run's trained weights", len(merged),
-                             target), "by": "export.base_merge_alpha", "stored_dtype": stored}
-    extra = {PROVENANCE_FILE: record}
     averaged = read_merge_record(target, AVERAGING_FILE)
+    record = {**merge_record("linear", alpha, cfg.model.name_or_path, "this run's trained weights", len(merged),
+                             averaged), "by": "export.base_merge_alpha", "stored_dtype": stored}
+    extra = {PROVENANCE_FILE: record}
     if averaged:  # the card keeps saying the trained weights are a checkpoint average
         extra[AVERAGING_FILE] = averaged
     write_model_folder(target, merged, target, extra)
