@@ -1,5 +1,6 @@
-"""`hfemb merge-weights --base B --tuned T --alpha A [--method linear|slerp] --output DIR`: interpolate a tuned
-model with its base, per tensor in fp32 (LM-Cocktail; `hfemb.modeling.merge_weights`), and write its model card."""
+"""`hfemb merge-weights --base B --tuned T --alpha A [A ...] [--choose-on DEV] [--method linear|slerp] --output DIR`:
+interpolate a tuned model with its base, per tensor in fp32 (LM-Cocktail; `hfemb.modeling.merge_weights`), alpha
+given or chosen on a dev set (`hfemb.training.base_merge_sweep`), and write its model card."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--base", required=True, help="the base model folder")
     a("--tuned", required=True, help="the tuned model folder (or a training output with merged/)")
-    a("--alpha", type=float, required=True, help="weight of the tuned model: 0 = base, 1 = tuned")
+    a("--alpha", type=float, nargs="+", required=True,
+      help="weight of the tuned model: 0 = base, 1 = tuned; several (in (0, 1]) with --choose-on")
+    a("--choose-on", metavar="DEV",
+      help="evaluate every --alpha on this dev set (labelled pools or pairs, a BEIR folder) and keep the best")
+    a("--metric", help="what --choose-on maximises: best_f1 (default on pools), roc_auc, average_precision, "
+                       "mrr@10, ndcg@10 (default on retrieval sets), ...")
+    a("--device", help="device for --choose-on's evaluation (default: cuda when available, else cpu)")
     a("--method", choices=("linear", "slerp"), default="linear", help="per-tensor interpolation")
     a("--output", required=True, metavar="DIR", help="folder for the merged model (written atomically)")
 
@@ -26,8 +33,24 @@ def run(args: argparse.Namespace) -> int:
     from hfemb.modeling.merge_weights import merge_weights
     from hfemb.publishing.model_card import write_model_card
 
-    record = merge_weights(resolve_model_path(args.base), resolve_model_path(args.tuned), args.output,
-                           args.alpha, args.method)
+    from hfemb.errors import ConfigError
+
+    base, tuned = resolve_model_path(args.base), resolve_model_path(args.tuned)
+    if len(args.alpha) > 1 and not args.choose_on:
+        raise ConfigError("several --alpha values need --choose-on DEV (the dev set that picks one)")
+    if (args.metric or args.device) and not args.choose_on:
+        raise ConfigError("--metric and --device apply to --choose-on only")
+    chosen_on = None
+    if args.choose_on:
+        from hfemb.training.base_merge_sweep import choose_alpha_on_dev
+
+        chosen_on = choose_alpha_on_dev(base, tuned, args.choose_on, args.alpha, args.metric, args.method,
+                                        args.device)
+        for alpha, value in chosen_on["values"].items():
+            print(f"alpha {alpha}: {chosen_on['metric']} {value:.4f} on {chosen_on['data']}")
+    alpha = chosen_on["chosen"] if chosen_on else args.alpha[0]
+    record = merge_weights(base, tuned, args.output, alpha, args.method, chosen_on=chosen_on)
     write_model_card(args.output, eval_results=False)
-    print(f"merged {record['tensors']} tensors ({record['method']}, alpha {record['alpha']:g}) -> {args.output}")
+    print(f"merged {record['tensors']} tensors ({record['method']}, alpha {record['alpha']:g}"
+          + (f", chosen on {chosen_on['data']} by {chosen_on['metric']}" if chosen_on else "") + f") -> {args.output}")
     return 0

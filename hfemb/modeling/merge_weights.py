@@ -83,13 +83,19 @@ def merge_state_dicts(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tens
             del tuned[name], base[name]
         if b.shape != t.shape:
             raise HfembError(f"tensor {name}: base shape {tuple(b.shape)} vs tuned {tuple(t.shape)}")
-        if not t.is_floating_point():
-            merged[name] = t.clone()
-            continue
-        a32, t32 = b.float(), t.float()
-        out = (1 - alpha) * a32 + alpha * t32 if method == "linear" else slerp(a32, t32, alpha)
-        merged[name] = out.to(dtype or t.dtype).contiguous()
+        merged[name] = interpolate_tensor(b, t, alpha, method, dtype)
     return merged
+
+
+def interpolate_tensor(base: torch.Tensor, tuned: torch.Tensor, alpha: float, method: str = "linear",
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor of `merge_state_dicts`: computed in fp32, stored in ``dtype`` (default the tuned tensor's); an
+    integer tensor is the tuned one."""
+    if not tuned.is_floating_point():
+        return tuned.clone()
+    a32, t32 = base.float(), tuned.float()
+    out = (1 - alpha) * a32 + alpha * t32 if method == "linear" else slerp(a32, t32, alpha)
+    return out.to(dtype or tuned.dtype).contiguous()
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -166,16 +172,18 @@ def merge_record(method: str, alpha: float, base_name: str, tuned_name: str, ten
 
 
 def merge_weights(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, alpha: float,
-                  method: str = "linear", names: tuple[str, str] | None = None) -> dict:
+                  method: str = "linear", names: tuple[str, str] | None = None, chosen_on: dict | None = None) -> dict:
     """Write ``output``: the tuned folder with merged weights (atomically) and ``hfemb_merge.json``; returns the
     record. ``names``: how the base and tuned models were given (default: the folders), recorded through
-    `public_name`."""
+    `public_name`. ``chosen_on``: how alpha was chosen on a dev set (`hfemb.training.base_merge_sweep`), recorded."""
     tuned, base, output = Path(tuned), Path(base), Path(output)
     if output.resolve() in (tuned.resolve(), base.resolve()):
         raise ConfigError("--output must differ from --base and --tuned")
     merged = merge_state_dicts(load_state_dict(base), load_state_dict(tuned), alpha, method, consume=True)
     base_name, tuned_name = names or (str(base), str(tuned))
     record = merge_record(method, alpha, base_name, tuned_name, len(merged), read_merge_record(tuned, AVERAGING_FILE))
+    if chosen_on:
+        record["chosen_on"] = chosen_on
     write_model_folder(tuned, merged, output, {PROVENANCE_FILE: record})
     return record
 

@@ -192,6 +192,11 @@ def weight_merging_section(m: _Model) -> list[str]:
                         f"`{PROVENANCE_FILE}`). The evaluation during training reported here is of the model before "
                         "this interpolation." if mg.get("by") else
                         f" (`hfemb merge-weights`; recorded in `{PROVENANCE_FILE}`)."))
+        chosen = mg.get("chosen_on")
+        if isinstance(chosen, dict) and isinstance(chosen.get("values"), dict):
+            tried = ", ".join(f"{a}: {format_value(v)}" for a, v in chosen["values"].items())
+            lines.append(f"- **alpha chosen on a dev set**: `{chosen.get('data')}`, the highest {chosen.get('metric')} "
+                         f"among alpha {tried}.")
     base_merge = m.summary.get("base_merge")
     if m.adapter and isinstance(base_merge, dict) and not base_merge.get("error") and base_merge.get("alpha"):
         lines.append(f"- **`merged/` is not this adapter's model**: after training it was interpolated with the base at "

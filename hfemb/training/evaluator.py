@@ -80,13 +80,15 @@ class EmbeddingEvaluator:
             return self.rset.query_texts, list(dict.fromkeys(self.rset.doc_texts))
         return self.pairs.queries, self.pairs.documents
 
-    def __call__(self, model) -> dict[str, float]:
+    def __call__(self, model, sharded: bool = True) -> dict[str, float]:
+        """``sharded`` False: this process encodes every text itself (e.g. the main process alone, after training)."""
         queries, documents = self.texts()
         prompts = [self.query_prompts.get(t) for t in queries] if self.query_prompts else None
         q = encode_sharded(model, queries, is_query=True, batch_size=self.batch_size, max_length=self.query_max_len,
-                           max_tokens_per_batch=self.max_tokens_per_batch, prompts=prompts)
+                           max_tokens_per_batch=self.max_tokens_per_batch, prompts=prompts, sharded=sharded)
         d = encode_sharded(model, documents, is_query=False, batch_size=self.batch_size,
-                           max_length=self.passage_max_len, max_tokens_per_batch=self.max_tokens_per_batch)
+                           max_length=self.passage_max_len, max_tokens_per_batch=self.max_tokens_per_batch,
+                           sharded=sharded)
         return self.score(q, d, device=model.device)
 
     def score(self, q: np.ndarray, d: np.ndarray, device=None) -> dict[str, float]:
@@ -108,17 +110,17 @@ class EmbeddingEvaluator:
 
 
 def encode_sharded(model, texts: list[str], *, is_query: bool, prompts: list[str | None] | None = None,
-                   **kwargs) -> np.ndarray:
-    """``model.encode`` of ``texts`` [N] -> [N, D] float32; with several processes each encodes ``texts[r::W]``
-    and the shards are gathered once (every process gets all rows, in order). ``prompts``: one per text (None:
-    the model's own)."""
+                   sharded: bool = True, **kwargs) -> np.ndarray:
+    """``model.encode`` of ``texts`` [N] -> [N, D] float32; with several processes (and ``sharded``) each encodes
+    ``texts[r::W]`` and the shards are gathered once (every process gets all rows, in order). ``prompts``: one
+    per text (None: the model's own)."""
     if prompts is not None:
         kwargs["prompts"] = prompts
     from hfemb.training.distributed import is_distributed, rank, world_size
 
     if not texts:
         return np.zeros((0, model.embedding_dim), dtype=np.float32)
-    if not is_distributed() or _zero3():
+    if not sharded or not is_distributed() or _zero3():
         return np.asarray(model.encode(texts, is_query=is_query, **kwargs), dtype=np.float32)
     import torch.distributed as dist
 

@@ -1,0 +1,95 @@
+"""Choosing the interpolation with the base on a dev set: ``(1 - alpha) * base + alpha * tuned`` for each alpha of
+a grid, scored by the training evaluators (`hfemb.training.evaluator`), the best alpha by one metric."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from hfemb.errors import ConfigError, HfembError
+from hfemb.modeling.merge_weights import interpolate_tensor, load_state_dict, public_name
+
+log = logging.getLogger(__name__)
+
+# the alphas tried when none are given: the grid the pairs-only default (0.3) was chosen from, and the trained weights
+DEFAULT_ALPHAS = (0.3, 0.5, 0.7, 1.0)
+
+
+def check_alphas(alphas) -> list[float]:
+    """Distinct finite alphas, in the order given (one clear error otherwise); 1 is the tuned weights, 0 the base,
+    above 1 extrapolates."""
+    out = []
+    for a in alphas:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise ConfigError(f"alpha {a!r}: each alpha must be a finite number (1: the tuned weights, 0: the base)")
+        if float(a) not in out:
+            out.append(float(a))
+    if not out:
+        raise ConfigError("no alpha to choose from")
+    return out
+
+
+def metric_key(metric: str) -> str:
+    """An evaluator metric as given (``roc_auc``) or as the Trainer logs it (``eval_roc_auc``)."""
+    return metric[len("eval_"):] if metric.startswith("eval_") else metric
+
+
+def sweep_base_merge(model, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], evaluators, alphas,
+                     metric: str, method: str = "linear") -> dict:
+    """Score each alpha: ``model``'s backbone (an `EmbeddingModel` of the tuned weights) gets ``(1 - alpha) * base
+    + alpha * tuned`` per tensor (fp32, stored in the backbone's dtype) and ``evaluators`` run on it in this
+    process alone (not sharded). ``base`` / ``tuned``: state dicts with the backbone's tensor names (the tuned
+    model's saved ``model.safetensors``). Returns ``{"metric", "values": {alpha: value}, "chosen"}``: the alpha
+    with the highest value (a tie goes to the larger alpha, nearer the tuned weights). The backbone is left at the
+    tuned weights."""
+    alphas = check_alphas(alphas)
+    key = metric_key(metric)
+    params = model.backbone.state_dict()  # tensors sharing the parameters' storage: copy_ writes the model
+    missing = sorted(set(tuned) - set(params))
+    if missing:
+        raise HfembError(f"the tuned weights name tensors the model lacks: {missing[:5]}")
+    absent = sorted(k for k in tuned if k not in base)
+    if absent:
+        raise HfembError(f"base and tuned models differ in tensors: only in tuned {absent[:5]}")
+    values: dict[float, float] = {}
+    try:
+        for alpha in alphas:
+            with torch.no_grad():
+                for name, t in tuned.items():
+                    params[name].copy_(interpolate_tensor(base[name], t, alpha, method, params[name].dtype))
+            metrics: dict[str, float] = {}
+            for ev in evaluators:
+                metrics.update(ev(model, sharded=False))
+            if key not in metrics:
+                raise ConfigError(f"metric {metric!r}: the evaluation reports {', '.join(sorted(metrics))}")
+            values[alpha] = float(metrics[key])
+            log.info("alpha %g: %s %.4f", alpha, key, values[alpha])
+    finally:
+        with torch.no_grad():
+            for name, t in tuned.items():
+                params[name].copy_(t.to(params[name].dtype))
+    chosen = max(values, key=lambda a: (values[a], a))
+    return {"metric": key, "values": {f"{a:g}": v for a, v in values.items()}, "chosen": chosen, "method": method}
+
+
+def choose_alpha_on_dev(base: str, tuned: str, dev: str, alphas, metric: str | None = None, method: str = "linear",
+                        device: str | None = None) -> dict:
+    """`sweep_base_merge` of two model folders on a dev file (labelled pools or pairs, a BEIR folder, any format
+    `hfemb.data.formats.read_records` reads). ``metric`` None: what training picks its best checkpoint by, best
+    F1 on a pool set, nDCG@10 on a retrieval set. The tuned model is loaded with its own prompts and pooling, in
+    bf16 on a GPU that supports it, else fp32. Returns the sweep plus ``data`` (the dev file by `public_name`)."""
+    from hfemb.modeling.loading import load_embedding_model
+    from hfemb.training.config import DataConfig
+    from hfemb.training.evaluator import evaluator_from_file
+
+    alphas = check_alphas(alphas)
+    evaluator = evaluator_from_file(dev, name=None, data_config=DataConfig())  # bad dev data stops before loading
+    metric = metric or ("ndcg@10" if evaluator.kind == "retrieval" else "best_f1")
+    if metric_key(metric) not in evaluator.base_metric_names():
+        raise ConfigError(f"--metric {metric!r}: {dev} reports {', '.join(evaluator.base_metric_names())}")
+    model = load_embedding_model(tuned, torch_dtype="auto", device=device)
+    sweep = sweep_base_merge(model, load_state_dict(base), load_state_dict(tuned), [evaluator], alphas, metric,
+                             method)
+    return {"data": public_name(dev), **sweep}

@@ -1,0 +1,113 @@
+"""`hfemb merge-weights --alpha A B ... --choose-on DEV`: each alpha's dev metric equals run_eval's on the folder
+`hfemb merge-weights --alpha A` writes, the best is kept and recorded, the model is left at the tuned weights."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hfemb.cli import main
+from hfemb.evaluation.evaluate import evaluate
+from hfemb.modeling.loading import load_embedding_model
+from hfemb.modeling.merge_weights import load_state_dict
+from hfemb.training.base_merge_sweep import choose_alpha_on_dev, sweep_base_merge
+from hfemb.training.config import DataConfig
+from hfemb.training.evaluator import evaluator_from_file
+
+ALPHAS = (0.3, 0.6, 1.0)
+
+
+@pytest.fixture(scope="module")
+def base_and_tuned(tiny_qwen3, tmp_path_factory):
+    tuned = tmp_path_factory.mktemp("sweep") / "tuned"
+    shutil.copytree(tiny_qwen3, tuned)
+    state = load_file(str(tuned / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    state = {k: v + 0.3 * torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v
+             for k, v in state.items()}
+    save_file(state, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    return tiny_qwen3, str(tuned)
+
+
+@pytest.fixture(scope="module")
+def dev_pools(zh_sample_csv, tmp_path_factory) -> str:
+    """12 questions, each with its answer (label 1) and the next 4 questions' answers (label 0)."""
+    with open(zh_sample_csv, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:16]
+    path = tmp_path_factory.mktemp("dev") / "dev.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, r in enumerate(rows[:12]):
+            docs = [{"content": r["answer"], "label": 1}] + [{"content": o["answer"], "label": 0} for o in rows[i + 1:i + 5]]
+            f.write(json.dumps({"query": r["title"] + r["ask"], "documents": docs}, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def run_eval_metric(folder: str, dev: str, metric: str, out: Path) -> float:
+    """The oracle: run_eval's own code on a written model folder."""
+    report = evaluate({"m": folder}, dev, output_dir=str(out), n_bootstrap=0, show_progress=False, print_table=False,
+                      plots=False)
+    return report["models"]["m"][metric]
+
+
+def test_each_alpha_scores_what_run_eval_gives_the_written_merge(base_and_tuned, dev_pools, tmp_path):
+    base, tuned = base_and_tuned
+    got = choose_alpha_on_dev(base, tuned, dev_pools, ALPHAS, metric="roc_auc")
+    expected = {}
+    for alpha in ALPHAS:
+        folder = tmp_path / f"a{alpha}"
+        assert main(["merge-weights", "--base", base, "--tuned", tuned, "--alpha", str(alpha),
+                     "--output", str(folder)]) == 0
+        expected[f"{alpha:g}"] = run_eval_metric(str(folder), dev_pools, "roc_auc", tmp_path / f"ev{alpha}")
+    assert got["values"].keys() == expected.keys()
+    for alpha, value in expected.items():
+        assert got["values"][alpha] == pytest.approx(value, abs=1e-6)
+    assert len(set(round(v, 6) for v in expected.values())) > 1  # the alphas differ, so the choice means something
+    assert got["chosen"] == max(ALPHAS, key=lambda a: (expected[f"{a:g}"], a))
+    assert got["metric"] == "roc_auc" and got["data"].endswith("dev.jsonl")
+
+
+def test_the_model_is_left_at_the_tuned_weights(base_and_tuned, dev_pools):
+    base, tuned = base_and_tuned
+    model = load_embedding_model(tuned, torch_dtype="float32")
+    evaluator = evaluator_from_file(dev_pools, name=None, data_config=DataConfig())
+    sweep_base_merge(model, load_state_dict(base), load_state_dict(tuned), [evaluator], (0.2, 0.7), "best_f1")
+    saved = load_state_dict(tuned)
+    params = model.backbone.state_dict()
+    assert all(torch.equal(params[k], v) for k, v in saved.items())
+
+
+def test_cli_keeps_the_best_alpha_and_records_the_sweep(base_and_tuned, dev_pools, tmp_path, capsys):
+    base, tuned = base_and_tuned
+    out = tmp_path / "chosen"
+    code = main(["merge-weights", "--base", base, "--tuned", tuned, "--alpha", *map(str, ALPHAS),
+                 "--choose-on", dev_pools, "--metric", "roc_auc", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "hfemb_merge.json").read_text())
+    chosen = record["chosen_on"]
+    assert record["alpha"] == chosen["chosen"] and chosen["metric"] == "roc_auc"
+    assert set(chosen["values"]) == {f"{a:g}" for a in ALPHAS}
+    # the written weights are that alpha's merge
+    direct = tmp_path / "direct"
+    assert main(["merge-weights", "--base", base, "--tuned", tuned, "--alpha", str(record["alpha"]),
+                 "--output", str(direct)]) == 0
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(direct / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    card = (out / "README.md").read_text()
+    assert "alpha chosen on a dev set" in card and "roc_auc" in card
+
+
+def test_cli_errors_are_one_line(base_and_tuned, dev_pools, tmp_path, capsys):
+    base, tuned = base_and_tuned
+    for extra, message in ((["--alpha", "0.3", "0.5"], "need --choose-on"),
+                           (["--alpha", "0.5", "--metric", "roc_auc"], "apply to --choose-on only"),
+                           (["--alpha", "0.3", "0.5", "--choose-on", dev_pools, "--metric", "ndcg"], "--metric 'ndcg'")):
+        code = main(["merge-weights", "--base", base, "--tuned", tuned, "--output", str(tmp_path / "o"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
