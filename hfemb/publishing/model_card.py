@@ -198,7 +198,13 @@ def weight_merging_section(m: _Model) -> list[str]:
             lines.append(f"- **alpha chosen on a dev set**: `{chosen.get('data')}`, the highest {chosen.get('metric')} "
                          f"among alpha {tried}.")
     base_merge = m.summary.get("base_merge")
-    if m.adapter and isinstance(base_merge, dict) and not base_merge.get("error") and base_merge.get("alpha"):
+    chosen = base_merge.get("chosen_on") if isinstance(base_merge, dict) and not base_merge.get("error") else None
+    if not m.merge and not m.adapter and isinstance(chosen, dict) and isinstance(chosen.get("values"), dict):
+        tried = ", ".join(f"{a}: {format_value(v)}" for a, v in chosen["values"].items())
+        lines.append(f"- **interpolation with the base** (`export.base_merge_alphas`, chosen on the run's eval set "
+                     f"`{chosen.get('data')}` by {chosen.get('metric')}: alpha {tried}): alpha 1 scored highest, so "
+                     "these are the trained weights.")
+    if m.adapter and isinstance(base_merge, dict) and not base_merge.get("error") and (base_merge.get("alpha") or 1) < 1:
         lines.append(f"- **`merged/` is not this adapter's model**: after training it was interpolated with the base at "
                      f"alpha {format_value(base_merge['alpha'])} (`export.base_merge_alpha`: the base plus alpha times "
                      "this adapter's change); this adapter holds the trained weights.")

@@ -278,9 +278,12 @@ def resolved_distill_weight(loss: LossConfig, rows_have_teacher_scores: bool, co
 CORPUS_BASE_MERGE_ALPHA = 0.3
 
 
-def resolved_base_merge_alpha(export: "ExportConfig", mined_modes: list[str | None]) -> float:
-    """The weight of the trained model when merged/ is interpolated with the base: the configured one, else
-    CORPUS_BASE_MERGE_ALPHA for corpus-mined rows (`corpus_mined`) and 1 (no interpolation) for any other."""
+def resolved_base_merge_alpha(export: "ExportConfig", mined_modes: list[str | None]) -> float | list[float]:
+    """The weight of the trained model when merged/ is interpolated with the base: the configured one (a list: the
+    candidates the run's eval set chooses from), else CORPUS_BASE_MERGE_ALPHA for corpus-mined rows
+    (`corpus_mined`) and 1 (no interpolation) for any other."""
+    if export.base_merge_alphas:
+        return [float(a) for a in export.base_merge_alphas]
     if export.base_merge_alpha is not None:
         return float(export.base_merge_alpha)
     return CORPUS_BASE_MERGE_ALPHA if corpus_mined(mined_modes) else 1.0
@@ -292,10 +295,14 @@ class ExportConfig:
     # the LoRA delta survives it (<= 1 % lost), else float32 | float32 | bfloat16 | float16
     merged_dtype: MergedDtype = "auto"
     # After training, merged/ = (1 - a) * base + a * trained, per tensor in fp32 (LM-Cocktail; `hfemb merge-weights`
-    # with the run's base, hfemb.training.runner.merge_with_base): 1 = the trained weights as they are (adapter/
+    # with the run's base, hfemb.training.base_merge.merge_with_base): 1 = the trained weights as they are (adapter/
     # stays the trained adapter either way). None: auto, CORPUS_BASE_MERGE_ALPHA when every training file was
     # corpus-mined, 1 for any other rows.
     base_merge_alpha: float | None = None
+    # Instead of base_merge_alpha, alphas to choose from, e.g. [0.3, 0.5, 0.7, 1]: each is scored on the run's eval
+    # set (data.eval_file, eval_ratio or eval_files) by training.metric_for_best_model and the best kept
+    # (hfemb.training.base_merge; `hfemb merge-weights --choose-on` does the same after a run).
+    base_merge_alphas: list[float] | None = None
 
 
 # hfemb's defaults for TrainingArguments (the reference recipe), under the user's `training` section.
@@ -432,10 +439,16 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if cfg.loss.doc_to_query_weight and not cfg.loss.in_batch_negatives:
         raise ConfigError(f"{where}: 'loss.doc_to_query_weight' needs 'loss.in_batch_negatives' (the batch's queries)")
     _check_distill_matryoshka(cfg.loss, where)
-    alpha = cfg.export.base_merge_alpha
+    alpha, alphas = cfg.export.base_merge_alpha, cfg.export.base_merge_alphas
     if alpha is not None and not 0 < alpha <= 1:  # (its type is checked with the section's)
         raise ConfigError(f"{where}: 'export.base_merge_alpha' must be in (0, 1] (1: the trained weights; null: auto), "
                           f"got {alpha!r}")
+    if alphas is not None and (not alphas or not all(0 < a <= 1 for a in alphas)):
+        raise ConfigError(f"{where}: 'export.base_merge_alphas' must be a non-empty list of numbers in (0, 1] (the "
+                          f"alphas the eval set chooses from), got {alphas!r}")
+    if alphas is not None and alpha is not None:
+        raise ConfigError(f"{where}: set 'export.base_merge_alpha' (one alpha) or 'export.base_merge_alphas' (chosen on "
+                          "the eval set), not both")
     if cfg.lora.r <= 0:
         raise ConfigError(f"{where}: 'lora.r' must be > 0")
     if not 0.0 <= cfg.lora.dropout < 1.0:

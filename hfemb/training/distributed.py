@@ -16,6 +16,7 @@ loss over all W*B queries on every process would be W times too large.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -119,3 +120,19 @@ def with_gathered_weights(model, state_dict: dict):
     view.__dict__["_modules"] = {k: v for k, v in model._modules.items() if k != "backbone"}
     view.__dict__["backbone"] = _BackboneWithWeights(model.backbone, state_dict)
     return view
+
+
+@contextlib.contextmanager
+def deepspeed_config_off(ds_config):
+    """Switch transformers' global DeepSpeed ZeRO-3 config (``ds_config``; None: nothing to do) off for the block,
+    so that a model loads whole on the CPU instead of into shards, and back on after it."""
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    if ds_config is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(ds_config)

@@ -7,7 +7,6 @@ step), ``training_curves.png`` (``hfemb.publishing.plotting``), ``train_summary.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import logging
@@ -22,18 +21,17 @@ from hfemb.data.beir import is_beir_folder
 from hfemb.data.splits import split_by_query
 from hfemb.errors import ConfigError, HfembError
 from hfemb.io_utils import check_output, save_atomically, write_json
-from hfemb.modeling.loading import load_embedding_model
-from hfemb.modeling.merge_weights import (AVERAGING_FILE, PROVENANCE_FILE, load_state_dict, merge_record,
-                                         merge_state_dicts, read_merge_record, write_model_folder)
 from hfemb.publishing.hub import push_settings, push_training_output
 from hfemb.publishing.plotting import plot_training_curves
 from hfemb.training.averaging import (CheckpointAveragingCallback, average_full_checkpoints, average_lora_checkpoints,
                                       averaging_k, averaging_record, checkpoints_to_average)
+from hfemb.training.base_merge import choose_alpha_on_eval, merge_with_base
 from hfemb.training.collator import MultiNegCollator
 from hfemb.training.config import (POOL_NEGATIVES_AUTO, POOL_NEGATIVES_AUTO_SIMANS, TrainConfig, corpus_mined,
                                    resolved_base_merge_alpha, resolved_distill_weight, resolved_temperature,
                                    train_file_specs)
 from hfemb.training.data_rows import check_teacher_scores, dataset_query_prompt, load_rows, load_train_datasets
+from hfemb.training.distributed import deepspeed_config_off
 from hfemb.training.distill import write_matryoshka_info
 from hfemb.training.evaluator import build_evaluators, check_best_metric
 from hfemb.training.merging import merge_adapter
@@ -110,7 +108,11 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     data_report["distill_weight"] = {"value": distill, "auto": cfg.loss.distill_weight is None,
                                      "teacher_scores": taught}
     base_alpha = resolved_base_merge_alpha(cfg.export, modes)
-    data_report["base_merge_alpha"] = {"value": base_alpha, "auto": cfg.export.base_merge_alpha is None}
+    data_report["base_merge_alpha"] = {"value": base_alpha, "auto": cfg.export.base_merge_alpha is None
+                                       and not cfg.export.base_merge_alphas}
+    if isinstance(base_alpha, list) and not evaluators:
+        raise ConfigError(f"{cfg.source or 'config'}: 'export.base_merge_alphas' are chosen from on the run's eval "
+                          "set, and the run has none: set data.eval_file (or data.eval_ratio, data.eval_files)")
     # the values in effect, so that the summary and the card record them
     cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, temperature=temperature, distill_weight=distill),
                               export=dataclasses.replace(cfg.export, base_merge_alpha=base_alpha))
@@ -225,14 +227,23 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
             write_json(out / "train_summary.json", summary)
             raise HfembError(f"training finished and {out}/adapter was saved, but merging failed: {exc}. Retry with "
                              f"`hfemb merge {out} --output {out}/merged --overwrite`"
-                             + (f", then interpolate it with the base (export.base_merge_alpha {base_alpha:g}) with "
-                                "`hfemb merge-weights`" if base_alpha < 1 else "")) from exc
-    base_merge_failed = None
-    if main_process and base_alpha < 1:  # after the LoRA merge or the checkpoint average: of the final weights
+                             + (f", then interpolate it with the base (export.base_merge_alpha {base_alpha}) with "
+                                "`hfemb merge-weights`" if base_alpha != 1 else "")) from exc
+    base_merge_failed, chosen_on = None, None
+    alpha = 1.0 if isinstance(base_alpha, list) else base_alpha
+    if main_process and isinstance(base_alpha, list):  # of the final weights, on this process alone
         try:
-            summary["base_merge"] = merge_with_base(cfg, out, base_alpha, ds_config)
+            chosen_on = choose_alpha_on_eval(cfg, out, base_alpha, evaluators, str(args.device), ds_config)
+            alpha = chosen_on["chosen"]
+            summary["base_merge"] = {"alpha": alpha, "chosen_on": chosen_on}  # (alpha 1: merged/ as trained)
         except Exception as exc:  # noqa: BLE001 - merged/ is still the trained model: finish, then say so
             summary["base_merge"] = {"alpha": base_alpha, "error": str(exc).replace(str(out), out.name)}
+            base_merge_failed = exc
+    if main_process and alpha < 1:  # after the LoRA merge or the checkpoint average: of the final weights
+        try:
+            summary["base_merge"] = merge_with_base(cfg, out, alpha, ds_config, chosen_on)
+        except Exception as exc:  # noqa: BLE001 - merged/ is still the trained model: finish, then say so
+            summary["base_merge"] = {"alpha": alpha, "error": str(exc).replace(str(out), out.name)}
             base_merge_failed = exc
     if main_process and cfg.loss.matryoshka_dims:  # after merging: merge_outputs writes merged/ anew
         for folder in ("merged", "adapter"):
@@ -245,8 +256,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
     if base_merge_failed is not None:
         raise HfembError(f"training finished and {out}/merged holds the trained weights (its card says so), but "
                          f"interpolating them with the base failed: {base_merge_failed}. Retry with `hfemb "
-                         f"merge-weights --base BASE_FOLDER --tuned {out}/merged --alpha {base_alpha:g} --output "
-                         "OTHER_FOLDER` (BASE_FOLDER: the base saved as an embedding model, e.g. by "
+                         f"merge-weights --base BASE_FOLDER --tuned {out}/merged {retry_alpha_args(base_alpha, alpha)} "
+                         "--output OTHER_FOLDER` (BASE_FOLDER: the base saved as an embedding model, e.g. by "
                          "`hfemb merge` or save_pretrained of transformers' AutoModel)") from base_merge_failed
     push = push_settings(cfg.training)
     if push and main_process:
@@ -257,6 +268,13 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
                              f"`hfemb push {out} --repo-id {push.repo_id}`") from None
         write_json(out / "train_summary.json", summary)
     return summary
+
+
+def retry_alpha_args(configured: float | list[float], chosen: float) -> str:
+    """`hfemb merge-weights`' alpha arguments that redo a failed interpolation with the base."""
+    if isinstance(configured, list) and chosen == 1:  # the choice itself failed
+        return f"--alpha {' '.join(f'{a:g}' for a in configured)} --choose-on EVAL_FILE"
+    return f"--alpha {chosen:g}"
 
 
 def train_parts(data_report: dict) -> list[dict]:
@@ -290,22 +308,6 @@ def merge_outputs(cfg: TrainConfig, out: Path, texts: list[str], ds_config=None)
                              trust_remote_code=cfg.model.trust_remote_code)
 
 
-@contextlib.contextmanager
-def deepspeed_config_off(ds_config):
-    """Switch transformers' global DeepSpeed ZeRO-3 config (``ds_config``; None: nothing to do) off for the block,
-    so that a model loads whole on the CPU instead of into shards, and back on after it."""
-    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    if ds_config is None:
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(ds_config)
-
-
 def average_outputs(cfg: TrainConfig, out: Path, saved_steps: list[int], k: int) -> dict:
     """``merged/`` = the fp32 mean of the last ``k`` checkpoints of this run (`hfemb.training.averaging`; LoRA:
     of each checkpoint merged onto the base, on the CPU). Returns the record for ``train_summary.json``."""
@@ -318,36 +320,6 @@ def average_outputs(cfg: TrainConfig, out: Path, saved_steps: list[int], k: int)
             folders, out / "merged", base_dtype="auto" if cfg.model.finetune_type == "qlora" else resolve_dtype(cfg),
             merged_dtype=cfg.export.merged_dtype, trust_remote_code=cfg.model.trust_remote_code, record=record)
     log.info("merged/ is the average of %s", ", ".join(record["checkpoints"]))
-    return record
-
-
-def merge_with_base(cfg: TrainConfig, out: Path, alpha: float, ds_config=None) -> dict:
-    """``merged/`` = (1 - alpha) * base + alpha * ``merged/``, per tensor in fp32, replaced atomically
-    (`hfemb.modeling.merge_weights`: ``hfemb_merge.json`` records it, the card shows it). The base is loaded on
-    the CPU in fp32 the way training loaded it, so its tensors carry the names ``merged/`` was saved with (a
-    causal-LM checkpoint's ``model.`` prefix and head are dropped by the loader). Stored in
-    ``export.merged_dtype``, float32 for auto (a second rounding to 16 bits would eat into alpha * delta).
-    A checkpoint average's record is kept. Returns the record for ``train_summary.json``. ``ds_config``: the
-    DeepSpeed ZeRO-3 config to switch off while the base loads (whole, not into shards)."""
-    import torch
-
-    target = out / "merged"
-    trained = load_state_dict(target)
-    with deepspeed_config_off(ds_config):
-        base_model = load_embedding_model(cfg.model.name_or_path, torch_dtype="float32", device="cpu",
-                                          trust_remote_code=cfg.model.trust_remote_code)
-    base = {k: v for k, v in base_model.backbone.state_dict().items() if k in trained}
-    del base_model
-    stored = "float32" if cfg.export.merged_dtype == "auto" else cfg.export.merged_dtype
-    merged = merge_state_dicts(base, trained, alpha, consume=True, dtype=getattr(torch, stored))
-    averaged = read_merge_record(target, AVERAGING_FILE)
-    record = {**merge_record("linear", alpha, cfg.model.name_or_path, "this run's trained weights", len(merged),
-                             averaged), "by": "export.base_merge_alpha", "stored_dtype": stored}
-    extra = {PROVENANCE_FILE: record}
-    if averaged:  # the card keeps saying the trained weights are a checkpoint average
-        extra[AVERAGING_FILE] = averaged
-    write_model_folder(target, merged, target, extra)
-    log.info("merged/ = %.2g x the trained weights + %.2g x %s", alpha, 1 - alpha, cfg.model.name_or_path)
     return record
 
 

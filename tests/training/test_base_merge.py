@@ -122,12 +122,12 @@ def test_auto_merges_corpus_mined_rows_and_leaves_pool_rows(tiny_qwen3, zh_sampl
 
 def test_a_failed_interpolation_keeps_the_trained_weights_and_says_how_to_retry(tiny_qwen3, zh_sample_csv,
                                                                                  tmp_path, monkeypatch):
-    import hfemb.training.runner as runner
+    import hfemb.training.base_merge as base_merge
 
     def unreachable(name, **kwargs):
         raise OSError(f"{name}: offline and not cached")
 
-    monkeypatch.setattr(runner, "load_embedding_model", unreachable)  # (the base's reload, after training)
+    monkeypatch.setattr(base_merge, "load_embedding_model", unreachable)  # (the base's reload, after training)
     rows = _rows(zh_sample_csv, tmp_path, None)
     with pytest.raises(HfembError, match="holds the trained weights.*hfemb merge-weights"):
         _run(tiny_qwen3, rows, tmp_path / "failed", "full", base_merge_alpha=0.5,

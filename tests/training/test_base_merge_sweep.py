@@ -111,3 +111,75 @@ def test_cli_errors_are_one_line(base_and_tuned, dev_pools, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def _run(model, train_file, eval_file, out, base_merge_alpha=None, base_merge_alphas=None):
+    from hfemb.training.config import config_from_dict
+    from hfemb.training.runner import run_training
+
+    return run_training(config_from_dict({
+        "model": {"name_or_path": model, "finetune_type": "full", "torch_dtype": "float32"},
+        "data": {"train_file": train_file, "eval_file": eval_file, "query_max_len": 512, "passage_max_len": 512,
+                 "num_negatives": 2},
+        "export": {"base_merge_alpha": base_merge_alpha, "base_merge_alphas": base_merge_alphas},
+        "training": {"output_dir": str(out), "per_device_train_batch_size": 4, "max_steps": 4,
+                     "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none", "save_strategy": "no",
+                     "metric_for_best_model": "eval_roc_auc", "seed": 0, "dataloader_pin_memory": False,
+                     "disable_tqdm": True}}))
+
+
+@pytest.fixture(scope="module")
+def train_rows(zh_sample_csv, tmp_path_factory) -> str:
+    with open(zh_sample_csv, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[20:36]
+    path = tmp_path_factory.mktemp("rows") / "rows.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, r in enumerate(rows):
+            negs = [rows[(i + 3) % 16]["answer"], rows[(i + 7) % 16]["answer"]]
+            f.write(json.dumps({"query": r["title"] + r["ask"], "positive": r["answer"], "negative": negs},
+                               ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def test_a_run_chooses_its_alpha_on_its_eval_set(tiny_qwen3, train_rows, dev_pools, tmp_path):
+    """export.base_merge_alphas [0.3, 0.7, 1]: each value equals run_eval on `hfemb merge-weights` of the same run's
+    trained weights (the run at alpha 1), merged/ is the best one's interpolation, summary and card say so. (Lengths
+    that truncate nothing: run_eval does not truncate like data.query_max_len.)"""
+    alphas = [0.3, 0.7, 1.0]
+    _run(tiny_qwen3, train_rows, dev_pools, tmp_path / "trained", 1)
+    summary = _run(tiny_qwen3, train_rows, dev_pools, tmp_path / "chosen", base_merge_alphas=alphas)
+    chosen_on = summary["base_merge"]["chosen_on"]
+    expected = {}
+    for alpha in alphas:
+        folder = tmp_path / f"a{alpha}"
+        assert main(["merge-weights", "--base", tiny_qwen3, "--tuned", str(tmp_path / "trained" / "merged"),
+                     "--alpha", str(alpha), "--output", str(folder)]) == 0
+        expected[f"{alpha:g}"] = run_eval_metric(str(folder), dev_pools, "roc_auc", tmp_path / f"ev{alpha}")
+    assert chosen_on["metric"] == "roc_auc" and chosen_on["values"].keys() == expected.keys()
+    for alpha, value in expected.items():
+        assert chosen_on["values"][alpha] == pytest.approx(value, abs=1e-6)
+    best = max(alphas, key=lambda a: (expected[f"{a:g}"], a))
+    assert chosen_on["chosen"] == best and summary["base_merge"]["alpha"] == best
+    got = load_file(str(tmp_path / "chosen" / "merged" / "model.safetensors"))
+    want = load_file(str((tmp_path / f"a{best}" if best < 1 else tmp_path / "trained" / "merged") / "model.safetensors"))
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k].float(), rtol=1e-6, atol=1e-7)
+    card = (tmp_path / "chosen" / "merged" / "README.md").read_text()
+    assert ("alpha chosen on a dev set" if best < 1 else "alpha 1 scored highest") in card
+
+
+def test_a_list_of_alphas_needs_an_eval_set_and_valid_values(tiny_qwen3, train_rows, tmp_path):
+    from hfemb.errors import ConfigError
+    from hfemb.training.config import config_from_dict
+
+    base = {"model": {"name_or_path": "m"}, "data": {"train_file": "t.jsonl"}, "training": {"output_dir": "o"}}
+    assert config_from_dict({**base, "export": {"base_merge_alphas": [0.3, 1]}}).export.base_merge_alphas == [0.3, 1.0]
+    for export, message in (({"base_merge_alphas": [0.3, 1.5]}, "non-empty list of numbers in \\(0, 1\\]"),
+                            ({"base_merge_alphas": []}, "non-empty list"),
+                            ({"base_merge_alphas": ["a"]}, "must be a list of numbers"),
+                            ({"base_merge_alphas": [0.3], "base_merge_alpha": 0.5}, "not both")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({**base, "export": export})
+    with pytest.raises(ConfigError, match="the run has none: set data.eval_file"):
+        _run(tiny_qwen3, train_rows, None, tmp_path / "no-eval", base_merge_alphas=[0.3, 1.0])
+    assert not (tmp_path / "no-eval" / "merged").exists()
