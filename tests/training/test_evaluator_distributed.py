@@ -1,7 +1,8 @@
 """The evaluator inside training under torchrun (2 gloo processes on CPU): each process encodes a strided shard
 of the eval texts and the shards are gathered; the eval_* metrics logged in train_log.jsonl must equal a
 single-process evaluation (`EmbeddingEvaluator` on one process, all texts) of the checkpoint saved at the same
-step -- for a retrieval set (uneven shards: 13 queries) and a named pool set."""
+step -- for a retrieval set (uneven shards: 13 queries) and a named pool set; then export.base_merge_alphas scored by
+rank 0 alone after training."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def _config(model: str, root: Path, out: Path) -> dict:
                      "eval_files": {"pool": str(root / "pool.jsonl")}, "query_max_len": 32, "passage_max_len": 48,
                      "num_negatives": 2},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "export": {"base_merge_alphas": [0.5, 1.0]},  # chosen by rank 0 alone after training
             "training": {"output_dir": str(out), "per_device_train_batch_size": 2, "per_device_eval_batch_size": 4,
                          "max_steps": 2, "learning_rate": 5e-3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
                          "logging_steps": 1, "report_to": "none", "seed": 0, "disable_tqdm": True,
@@ -71,6 +73,14 @@ def test_sharded_eval_in_training_equals_single_process_eval(tiny_qwen3, zh_samp
             assert row[name] == pytest.approx(want[name], abs=1e-6), (row["step"], name)
         checked.add(row["step"])
     assert checked == {1, 2}
+    # after training rank 0 alone scored each alpha on every text of both sets (no shard, no collective: rank 1
+    # had left), and the alpha-1 value is the trained model's (the adapter merged in fp32 vs the last evaluation)
+    assert sizes[0][-8:] == [13, 13, 9, 21] * 2, sizes
+    summary = json.loads((out / "train_summary.json").read_text())
+    chosen_on = summary["base_merge"]["chosen_on"]
+    assert chosen_on["metric"] == "ndcg@10" and set(chosen_on["values"]) == {"0.5", "1"}
+    assert chosen_on["values"]["1"] == pytest.approx(evals[-1]["eval_ndcg@10"], abs=1e-4)
+    assert summary["base_merge"]["alpha"] == chosen_on["chosen"]
     # the model did change between the two evaluations (the comparison is not of one constant)
     assert evals[0]["eval_pool_average_precision"] != evals[1]["eval_pool_average_precision"] \
         or evals[0]["eval_ndcg@10"] != evals[1]["eval_ndcg@10"] or evals[0]["eval_best_threshold"] != \
