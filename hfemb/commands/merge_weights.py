@@ -5,6 +5,7 @@ given or chosen on a dev set (`hfemb.training.base_merge_sweep`), and write its 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "interpolate a tuned model's weights with its base (linear or slerp, per tensor in fp32)"
 
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--base", required=True, help="the base model folder")
     a("--tuned", required=True, help="the tuned model folder (or a training output with merged/)")
     a("--alpha", type=float, nargs="+", required=True,
-      help="weight of the tuned model: 0 = base, 1 = tuned; several (in (0, 1]) with --choose-on")
+      help="weight of the tuned model: 0 = base, 1 = tuned; several with --choose-on")
     a("--choose-on", metavar="DEV",
       help="evaluate every --alpha on this dev set (labelled pools or pairs, a BEIR folder) and keep the best")
     a("--metric", help="what --choose-on maximises: best_f1 (default on pools), roc_auc, average_precision, "
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("several --alpha values need --choose-on DEV (the dev set that picks one)")
     if (args.metric or args.device) and not args.choose_on:
         raise ConfigError("--metric and --device apply to --choose-on only")
+    if Path(args.output).resolve() in (Path(tuned).resolve(), Path(base).resolve()):  # before minutes of scoring
+        raise ConfigError("--output must differ from --base and --tuned")
     chosen_on = None
     if args.choose_on:
         from hfemb.training.base_merge_sweep import choose_alpha_on_dev

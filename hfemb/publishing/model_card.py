@@ -199,7 +199,8 @@ def weight_merging_section(m: _Model) -> list[str]:
                          f"among alpha {tried}.")
     base_merge = m.summary.get("base_merge")
     chosen = base_merge.get("chosen_on") if isinstance(base_merge, dict) and not base_merge.get("error") else None
-    if not m.merge and not m.adapter and isinstance(chosen, dict) and isinstance(chosen.get("values"), dict):
+    if not m.merge and not m.adapter and isinstance(chosen, dict) and isinstance(chosen.get("values"), dict) \
+            and base_merge.get("alpha") == 1:
         tried = ", ".join(f"{a}: {format_value(v)}" for a, v in chosen["values"].items())
         lines.append(f"- **interpolation with the base** (`export.base_merge_alphas`, chosen on the run's eval set "
                      f"`{chosen.get('data')}` by {chosen.get('metric')}: alpha {tried}): alpha 1 scored highest, so "
@@ -210,9 +211,10 @@ def weight_merging_section(m: _Model) -> list[str]:
                      "this adapter's change); this adapter holds the trained weights.")
     failed_merge = base_merge if not m.adapter else None
     if not m.merge and isinstance(failed_merge, dict) and failed_merge.get("error"):
-        lines.append(f"- **interpolation with the base** (alpha {format_value(failed_merge.get('alpha'))}, "
-                     f"`export.base_merge_alpha`) was configured but failed: {failed_merge['error']}; these "
-                     "weights are the trained ones.")
+        several = isinstance(failed_merge.get("alpha"), list)  # export.base_merge_alphas: the choice failed
+        lines.append(f"- **interpolation with the base** (alpha{'s' if several else ''} "
+                     f"{format_value(failed_merge.get('alpha'))}, `export.base_merge_alpha{'s' if several else ''}`) "
+                     f"was configured but failed: {failed_merge['error']}; these weights are the trained ones.")
     return ["## Weight merging", "", *lines, ""] if lines else []
 
 

@@ -12,7 +12,6 @@ from hfemb.modeling.merge_weights import (AVERAGING_FILE, PROVENANCE_FILE, load_
 from hfemb.training.base_merge_sweep import metric_key, sweep_base_merge
 from hfemb.training.config import TrainConfig
 from hfemb.training.distributed import deepspeed_config_off
-from hfemb.training.evaluator import LOSS_METRICS
 from hfemb.training.run_setup import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,8 @@ def merge_with_base(cfg: TrainConfig, out: Path, alpha: float, ds_config=None, c
     merged = merge_state_dicts(base, trained, alpha, consume=True, dtype=getattr(torch, stored))
     averaged = read_merge_record(target, AVERAGING_FILE)
     record = {**merge_record("linear", alpha, cfg.model.name_or_path, "this run's trained weights", len(merged),
-                             averaged), "by": "export.base_merge_alpha", "stored_dtype": stored}
+                             averaged), "by": "export.base_merge_alphas" if chosen_on else "export.base_merge_alpha",
+              "stored_dtype": stored}
     if chosen_on:
         record["chosen_on"] = chosen_on
     extra = {PROVENANCE_FILE: record}
@@ -60,11 +60,15 @@ def sweep_metric(cfg: TrainConfig, evaluators) -> str:
     """What the alphas are compared by: ``training.metric_for_best_model`` when the evaluators report it (not a
     loss), else the main eval set's nDCG@10 (retrieval) or best F1 (pools)."""
     named = cfg.training.get("metric_for_best_model")
-    reported = {n for ev in evaluators for n in ev.metric_names()}
-    if named and metric_key(named) in reported and metric_key(named) not in LOSS_METRICS:
+    reported = {n for ev in evaluators for n in ev.metric_names() if not n.endswith("best_threshold")}
+    if named and metric_key(named) in reported:
         return metric_key(named)
     main = next((ev for ev in evaluators if ev.name is None), evaluators[0])
-    return main.prefix + ("ndcg@10" if main.kind == "retrieval" else "best_f1")
+    fallback = main.prefix + ("ndcg@10" if main.kind == "retrieval" else "best_f1")
+    if named:
+        log.info("export.base_merge_alphas: %s is not an embedding metric of the eval set; alphas compared by %s",
+                 named, fallback)
+    return fallback
 
 
 def choose_alpha_on_eval(cfg: TrainConfig, out: Path, alphas, evaluators, device: str | None = None,
@@ -72,11 +76,13 @@ def choose_alpha_on_eval(cfg: TrainConfig, out: Path, alphas, evaluators, device
     """`sweep_base_merge` of ``merged/`` (the trained weights) and the base on the run's evaluators, in this
     process alone, with the model on ``device`` in the training dtype. Returns the sweep plus ``data`` (the eval
     sets) for ``hfemb_merge.json`` and ``train_summary.json``."""
+    with deepspeed_config_off(ds_config):  # as training evaluated it (truncate_dim is not saved with the model)
+        model = load_embedding_model(str(out / "merged"), torch_dtype=resolve_dtype(cfg), device=device,
+                                     attn_implementation=cfg.model.attn_implementation,
+                                     truncate_dim=cfg.model.truncate_dim,
+                                     trust_remote_code=cfg.model.trust_remote_code)
     trained = load_state_dict(out / "merged")
     base = load_base_state(cfg, trained, ds_config)
-    with deepspeed_config_off(ds_config):
-        model = load_embedding_model(str(out / "merged"), torch_dtype=resolve_dtype(cfg), device=device,
-                                     attn_implementation=cfg.model.attn_implementation)
     sweep = sweep_base_merge(model, base, trained, evaluators, alphas, sweep_metric(cfg, evaluators))
     del model, base, trained
     return {"data": ", ".join(public_name(ev.source) for ev in evaluators), **sweep}

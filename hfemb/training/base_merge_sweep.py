@@ -70,7 +70,10 @@ def sweep_base_merge(model, base: dict[str, torch.Tensor], tuned: dict[str, torc
         with torch.no_grad():
             for name, t in tuned.items():
                 params[name].copy_(t.to(params[name].dtype))
-    chosen = max(values, key=lambda a: (values[a], a))
+    finite = {a: v for a, v in values.items() if math.isfinite(v)}
+    if not finite:
+        raise HfembError(f"{key} is not a finite number at any alpha: {values}")
+    chosen = max(finite, key=lambda a: (finite[a], a))
     return {"metric": key, "values": {f"{a:g}": v for a, v in values.items()}, "chosen": chosen, "method": method}
 
 
@@ -79,16 +82,20 @@ def choose_alpha_on_dev(base: str, tuned: str, dev: str, alphas, metric: str | N
     """`sweep_base_merge` of two model folders on a dev file (labelled pools or pairs, a BEIR folder, any format
     `hfemb.data.formats.read_records` reads). ``metric`` None: what training picks its best checkpoint by, best
     F1 on a pool set, nDCG@10 on a retrieval set. The tuned model is loaded with its own prompts and pooling, in
-    bf16 on a GPU that supports it, else fp32. Returns the sweep plus ``data`` (the dev file by `public_name`)."""
+    bf16 on a GPU that supports it, else fp32; texts are cut at run_eval's 512 tokens. Returns the sweep plus ``data`` (the dev file by `public_name`)."""
+    from hfemb.evaluation.settings import EvalSettings
     from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.config import DataConfig
     from hfemb.training.evaluator import evaluator_from_file
 
     alphas = check_alphas(alphas)
-    evaluator = evaluator_from_file(dev, name=None, data_config=DataConfig())  # bad dev data stops before loading
+    # run_eval's lengths (EvalSettings.max_length 512 for queries and documents), not training's query_max_len
+    evaluator = evaluator_from_file(dev, name=None, data_config=DataConfig(query_max_len=EvalSettings.max_length,
+                                                                           passage_max_len=EvalSettings.max_length))
     metric = metric or ("ndcg@10" if evaluator.kind == "retrieval" else "best_f1")
-    if metric_key(metric) not in evaluator.base_metric_names():
-        raise ConfigError(f"--metric {metric!r}: {dev} reports {', '.join(evaluator.base_metric_names())}")
+    names = [n for n in evaluator.base_metric_names() if n != "best_threshold"]  # (a threshold, not a score)
+    if metric_key(metric) not in names:
+        raise ConfigError(f"--metric {metric!r}: {dev} reports {', '.join(names)}")
     model = load_embedding_model(tuned, torch_dtype="auto", device=device)
     sweep = sweep_base_merge(model, load_state_dict(base), load_state_dict(tuned), [evaluator], alphas, metric,
                              method)

@@ -112,10 +112,13 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
                                        and not cfg.export.base_merge_alphas}
     if isinstance(base_alpha, list) and not evaluators:
         raise ConfigError(f"{cfg.source or 'config'}: 'export.base_merge_alphas' are chosen from on the run's eval "
-                          "set, and the run has none: set data.eval_file (or data.eval_ratio, data.eval_files)")
-    # the values in effect, so that the summary and the card record them
+                          "set, and the run has none: set data.eval_file (or data.eval_ratio, data.eval_files) with "
+                          "data.embedding_eval true")
+    # the values in effect, so that the summary and the card record them (a list stays in base_merge_alphas: the
+    # recorded config remains one `hfemb train` accepts)
     cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, temperature=temperature, distill_weight=distill),
-                              export=dataclasses.replace(cfg.export, base_merge_alpha=base_alpha))
+                              export=cfg.export if isinstance(base_alpha, list)
+                              else dataclasses.replace(cfg.export, base_merge_alpha=base_alpha))
 
     try:
         args = training_arguments(cfg, has_eval=bool(eval_rows) or bool(evaluators))  # first: under ZeRO-3 the model then loads into shards
@@ -227,8 +230,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
             write_json(out / "train_summary.json", summary)
             raise HfembError(f"training finished and {out}/adapter was saved, but merging failed: {exc}. Retry with "
                              f"`hfemb merge {out} --output {out}/merged --overwrite`"
-                             + (f", then interpolate it with the base (export.base_merge_alpha {base_alpha}) with "
-                                "`hfemb merge-weights`" if base_alpha != 1 else "")) from exc
+                             + (f", then interpolate it with the base with `hfemb merge-weights "
+                                f"{retry_alpha_args(base_alpha, 1.0)}`" if base_alpha != 1 else "")) from exc
     base_merge_failed, chosen_on = None, None
     alpha = 1.0 if isinstance(base_alpha, list) else base_alpha
     if main_process and isinstance(base_alpha, list):  # of the final weights, on this process alone
@@ -243,7 +246,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
         try:
             summary["base_merge"] = merge_with_base(cfg, out, alpha, ds_config, chosen_on)
         except Exception as exc:  # noqa: BLE001 - merged/ is still the trained model: finish, then say so
-            summary["base_merge"] = {"alpha": alpha, "error": str(exc).replace(str(out), out.name)}
+            summary["base_merge"] = {"alpha": alpha, "error": str(exc).replace(str(out), out.name),
+                                     **({"chosen_on": chosen_on} if chosen_on else {})}
             base_merge_failed = exc
     if main_process and cfg.loss.matryoshka_dims:  # after merging: merge_outputs writes merged/ anew
         for folder in ("merged", "adapter"):

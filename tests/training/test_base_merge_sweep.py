@@ -158,8 +158,15 @@ def test_a_run_chooses_its_alpha_on_its_eval_set(tiny_qwen3, train_rows, dev_poo
     assert chosen_on["metric"] == "roc_auc" and chosen_on["values"].keys() == expected.keys()
     for alpha, value in expected.items():
         assert chosen_on["values"][alpha] == pytest.approx(value, abs=1e-6)
+    assert len({round(v, 6) for v in expected.values()}) > 1  # not a tie that alpha 1 wins by default
     best = max(alphas, key=lambda a: (expected[f"{a:g}"], a))
     assert chosen_on["chosen"] == best and summary["base_merge"]["alpha"] == best
+    from hfemb.training.config import config_from_dict
+
+    assert config_from_dict(summary["config"]).export.base_merge_alphas == alphas  # the record is a usable config
+    if best < 1:
+        record = json.loads((tmp_path / "chosen" / "merged" / "hfemb_merge.json").read_text())
+        assert record["by"] == "export.base_merge_alphas" and record["chosen_on"]["chosen"] == best
     got = load_file(str(tmp_path / "chosen" / "merged" / "model.safetensors"))
     want = load_file(str((tmp_path / f"a{best}" if best < 1 else tmp_path / "trained" / "merged") / "model.safetensors"))
     for k in want:
@@ -183,3 +190,39 @@ def test_a_list_of_alphas_needs_an_eval_set_and_valid_values(tiny_qwen3, train_r
     with pytest.raises(ConfigError, match="the run has none: set data.eval_file"):
         _run(tiny_qwen3, train_rows, None, tmp_path / "no-eval", base_merge_alphas=[0.3, 1.0])
     assert not (tmp_path / "no-eval" / "merged").exists()
+
+
+def test_a_failed_choice_keeps_the_trained_weights_and_says_how_to_retry(tiny_qwen3, train_rows, dev_pools, tmp_path,
+                                                                         monkeypatch):
+    import hfemb.training.base_merge as base_merge
+    from hfemb.errors import HfembError
+
+    def unreachable(name, **kwargs):
+        raise OSError(f"{name}: offline and not cached")
+
+    monkeypatch.setattr(base_merge, "load_embedding_model", unreachable)
+    with pytest.raises(HfembError, match="holds the trained weights.*--alpha 0.3 1 --choose-on EVAL_FILE"):
+        _run(tiny_qwen3, train_rows, dev_pools, tmp_path / "failed", base_merge_alphas=[0.3, 1.0])
+    summary = json.loads((tmp_path / "failed" / "train_summary.json").read_text())
+    assert summary["base_merge"]["alpha"] == [0.3, 1.0] and "offline" in summary["base_merge"]["error"]
+    card = (tmp_path / "failed" / "merged" / "README.md").read_text()
+    assert "(alphas 0.3, 1.0, `export.base_merge_alphas`) was configured but failed" in card
+
+
+class _Scripted:
+    """An evaluator returning the next of ``values`` at each call (not looking at the model)."""
+    def __init__(self, values):
+        self.values = list(values)
+
+    def __call__(self, model, sharded=True):
+        return {"best_f1": self.values.pop(0)}
+
+
+def test_a_non_finite_score_never_wins_and_ties_go_to_the_larger_alpha(base_and_tuned):
+    base, tuned = base_and_tuned
+    model = load_embedding_model(tuned, torch_dtype="float32")
+    b, t = load_state_dict(base), load_state_dict(tuned)
+    got = sweep_base_merge(model, b, t, [_Scripted([float("nan"), 0.5, 0.5])], (0.3, 0.6, 0.9), "best_f1")
+    assert got["chosen"] == 0.9
+    with pytest.raises(Exception, match="not a finite number at any alpha"):
+        sweep_base_merge(model, b, t, [_Scripted([float("nan")])], (0.3,), "eval_best_f1")
