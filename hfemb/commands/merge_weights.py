@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--metric", help="what --choose-on maximises: best_f1 (default on pools), roc_auc, average_precision, "
                        "mrr@10, ndcg@10 (default on retrieval sets), ...")
     a("--device", help="device for --choose-on's evaluation (default: cuda when available, else cpu)")
+    a("--truncate-dim", type=int, help="--choose-on: score at this Matryoshka dimension (as run_eval --truncate-dim)")
+    a("--trust-remote-code", action="store_true", help="--choose-on: load the tuned model with its own code")
     a("--method", choices=("linear", "slerp"), default="linear", help="per-tensor interpolation")
     a("--output", required=True, metavar="DIR", help="folder for the merged model (written atomically)")
 
@@ -39,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     base, tuned = resolve_model_path(args.base), resolve_model_path(args.tuned)
     if len(args.alpha) > 1 and not args.choose_on:
         raise ConfigError("several --alpha values need --choose-on DEV (the dev set that picks one)")
-    if (args.metric or args.device) and not args.choose_on:
-        raise ConfigError("--metric and --device apply to --choose-on only")
+    if (args.metric or args.device or args.truncate_dim or args.trust_remote_code) and not args.choose_on:
+        raise ConfigError("--metric, --device, --truncate-dim and --trust-remote-code apply to --choose-on only")
     if Path(args.output).resolve() in (Path(tuned).resolve(), Path(base).resolve()):  # before minutes of scoring
         raise ConfigError("--output must differ from --base and --tuned")
     chosen_on = None
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         from hfemb.training.base_merge_sweep import choose_alpha_on_dev
 
         chosen_on = choose_alpha_on_dev(base, tuned, args.choose_on, args.alpha, args.metric, args.method,
-                                        args.device)
+                                        args.device, truncate_dim=args.truncate_dim,
+                                        trust_remote_code=args.trust_remote_code)
         for alpha, value in chosen_on["values"].items():
             print(f"alpha {alpha}: {chosen_on['metric']} {value:.4f} on {chosen_on['data']}")
     alpha = chosen_on["chosen"] if chosen_on else args.alpha[0]

@@ -29,17 +29,21 @@ def load_base_state(cfg: TrainConfig, keys, ds_config=None) -> dict:
     return base
 
 
-def merge_with_base(cfg: TrainConfig, out: Path, alpha: float, ds_config=None, chosen_on: dict | None = None) -> dict:
+def merge_with_base(cfg: TrainConfig, out: Path, alpha: float, ds_config=None, chosen_on: dict | None = None,
+                    states: tuple[dict, dict] | None = None) -> dict:
     """``merged/`` = (1 - alpha) * base + alpha * ``merged/``, per tensor in fp32, replaced atomically
     (`hfemb.modeling.merge_weights`: ``hfemb_merge.json`` records it, the card shows it). Stored in
     ``export.merged_dtype``, float32 for auto (a second rounding to 16 bits would eat into alpha * delta).
-    A checkpoint average's record is kept; ``chosen_on`` (`choose_alpha_on_eval`) is recorded. Returns the record
-    for ``train_summary.json``."""
+    A checkpoint average's record is kept; ``chosen_on`` (`choose_alpha_on_eval`) is recorded, and its ``states``
+    (trained, base) are used instead of loading both again (and emptied). Returns the record for
+    ``train_summary.json``."""
     import torch
 
     target = out / "merged"
-    trained = load_state_dict(target)
-    base = load_base_state(cfg, trained, ds_config)
+    trained, base = states or (None, None)
+    if trained is None:
+        trained = load_state_dict(target)
+        base = load_base_state(cfg, trained, ds_config)
     stored = "float32" if cfg.export.merged_dtype == "auto" else cfg.export.merged_dtype
     merged = merge_state_dicts(base, trained, alpha, consume=True, dtype=getattr(torch, stored))
     averaged = read_merge_record(target, AVERAGING_FILE)
@@ -72,10 +76,11 @@ def sweep_metric(cfg: TrainConfig, evaluators) -> str:
 
 
 def choose_alpha_on_eval(cfg: TrainConfig, out: Path, alphas, evaluators, device: str | None = None,
-                         ds_config=None) -> dict:
-    """`sweep_base_merge` of ``merged/`` (the trained weights) and the base on the run's evaluators, in this
-    process alone, with the model on ``device`` in the training dtype. Returns the sweep plus ``data`` (the eval
-    sets) for ``hfemb_merge.json`` and ``train_summary.json``."""
+                         ds_config=None) -> tuple[dict, tuple[dict, dict]]:
+    """`sweep_base_merge` of ``merged/`` (the trained weights) and the base on the run's evaluators that report the
+    metric (`sweep_metric`), in this process alone, with the model on ``device`` in the training dtype. Returns the
+    sweep plus ``data`` (the eval sets) for ``hfemb_merge.json`` and ``train_summary.json``, and the (trained, base)
+    state dicts for `merge_with_base`."""
     with deepspeed_config_off(ds_config):  # as training evaluated it (truncate_dim is not saved with the model)
         model = load_embedding_model(str(out / "merged"), torch_dtype=resolve_dtype(cfg), device=device,
                                      attn_implementation=cfg.model.attn_implementation,
@@ -83,6 +88,8 @@ def choose_alpha_on_eval(cfg: TrainConfig, out: Path, alphas, evaluators, device
                                      trust_remote_code=cfg.model.trust_remote_code)
     trained = load_state_dict(out / "merged")
     base = load_base_state(cfg, trained, ds_config)
-    sweep = sweep_base_merge(model, base, trained, evaluators, alphas, sweep_metric(cfg, evaluators))
-    del model, base, trained
-    return {"data": ", ".join(public_name(ev.source) for ev in evaluators), **sweep}
+    metric = sweep_metric(cfg, evaluators)
+    used = [ev for ev in evaluators if metric in ev.metric_names()]  # (one set: the others need not run)
+    sweep = sweep_base_merge(model, base, trained, used, alphas, metric)
+    del model
+    return {"data": ", ".join(public_name(ev.source) for ev in used), **sweep}, (trained, base)

@@ -78,7 +78,8 @@ def sweep_base_merge(model, base: dict[str, torch.Tensor], tuned: dict[str, torc
 
 
 def choose_alpha_on_dev(base: str, tuned: str, dev: str, alphas, metric: str | None = None, method: str = "linear",
-                        device: str | None = None) -> dict:
+                        device: str | None = None, truncate_dim: int | None = None,
+                        trust_remote_code: bool = False) -> dict:
     """`sweep_base_merge` of two model folders on a dev file (labelled pools or pairs, a BEIR folder, any format
     `hfemb.data.formats.read_records` reads). ``metric`` None: what training picks its best checkpoint by, best
     F1 on a pool set, nDCG@10 on a retrieval set. The tuned model is loaded with its own prompts and pooling, in
@@ -96,7 +97,8 @@ def choose_alpha_on_dev(base: str, tuned: str, dev: str, alphas, metric: str | N
     names = [n for n in evaluator.base_metric_names() if n != "best_threshold"]  # (a threshold, not a score)
     if metric_key(metric) not in names:
         raise ConfigError(f"--metric {metric!r}: {dev} reports {', '.join(names)}")
-    model = load_embedding_model(tuned, torch_dtype="auto", device=device)
+    model = load_embedding_model(tuned, torch_dtype="auto", device=device, truncate_dim=truncate_dim,
+                                 trust_remote_code=trust_remote_code)
     sweep = sweep_base_merge(model, load_state_dict(base), load_state_dict(tuned), [evaluator], alphas, metric,
                              method)
     return {"data": public_name(dev), **sweep}

@@ -232,19 +232,21 @@ def run_training(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]
                              f"`hfemb merge {out} --output {out}/merged --overwrite`"
                              + (f", then interpolate it with the base with `hfemb merge-weights "
                                 f"{retry_alpha_args(base_alpha, 1.0)}`" if base_alpha != 1 else "")) from exc
-    base_merge_failed, chosen_on = None, None
+    base_merge_failed, chosen_on, states = None, None, None
     alpha = 1.0 if isinstance(base_alpha, list) else base_alpha
     if main_process and isinstance(base_alpha, list):  # of the final weights, on this process alone
         try:
-            chosen_on = choose_alpha_on_eval(cfg, out, base_alpha, evaluators, str(args.device), ds_config)
+            chosen_on, states = choose_alpha_on_eval(cfg, out, base_alpha, evaluators, str(args.device), ds_config)
             alpha = chosen_on["chosen"]
             summary["base_merge"] = {"alpha": alpha, "chosen_on": chosen_on}  # (alpha 1: merged/ as trained)
         except Exception as exc:  # noqa: BLE001 - merged/ is still the trained model: finish, then say so
             summary["base_merge"] = {"alpha": base_alpha, "error": str(exc).replace(str(out), out.name)}
             base_merge_failed = exc
+    if alpha == 1:
+        states = None  # (alpha 1 won: nothing to merge, free them)
     if main_process and alpha < 1:  # after the LoRA merge or the checkpoint average: of the final weights
         try:
-            summary["base_merge"] = merge_with_base(cfg, out, alpha, ds_config, chosen_on)
+            summary["base_merge"] = merge_with_base(cfg, out, alpha, ds_config, chosen_on, states)
         except Exception as exc:  # noqa: BLE001 - merged/ is still the trained model: finish, then say so
             summary["base_merge"] = {"alpha": alpha, "error": str(exc).replace(str(out), out.name),
                                      **({"chosen_on": chosen_on} if chosen_on else {})}

@@ -106,6 +106,7 @@ def test_cli_errors_are_one_line(base_and_tuned, dev_pools, tmp_path, capsys):
     base, tuned = base_and_tuned
     for extra, message in ((["--alpha", "0.3", "0.5"], "need --choose-on"),
                            (["--alpha", "0.5", "--metric", "roc_auc"], "apply to --choose-on only"),
+                           (["--alpha", "0.5", "--trust-remote-code"], "apply to --choose-on only"),
                            (["--alpha", "0.3", "0.5", "--choose-on", dev_pools, "--metric", "ndcg"], "--metric 'ndcg'")):
         code = main(["merge-weights", "--base", base, "--tuned", tuned, "--output", str(tmp_path / "o"), *extra])
         err = capsys.readouterr().err
