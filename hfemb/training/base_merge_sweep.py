@@ -36,6 +36,24 @@ def metric_key(metric: str) -> str:
     return metric[len("eval_"):] if metric.startswith("eval_") else metric
 
 
+def backbone_tensors(state: dict, saved, prefix: str) -> dict:
+    """Each saved tensor name -> the backbone's tensor: the same name, or the name without the head model's
+    ``prefix.`` (a checkpoint saved with a task head, e.g. ``bert.`` or ``model.``, which transformers strips on
+    loading). One clear error for a name that matches neither (e.g. a head's weights)."""
+    out, missing = {}, []
+    for name in saved:
+        bare = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None
+        if name in state:
+            out[name] = state[name]
+        elif bare in state:
+            out[name] = state[bare]
+        else:
+            missing.append(name)
+    if missing:
+        raise HfembError(f"the tuned weights name tensors the model lacks: {sorted(missing)[:5]}")
+    return out
+
+
 def sweep_base_merge(model, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], evaluators, alphas,
                      metric: str, method: str = "linear") -> dict:
     """Score each alpha: ``model``'s backbone (an `EmbeddingModel` of the tuned weights) gets ``(1 - alpha) * base
@@ -46,10 +64,8 @@ def sweep_base_merge(model, base: dict[str, torch.Tensor], tuned: dict[str, torc
     tuned weights."""
     alphas = check_alphas(alphas)
     key = metric_key(metric)
-    params = model.backbone.state_dict()  # tensors sharing the parameters' storage: copy_ writes the model
-    missing = sorted(set(tuned) - set(params))
-    if missing:
-        raise HfembError(f"the tuned weights name tensors the model lacks: {missing[:5]}")
+    state = model.backbone.state_dict()  # tensors sharing the parameters' storage: copy_ writes the model
+    params = backbone_tensors(state, tuned, getattr(model.backbone, "base_model_prefix", ""))
     absent = sorted(k for k in tuned if k not in base)
     if absent:
         raise HfembError(f"base and tuned models differ in tensors: only in tuned {absent[:5]}")

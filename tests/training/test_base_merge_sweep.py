@@ -227,3 +227,19 @@ def test_a_non_finite_score_never_wins_and_ties_go_to_the_larger_alpha(base_and_
     assert got["chosen"] == 0.9
     with pytest.raises(Exception, match="not a finite number at any alpha"):
         sweep_base_merge(model, b, t, [_Scripted([float("nan")])], (0.3,), "eval_best_f1")
+
+
+def test_folders_saved_with_a_head_prefix_score_as_the_plain_ones(base_and_tuned, dev_pools, tmp_path):
+    """Both folders' tensors named ``model.<name>`` (a checkpoint saved with a task head): transformers loads the
+    backbone without the prefix, and the sweep maps each saved name onto it; the scores equal the plain folders'."""
+    base, tuned = base_and_tuned
+    prefixed = {}
+    for label, folder in (("base", base), ("tuned", tuned)):
+        dst = tmp_path / label
+        shutil.copytree(folder, dst)
+        state = load_file(str(dst / "model.safetensors"))
+        save_file({f"model.{k}": v for k, v in state.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        prefixed[label] = str(dst)
+    plain = choose_alpha_on_dev(base, tuned, dev_pools, (0.4, 1.0), metric="roc_auc")
+    got = choose_alpha_on_dev(prefixed["base"], prefixed["tuned"], dev_pools, (0.4, 1.0), metric="roc_auc")
+    assert got["values"] == pytest.approx(plain["values"], abs=1e-6) and got["chosen"] == plain["chosen"]
