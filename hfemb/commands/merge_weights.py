@@ -5,7 +5,6 @@ given or chosen on a dev set (`hfemb.training.base_merge_sweep`), and write its 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = "interpolate a tuned model's weights with its base (linear or slerp, per tensor in fp32)"
 
@@ -33,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hfemb.evaluation.encoders import resolve_model_path
-    from hfemb.modeling.merge_weights import merge_weights
+    from hfemb.modeling.merge_weights import check_merge_output, merge_weights
     from hfemb.publishing.model_card import write_model_card
 
     from hfemb.errors import ConfigError
@@ -43,19 +42,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("several --alpha values need --choose-on DEV (the dev set that picks one)")
     if (args.metric or args.device or args.truncate_dim or args.trust_remote_code) and not args.choose_on:
         raise ConfigError("--metric, --device, --truncate-dim and --trust-remote-code apply to --choose-on only")
-    if Path(args.output).resolve() in (Path(tuned).resolve(), Path(base).resolve()):  # before minutes of scoring
-        raise ConfigError("--output must differ from --base and --tuned")
-    chosen_on = None
+    check_merge_output(base, tuned, args.output)  # before minutes of scoring
+    chosen_on, states = None, None
     if args.choose_on:
         from hfemb.training.base_merge_sweep import choose_alpha_on_dev
 
-        chosen_on = choose_alpha_on_dev(base, tuned, args.choose_on, args.alpha, args.metric, args.method,
+        chosen_on, states = choose_alpha_on_dev(base, tuned, args.choose_on, args.alpha, args.metric, args.method,
                                         args.device, truncate_dim=args.truncate_dim,
                                         trust_remote_code=args.trust_remote_code)
         for alpha, value in chosen_on["values"].items():
             print(f"alpha {alpha}: {chosen_on['metric']} {value:.4f} on {chosen_on['data']}")
     alpha = chosen_on["chosen"] if chosen_on else args.alpha[0]
-    record = merge_weights(base, tuned, args.output, alpha, args.method, chosen_on=chosen_on)
+    record = merge_weights(base, tuned, args.output, alpha, args.method, chosen_on=chosen_on, states=states)
     write_model_card(args.output, eval_results=False)
     print(f"merged {record['tensors']} tensors ({record['method']}, alpha {record['alpha']:g}"
           + (f", chosen on {chosen_on['data']} by {chosen_on['metric']}" if chosen_on else "") + f") -> {args.output}")

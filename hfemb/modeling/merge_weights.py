@@ -171,15 +171,23 @@ def merge_record(method: str, alpha: float, base_name: str, tuned_name: str, ten
     return record
 
 
+def check_merge_output(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike) -> None:
+    """The merged folder must be neither input (it is replaced atomically)."""
+    if Path(output).resolve() in (Path(tuned).resolve(), Path(base).resolve()):
+        raise ConfigError("--output must differ from --base and --tuned")
+
+
 def merge_weights(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, alpha: float,
-                  method: str = "linear", names: tuple[str, str] | None = None, chosen_on: dict | None = None) -> dict:
+                  method: str = "linear", names: tuple[str, str] | None = None, chosen_on: dict | None = None,
+                  states: tuple[dict, dict] | None = None) -> dict:
     """Write ``output``: the tuned folder with merged weights (atomically) and ``hfemb_merge.json``; returns the
     record. ``names``: how the base and tuned models were given (default: the folders), recorded through
-    `public_name`. ``chosen_on``: how alpha was chosen on a dev set (`hfemb.training.base_merge_sweep`), recorded."""
+    `public_name`. ``chosen_on``: how alpha was chosen on a dev set (`hfemb.training.base_merge_sweep`), recorded;
+    ``states``: the folders' (base, tuned) state dicts already loaded for that choice (emptied here)."""
     tuned, base, output = Path(tuned), Path(base), Path(output)
-    if output.resolve() in (tuned.resolve(), base.resolve()):
-        raise ConfigError("--output must differ from --base and --tuned")
-    merged = merge_state_dicts(load_state_dict(base), load_state_dict(tuned), alpha, method, consume=True)
+    check_merge_output(base, tuned, output)
+    base_state, tuned_state = states or (load_state_dict(base), load_state_dict(tuned))
+    merged = merge_state_dicts(base_state, tuned_state, alpha, method, consume=True)
     base_name, tuned_name = names or (str(base), str(tuned))
     record = merge_record(method, alpha, base_name, tuned_name, len(merged), read_merge_record(tuned, AVERAGING_FILE))
     if chosen_on:

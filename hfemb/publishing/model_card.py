@@ -162,6 +162,13 @@ def _auto_base_merge(m: _Model) -> bool:
     return bool(((m.summary.get("data") or {}).get("base_merge_alpha") or {}).get("auto"))
 
 
+def alpha_sweep_text(chosen_on) -> str:
+    """``alpha: value`` of each alpha a ``chosen_on`` record (`hfemb.training.base_merge_sweep`) scored, or ""."""
+    if not (isinstance(chosen_on, dict) and isinstance(chosen_on.get("values"), dict)):
+        return ""
+    return ", ".join(f"{a}: {format_value(v)}" for a, v in chosen_on["values"].items())
+
+
 def weight_merging_section(m: _Model) -> list[str]:
     """What was done to the trained weights: checkpoint averaging (``hfemb_averaging.json`` beside the weights;
     a failed one from ``train_summary.json``) and interpolation with the base (``hfemb_merge.json`` of
@@ -192,16 +199,14 @@ def weight_merging_section(m: _Model) -> list[str]:
                         f"`{PROVENANCE_FILE}`). The evaluation during training reported here is of the model before "
                         "this interpolation." if mg.get("by") else
                         f" (`hfemb merge-weights`; recorded in `{PROVENANCE_FILE}`)."))
-        chosen = mg.get("chosen_on")
-        if isinstance(chosen, dict) and isinstance(chosen.get("values"), dict):
-            tried = ", ".join(f"{a}: {format_value(v)}" for a, v in chosen["values"].items())
-            lines.append(f"- **alpha chosen on a dev set**: `{chosen.get('data')}`, the highest {chosen.get('metric')} "
-                         f"among alpha {tried}.")
+        tried = alpha_sweep_text(mg.get("chosen_on"))
+        if tried:
+            lines.append(f"- **alpha chosen on a dev set**: `{mg['chosen_on'].get('data')}`, the highest "
+                         f"{mg['chosen_on'].get('metric')} among alpha {tried}.")
     base_merge = m.summary.get("base_merge")
     chosen = base_merge.get("chosen_on") if isinstance(base_merge, dict) and not base_merge.get("error") else None
-    if not m.merge and not m.adapter and isinstance(chosen, dict) and isinstance(chosen.get("values"), dict) \
-            and base_merge.get("alpha") == 1:
-        tried = ", ".join(f"{a}: {format_value(v)}" for a, v in chosen["values"].items())
+    tried = alpha_sweep_text(chosen)
+    if not m.merge and not m.adapter and tried and base_merge.get("alpha") == 1:
         lines.append(f"- **interpolation with the base** (`export.base_merge_alphas`, chosen on the run's eval set "
                      f"`{chosen.get('data')}` by {chosen.get('metric')}: alpha {tried}): alpha 1 scored highest, so "
                      "these are the trained weights.")

@@ -120,3 +120,20 @@ def tiny_qwen3_path(output_dir: str | os.PathLike | None = None) -> str:
     if marker.exists() and json.loads(marker.read_text()).get("build_version") == BUILD_VERSION:
         return str(folder)
     return build_tiny_qwen3(folder)
+
+
+def perturbed_copy(model_dir: str | os.PathLike, output_dir: str | os.PathLike, scale: float, seed: int) -> str:
+    """A copy of ``model_dir`` whose floating-point weights have ``scale`` * N(0, 1) noise added (seeded): a
+    stand-in "tuned" model with the base's tensor names, for merging tests."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, output_dir)
+    path = str(Path(output_dir) / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + scale * torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v
+             for k, v in load_file(path).items()}
+    save_file(state, path, metadata={"format": "pt"})
+    return str(output_dir)

@@ -13,10 +13,6 @@ from hfemb.modeling.merge_weights import interpolate_tensor, load_state_dict, pu
 
 log = logging.getLogger(__name__)
 
-# the alphas tried when none are given: the grid the pairs-only default (0.3) was chosen from, and the trained weights
-DEFAULT_ALPHAS = (0.3, 0.5, 0.7, 1.0)
-
-
 def check_alphas(alphas) -> list[float]:
     """Distinct finite alphas, in the order given (one clear error otherwise); 1 is the tuned weights, 0 the base,
     above 1 extrapolates."""
@@ -95,11 +91,12 @@ def sweep_base_merge(model, base: dict[str, torch.Tensor], tuned: dict[str, torc
 
 def choose_alpha_on_dev(base: str, tuned: str, dev: str, alphas, metric: str | None = None, method: str = "linear",
                         device: str | None = None, truncate_dim: int | None = None,
-                        trust_remote_code: bool = False) -> dict:
+                        trust_remote_code: bool = False) -> tuple[dict, tuple[dict, dict]]:
     """`sweep_base_merge` of two model folders on a dev file (labelled pools or pairs, a BEIR folder, any format
     `hfemb.data.formats.read_records` reads). ``metric`` None: what training picks its best checkpoint by, best
     F1 on a pool set, nDCG@10 on a retrieval set. The tuned model is loaded with its own prompts and pooling, in
-    bf16 on a GPU that supports it, else fp32; texts are cut at run_eval's 512 tokens. Returns the sweep plus ``data`` (the dev file by `public_name`)."""
+    bf16 on a GPU that supports it, else fp32; texts are cut at run_eval's 512 tokens. Returns the sweep plus ``data``
+    (the dev file by `public_name`), and the (base, tuned) state dicts for `merge_weights`."""
     from hfemb.evaluation.settings import EvalSettings
     from hfemb.modeling.loading import load_embedding_model
     from hfemb.training.config import DataConfig
@@ -115,6 +112,6 @@ def choose_alpha_on_dev(base: str, tuned: str, dev: str, alphas, metric: str | N
         raise ConfigError(f"--metric {metric!r}: {dev} reports {', '.join(names)}")
     model = load_embedding_model(tuned, torch_dtype="auto", device=device, truncate_dim=truncate_dim,
                                  trust_remote_code=trust_remote_code)
-    sweep = sweep_base_merge(model, load_state_dict(base), load_state_dict(tuned), [evaluator], alphas, metric,
-                             method)
-    return {"data": public_name(dev), **sweep}
+    states = load_state_dict(base), load_state_dict(tuned)
+    sweep = sweep_base_merge(model, *states, [evaluator], alphas, metric, method)
+    return {"data": public_name(dev), **sweep}, states

@@ -4,29 +4,22 @@ averaging, the written folder, and one-line errors."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hfemb.cli import main
 from hfemb.errors import HfembError
 from hfemb.modeling.merge_weights import average_state_dicts, merge_state_dicts, slerp
+from hfemb.testing.tiny import perturbed_copy
 
 
 @pytest.fixture(scope="module")
 def base_and_tuned(tiny_qwen3, tmp_path_factory):
-    tuned = tmp_path_factory.mktemp("merge") / "tuned"
-    shutil.copytree(tiny_qwen3, tuned)
-    state = load_file(str(tuned / "model.safetensors"))
-    g = torch.Generator().manual_seed(0)
-    state = {k: v + 0.1 * torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v
-             for k, v in state.items()}
-    save_file(state, str(tuned / "model.safetensors"), metadata={"format": "pt"})
-    return tiny_qwen3, tuned
+    return tiny_qwen3, Path(perturbed_copy(tiny_qwen3, tmp_path_factory.mktemp("merge") / "tuned", scale=0.1, seed=0))
 
 
 def test_linear_merge_equals_numpy_per_tensor(base_and_tuned, tmp_path, capsys):

@@ -16,6 +16,7 @@ from hfemb.cli import main
 from hfemb.evaluation.evaluate import evaluate
 from hfemb.modeling.loading import load_embedding_model
 from hfemb.modeling.merge_weights import load_state_dict
+from hfemb.testing.tiny import perturbed_copy
 from hfemb.training.base_merge_sweep import choose_alpha_on_dev, sweep_base_merge
 from hfemb.training.config import DataConfig
 from hfemb.training.evaluator import evaluator_from_file
@@ -25,14 +26,7 @@ ALPHAS = (0.3, 0.6, 1.0)
 
 @pytest.fixture(scope="module")
 def base_and_tuned(tiny_qwen3, tmp_path_factory):
-    tuned = tmp_path_factory.mktemp("sweep") / "tuned"
-    shutil.copytree(tiny_qwen3, tuned)
-    state = load_file(str(tuned / "model.safetensors"))
-    g = torch.Generator().manual_seed(1)
-    state = {k: v + 0.3 * torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v
-             for k, v in state.items()}
-    save_file(state, str(tuned / "model.safetensors"), metadata={"format": "pt"})
-    return tiny_qwen3, str(tuned)
+    return tiny_qwen3, perturbed_copy(tiny_qwen3, tmp_path_factory.mktemp("sweep") / "tuned", scale=0.3, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def run_eval_metric(folder: str, dev: str, metric: str, out: Path) -> float:
 
 def test_each_alpha_scores_what_run_eval_gives_the_written_merge(base_and_tuned, dev_pools, tmp_path):
     base, tuned = base_and_tuned
-    got = choose_alpha_on_dev(base, tuned, dev_pools, ALPHAS, metric="roc_auc")
+    got, _ = choose_alpha_on_dev(base, tuned, dev_pools, ALPHAS, metric="roc_auc")
     expected = {}
     for alpha in ALPHAS:
         folder = tmp_path / f"a{alpha}"
@@ -240,6 +234,6 @@ def test_folders_saved_with_a_head_prefix_score_as_the_plain_ones(base_and_tuned
         state = load_file(str(dst / "model.safetensors"))
         save_file({f"model.{k}": v for k, v in state.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
         prefixed[label] = str(dst)
-    plain = choose_alpha_on_dev(base, tuned, dev_pools, (0.4, 1.0), metric="roc_auc")
-    got = choose_alpha_on_dev(prefixed["base"], prefixed["tuned"], dev_pools, (0.4, 1.0), metric="roc_auc")
+    plain, _ = choose_alpha_on_dev(base, tuned, dev_pools, (0.4, 1.0), metric="roc_auc")
+    got, _ = choose_alpha_on_dev(prefixed["base"], prefixed["tuned"], dev_pools, (0.4, 1.0), metric="roc_auc")
     assert got["values"] == pytest.approx(plain["values"], abs=1e-6) and got["chosen"] == plain["chosen"]
